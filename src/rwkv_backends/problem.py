@@ -1,0 +1,152 @@
+"""Argument validation for `wkv7` / `explain`, and the `Problem` every backend plans against.
+
+Every message names the argument, what was expected and what came (SPEC §1 "Errors").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .reference import W_FORMS
+
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Up to this many tokens per sequence, a call without gradients counts as decode.
+DECODE_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a backend needs to know to say whether it can take a call, and to plan it."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    N: int                 # number of sequences (B, or len(cu_seqlens) - 1)
+    dtype: torch.dtype     # of r, k, v, a, b
+    w_dtype: torch.dtype
+    device_type: str       # "cpu", "cuda", "xpu", "musa", ...
+    w_form: str
+    scale: float
+    varlen: bool
+    has_state: bool
+    output_final_state: bool
+    needs_grad: bool
+
+    @property
+    def problem_class(self) -> str:
+        """"training" when gradients are wanted, else "decode" (few tokens per sequence) or "prefill"."""
+        if self.needs_grad:
+            return "training"
+        tokens_per_sequence = self.T / max(self.N, 1)
+        return "decode" if tokens_per_sequence <= DECODE_MAX_TOKENS else "prefill"
+
+    def describe(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        parts = [f"B={self.B} T={self.T} H={self.H} K={self.K} V={self.V}", dt, f"w_form={self.w_form}"]
+        if self.varlen:
+            parts.append(f"varlen N={self.N}")
+        return " ".join(parts) + f" ({self.problem_class})"
+
+
+def _check_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured: then nothing may read device memory on the host."""
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:  # pragma: no cover - no CUDA runtime
+        return False
+
+
+def validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final_state) -> Problem:
+    named = {"r": r, "w": w, "k": k, "v": v, "a": a, "b": b}
+    for name, x in named.items():
+        _check_tensor(name, x)
+    for name, x in named.items():
+        if x.dim() != 4:
+            want = "[B, T, H, V]" if name == "v" else "[B, T, H, K]"
+            raise ValueError(f"{name}: expected a 4-D tensor {want}, got shape {tuple(x.shape)}")
+
+    B, T, H, K = k.shape
+    for name in ("r", "w", "a", "b"):
+        if tuple(named[name].shape) != (B, T, H, K):
+            raise ValueError(
+                f"{name}: expected shape [B, T, H, K] = {(B, T, H, K)} to match k, got {tuple(named[name].shape)}")
+    if tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v: expected shape [B, T, H, V] with B, T, H = {(B, T, H)} as in k, got {tuple(v.shape)}")
+    V = v.shape[3]
+    if K < 1 or V < 1 or H < 1:
+        raise ValueError(f"k, v: head sizes and head count must be positive, got H={H} K={K} V={V}")
+
+    dtype = k.dtype
+    if dtype not in INPUT_DTYPES:
+        raise TypeError(f"k: expected dtype float32, bfloat16 or float16, got {dtype}")
+    for name in ("r", "v", "a", "b"):
+        if named[name].dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (the dtype of k), got {named[name].dtype}")
+    if w.dtype not in (dtype, torch.float32):
+        raise TypeError(f"w: expected dtype {dtype} (as k) or float32, got {w.dtype}")
+
+    device = k.device
+    for name, x in named.items():
+        if x.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (the device of k), got one on {x.device}")
+
+    if w_form not in W_FORMS:
+        raise ValueError(f"w_form: expected one of {', '.join(repr(f) for f in W_FORMS)}, got {w_form!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
+        raise TypeError(f"scale: expected a finite Python number, got {scale!r}")
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state: expected a bool, got {type(output_final_state).__name__}")
+
+    N = B
+    if cu_seqlens is not None:
+        N = _validate_cu_seqlens(cu_seqlens, B, T, device)
+
+    if state is not None:
+        _check_tensor("state", state)
+        if tuple(state.shape) != (N, H, K, V):
+            raise ValueError(f"state: expected shape [N, H, K, V] = {(N, H, K, V)}, got {tuple(state.shape)}")
+        if state.dtype != torch.float32:
+            raise TypeError(f"state: expected dtype float32, got {state.dtype}")
+        if state.device != device:
+            raise ValueError(f"state: expected a tensor on {device} (the device of k), got one on {state.device}")
+
+    needs_grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (r, w, k, v, a, b, state) if x is not None)
+    return Problem(
+        B=B, T=T, H=H, K=K, V=V, N=N, dtype=dtype, w_dtype=w.dtype, device_type=device.type,
+        w_form=w_form, scale=float(scale), varlen=cu_seqlens is not None, has_state=state is not None,
+        output_final_state=output_final_state, needs_grad=needs_grad,
+    )
+
+
+def _validate_cu_seqlens(cu_seqlens, B, T, device) -> int:
+    _check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected a 1-D tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens: expected dtype int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens: expected a tensor on {device} (the device of k), got one on {cu_seqlens.device}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens: packed sequences need B == 1, got B={B}")
+    if not _check_capturing(device):
+        vals = cu_seqlens.tolist()
+        if vals[0] != 0:
+            raise ValueError(f"cu_seqlens: expected it to start at 0, got {vals[0]}")
+        if vals[-1] != T:
+            raise ValueError(f"cu_seqlens: expected it to end at T={T}, got {vals[-1]}")
+        if any(y < x for x, y in zip(vals, vals[1:])):
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {vals}")
+    return cu_seqlens.numel() - 1
