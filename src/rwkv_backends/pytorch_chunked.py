@@ -1,0 +1,202 @@
+"""WKV7 in plain PyTorch, chunked: matrix products inside a chunk, one small scan across chunks.
+
+Serves CPU tensors and any device without Triton. Float32 throughout, whatever the input dtype.
+
+Within a chunk of C steps with start state S (K x V), G = inclusive cumulative log-decay,
+G⁻ = G - L (exclusive). With all exponents <= 0 on the lower triangle:
+
+    A_ab[t,s] = Σ_k a_t b_s exp(G⁻_t - G_s)   (s < t)      A_ak: the same with k_s
+    A_rb[t,s] = Σ_k r_t b_s exp(G_t  - G_s)   (s <= t)     A_rk: the same with k_s
+    U  = (I - A_ab)^-1 (Â S + A_ak V)          Â_t = a_t exp(G⁻_t)   (U_t = a_tᵀ h_{t-1})
+    O  = scale (R̂ S + A_rb U + A_rk V)         R̂_t = r_t exp(G_t)
+    S' = exp(G_C) S + B̃ᵀ U + K̃ᵀ V              B̃_s = b_s exp(G_C - G_s), K̃ likewise
+
+Folding the S-independent parts (W = (I - A_ab)^-1 Â, U0, P, Q, ...) leaves two C x K by K x V
+products per chunk as the only sequential work; everything else is batched over all chunks.
+
+The products exp(P_t - Q_s) are never formed by dividing by a cumulative decay that can underflow:
+rows carry exp(G_t) <= 1 and columns exp(-G_s), which is bounded because a chunk takes this form
+only while its decay range is at most SAFE_RANGE; a chunk with stronger decay makes the call use
+the exact pairwise form, exp(P_t - Q_s) formed per pair.
+
+Backward (`ChunkedWKV7.backward`) runs the adjoint scan dS_c = gamma dS_{c+1} + Wᵀ Btᵀ... (the transposed chunk map) across chunks
+and then differentiates the batched chunk-local maps (W, U0, ..., Q) once, with autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Largest in-chunk decay range (in log units) that the factorised form takes: column factors
+# are at most exp(SAFE_RANGE) ~ 1e26, far from float32 overflow (3e38).
+SAFE_RANGE = 60.0
+DEFAULT_CHUNK = 32
+
+
+def _unit_lower_inverse(N):
+    """(I - N)^-1 for strictly lower-triangular N [Z, C, C], by nilpotent doubling:
+    (I + N)(I + N^2)(I + N^4)... stops once the power passes C (N^C = 0)."""
+    C = N.shape[-1]
+    T = N + torch.eye(C, dtype=N.dtype, device=N.device)
+    power, span = N, 1
+    while 2 * span < C:
+        power = power @ power
+        span *= 2
+        T = T + T @ power
+    return T
+
+
+def _intra_exact(r, G, Gm, k, a, b):
+    """The same four matrices with every exp(P_t - Q_s) formed pairwise: [Z, C, C, K] work."""
+    C = G.shape[1]
+    strict = torch.ones(C, C, dtype=torch.bool, device=G.device).tril(-1)
+    incl = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
+    neg_inf = torch.tensor(float("-inf"), device=G.device, dtype=G.dtype)
+    E = torch.exp(torch.where(strict[..., None], Gm[:, :, None, :] - G[:, None, :, :], neg_inf))
+    F = torch.exp(torch.where(incl[..., None], G[:, :, None, :] - G[:, None, :, :], neg_inf))
+    aE, rF = a[:, :, None, :] * E, r[:, :, None, :] * F
+    return (torch.einsum("ztsk,zsk->zts", aE, b), torch.einsum("ztsk,zsk->zts", aE, k),
+            torch.einsum("ztsk,zsk->zts", rF, b), torch.einsum("ztsk,zsk->zts", rF, k))
+
+
+def chunk_maps(r, L, k, v, a, b, scale):
+    """Everything about a chunk that does not depend on its start state S, for chunks [Z, C, *]:
+    U = W S + U0,  S' = gamma * S + Btᵀ U + Nt,  O = P S + Q."""
+    G = L.cumsum(dim=1)
+    Glast = G[:, -1:, :]
+    gamma = torch.exp(Glast)                                                          # [Z, 1, K]
+    e_G = torch.exp(G)
+    a_hat = a * torch.exp(G - L)                     # a_t exp(G⁻_t) <= |a_t|
+    r_hat = r * e_G                                  # r_t exp(G_t)  <= |r_t|
+    safe = (-Glast).amax(dim=(-1, -2)) <= SAFE_RANGE                                  # [Z]
+    if bool(safe.all()):
+        # Columns carry exp(-G_s) <= exp(SAFE_RANGE); every product row x column is a true
+        # in-chunk decay <= 1, so nothing overflows and nothing is divided.
+        e_negG = torch.reciprocal(e_G)
+        b_f, k_f = b * e_negG, k * e_negG
+        A_ab = (a_hat @ b_f.transpose(1, 2)).tril_(-1)
+        A_ak = (a_hat @ k_f.transpose(1, 2)).tril_(-1)
+        A_rb = (r_hat @ b_f.transpose(1, 2)).tril_()
+        A_rk = (r_hat @ k_f.transpose(1, 2)).tril_()
+        Bt = b_f * gamma
+        Nt = (k_f.transpose(1, 2) @ v) * gamma.transpose(1, 2)
+    else:
+        # Strong decay: form every exp(P_t - Q_s) pairwise. Rare (real RWKV-7 layers keep
+        # L > -0.61, a range under 40 for 64 steps), so it is done for all chunks alike.
+        A_ab, A_ak, A_rb, A_rk = _intra_exact(r, G, G - L, k, a, b)
+        tail = torch.exp(Glast - G)
+        Bt = b * tail
+        Nt = (k * tail).transpose(1, 2) @ v
+    T = _unit_lower_inverse(A_ab)
+    W = T @ a_hat
+    U0 = T @ (A_ak @ v)
+    P = torch.baddbmm(r_hat, A_rb, W)
+    Q = torch.baddbmm(A_rk @ v, A_rb, U0)
+    if scale != 1.0:
+        P, Q = P * scale, Q * scale
+    return W, U0, Bt, Nt, gamma.transpose(1, 2), P, Q
+
+
+def _to_chunks(x, C):
+    """[B, T, H, D] -> [n*B*H, C, D] float32, chunk-major (chunk c of every head is contiguous,
+    which the scan walks), T zero-padded to a multiple of C."""
+    B, T, H, D = x.shape
+    n = max(1, -(-T // C))
+    if n * C != T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * C - T))
+    x = x.view(B, n, C, H, D).permute(1, 0, 3, 2, 4)
+    return x.to(torch.float32).reshape(n * B * H, C, D)
+
+
+def _from_chunks(y, B, H, T):
+    """[n*B*H, C, V] -> [B, T, H, V]."""
+    Z, C, V = y.shape
+    return y.view(-1, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, -1, H, V)[:, :T]
+
+
+class ChunkedWKV7(torch.autograd.Function):
+    """Equal-length sequences; L is the log-decay (padding steps carry L = 0 and zero vectors,
+    which leave the state unchanged). Inputs [B, T, H, *]; state [B, H, K, V] float32."""
+
+    @staticmethod
+    def forward(ctx, r, L, k, v, a, b, state, scale, chunk):
+        B, T, H, K = k.shape
+        V = v.shape[-1]
+        n = max(1, -(-T // chunk))
+        maps = chunk_maps(*(_to_chunks(x, chunk) for x in (r, L, k, v, a, b)), scale)
+        W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
+        S = state.reshape(B * H, K, V).float()
+        starts = torch.empty(n, B * H, K, V, dtype=torch.float32, device=k.device)
+        for c in range(n):
+            starts[c] = S
+            U = torch.baddbmm(U0[c], W[c], S)
+            S = torch.baddbmm(Nt[c], Bt[c].transpose(1, 2), U).addcmul_(gamma[c], S)
+        O = torch.baddbmm(Q.reshape(-1, chunk, V), P.reshape(-1, chunk, K), starts.view(-1, K, V))
+        ctx.save_for_backward(r, L, k, v, a, b, starts)
+        ctx.meta = (scale, chunk, B, T, H, K, V, n)
+        return _from_chunks(O, B, H, T), S.view(B, H, K, V)
+
+    @staticmethod
+    def backward(ctx, dO, dS_final):
+        r, L, k, v, a, b, starts = ctx.saved_tensors
+        scale, chunk, B, T, H, K, V, n = ctx.meta
+        inputs = [x.detach().requires_grad_(True) for x in (r, L, k, v, a, b)]
+        with torch.enable_grad():
+            maps = chunk_maps(*(_to_chunks(x, chunk) for x in inputs), scale)
+        W, U0, Bt, Nt, gamma, P, Q = (x.detach().view(n, B * H, *x.shape[1:]) for x in maps)
+        if dO is None:
+            dO = torch.zeros(B, T, H, V, dtype=torch.float32, device=k.device)
+        dQ = _to_chunks(dO, chunk)                                           # [Z, C, V]
+        dO_c = dQ.view(n, B * H, chunk, V)
+        # Adjoint scan: dS_c = gamma dS_{c+1} + Wᵀ (Bt dS_{c+1}) + Pᵀ dO_c.
+        g = (torch.zeros(B * H, K, V, dtype=torch.float32, device=k.device) if dS_final is None
+             else dS_final.reshape(B * H, K, V).float())
+        d_next = torch.empty_like(starts)                                    # dS_{c+1} for every chunk
+        for c in range(n - 1, -1, -1):
+            d_next[c] = g
+            dU = Bt[c] @ g
+            g = (W[c].transpose(1, 2) @ dU).addcmul_(gamma[c], g)
+            g = g.baddbmm_(P[c].transpose(1, 2), dO_c[c])
+        S0, dS1 = starts.view(-1, K, V), d_next.view(-1, K, V)
+        W, U0, Bt, P = (x.reshape(-1, *x.shape[2:]) for x in (W, U0, Bt, P))
+        U = torch.baddbmm(U0, W, S0)
+        dU = Bt @ dS1
+        douts = (dU @ S0.transpose(1, 2), dU, U @ dS1.transpose(1, 2), dS1,
+                 (dS1 * S0).sum(-1, keepdim=True), dQ @ S0.transpose(1, 2), dQ)
+        grads = torch.autograd.grad(maps, inputs, douts, allow_unused=True)
+        grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, inputs)]
+        return (*grads, g.view(B, H, K, V), None, None)
+
+
+def run_chunked(r, L, k, v, a, b, state, *, scale, cu_seqlens, chunk=DEFAULT_CHUNK):
+    """o [B, T, H, V] float32 and the final state [N, H, K, V] float32. L is the log-decay."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if cu_seqlens is None:
+        if state is None:
+            state = torch.zeros(B, H, K, V, dtype=torch.float32, device=k.device)
+        if T == 0:
+            return v.new_zeros(B, 0, H, V, dtype=torch.float32), state.float().clone()
+        return ChunkedWKV7.apply(r, L, k, v, a, b, state, scale, chunk)
+
+    # Packed sequences: gather into a zero-padded batch [N, Tmax], run, scatter back.
+    offsets = cu_seqlens.tolist()
+    N = len(offsets) - 1
+    lens = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+    Tmax = max(lens) if lens else 0
+    if state is None:
+        state = torch.zeros(N, H, K, V, dtype=torch.float32, device=k.device)
+    if Tmax == 0:
+        return v.new_zeros(1, T, H, V, dtype=torch.float32), state.float().clone()
+    pos = torch.arange(Tmax, device=k.device)
+    starts = torch.tensor(offsets[:-1], device=k.device)
+    valid = pos[None, :] < torch.tensor(lens, device=k.device)[:, None]         # [N, Tmax]
+    src = torch.where(valid, starts[:, None] + pos[None, :], torch.zeros_like(pos)[None, :])
+
+    def gather(x):
+        g = x[0].float()[src]                                                    # [N, Tmax, H, D]
+        return g * valid[:, :, None, None]
+
+    o_pad, s_out = ChunkedWKV7.apply(*(gather(x) for x in (r, L, k, v, a, b)), state, scale, chunk)
+    o = o_pad[valid]                                                              # [T, H, V] in order
+    return o.unsqueeze(0), s_out
