@@ -1,0 +1,70 @@
+"""The one config schema shared by the Triton kernels, the vendor tuning tables, the known-issue
+constraints, the dispatcher and the tune tool.
+
+A `KernelConfig` is what a kernel launch needs beyond the problem itself. Vendor tables hold them
+per architecture (`rwkv_backends/<vendor>/tables.py`); known issues narrow them
+(`known_issues.py`); `explain()` and the doctor print them with `as_dict()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+# Kernels the tables tune. "chained_dots" marks kernels whose results of one tl.dot feed another
+# (triton#4492 concerns those).
+KERNELS = {
+    "chunk_fwd": {"chained_dots": True, "doc": "chunked forward (training and prefill); stores chunk states on request"},
+    "chunk_bwd": {"chained_dots": True, "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state"},
+    "recurrent_fwd": {"chained_dots": False, "doc": "step-by-step forward for decode and short sequences"},
+}
+
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of one kernel. Fields a kernel does not use are ignored by it."""
+
+    chunk_size: int = 16          # time steps per chunk (chunked kernels); 16 is tl.dot's minimum
+    block_v: int = 64             # columns of the state (V) one program owns
+    num_warps: int = 4
+    num_stages: int = 1
+    # Precision of tl.dot on float32 operands inside the kernel. Float32 *inputs* always get "ieee"
+    # unless the caller opts in (SPEC §2: no silent TF32); tables may pick "tf32" for 16-bit inputs.
+    dot_precision: str = "ieee"
+    # Vendor-specific launch keywords passed through to the Triton launcher, e.g. Intel's
+    # grf_mode, AMD's waves_per_eu / matrix_instr_nonkdim. Kept as a sorted tuple of pairs so
+    # the config stays hashable (it is part of the dispatch cache key).
+    vendor_options: tuple = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"chunk_size: expected a power of two >= 16, got {self.chunk_size}")
+        if self.block_v < 16 or self.block_v & (self.block_v - 1):
+            raise ValueError(f"block_v: expected a power of two >= 16, got {self.block_v}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.dot_precision not in DOT_PRECISIONS:
+            raise ValueError(f"dot_precision: expected one of {DOT_PRECISIONS}, got {self.dot_precision!r}")
+
+    @classmethod
+    def make(cls, **kw) -> "KernelConfig":
+        opts = kw.pop("vendor_options", {}) or {}
+        return cls(**kw, vendor_options=tuple(sorted(dict(opts).items())))
+
+    def with_(self, **kw) -> "KernelConfig":
+        return replace(self, **kw)
+
+    def launch_options(self) -> dict:
+        """Keyword arguments for `kernel[grid](..., **options)`."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **dict(self.vendor_options)}
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["vendor_options"] = dict(self.vendor_options)
+        return d
+
+
+def head_bucket(K: int, V: int) -> str:
+    """Tables are keyed by the padded head size: "64" covers K, V <= 64, "128" up to 128."""
+    return "64" if max(K, V) <= 64 else "128"

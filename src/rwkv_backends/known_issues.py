@@ -1,0 +1,125 @@
+"""Known compiler and platform bugs, as data (SPEC §4).
+
+Each entry: an id, a link, a predicate over (device, Triton version, Python version), the
+constraint it puts on kernel configs, and a one-line explanation. The dispatcher applies the
+constraints of every active issue to the configs it takes from the tuning tables; the doctor lists
+every issue with its state. A Triton assertion aborts the process and cannot be caught, so the
+triggers are avoided up front; combinations nobody has seen are probed by the doctor in a subprocess.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import KERNELS, KernelConfig
+from .device import DeviceInfo, interpreter_enabled, parse_version
+
+
+@dataclass(frozen=True)
+class KnownIssue:
+    id: str
+    link: str
+    summary: str
+    scope: str                                   # who is affected, in words (bounds with sources)
+    applies: Callable[[DeviceInfo, tuple, tuple], bool]
+    # Narrows a config for one kernel; returns it unchanged where the issue does not bite.
+    constrain: Callable[[str, KernelConfig], KernelConfig] = lambda kernel, cfg: cfg
+    refuses: bool = False                        # True: the Triton backend cannot be used at all
+
+
+def _hopper(d: DeviceInfo) -> bool:
+    return d.vendor == "nvidia" and d.arch in ("sm90", "sm90a")
+
+
+def _cap_warps_chained(kernel: str, cfg: KernelConfig, limit: int = 4) -> KernelConfig:
+    if KERNELS.get(kernel, {}).get("chained_dots") and cfg.num_warps > limit:
+        return cfg.with_(num_warps=limit)
+    return cfg
+
+
+def _avoid_eight_warps(kernel: str, cfg: KernelConfig) -> KernelConfig:
+    return cfg.with_(num_warps=4) if cfg.num_warps >= 8 else cfg
+
+
+def _alchemist_tiles(kernel: str, cfg: KernelConfig) -> KernelConfig:
+    opts = dict(cfg.vendor_options)
+    opts["grf_mode"] = "large"
+    return cfg.with_(block_v=min(cfg.block_v, 32), vendor_options=tuple(sorted(opts.items())))
+
+
+CATALOG = (
+    KnownIssue(
+        id="triton#4492",
+        link="https://github.com/triton-lang/triton/pull/4492",
+        summary="'mma -> mma layout conversion is only supported on Ampere' assertion in kernels "
+                "whose tl.dot results feed another tl.dot, with 8 warps",
+        scope="NVIDIA Hopper with Triton < 3.3. SPEC §4 names < 3.2; "
+              "fla-org/flash-linear-attention#240 reports the assertion on Triton 3.1.0 and 3.2.0, "
+              "so 3.2.x is treated as affected too. Hopper mma->mma conversion landed with "
+              "triton#4492 (triton#4999 thread).",
+        applies=lambda d, tv, pv: _hopper(d) and bool(tv) and tv < (3, 3),
+        constrain=_cap_warps_chained,
+    ),
+    KnownIssue(
+        id="triton#5609",
+        link="https://github.com/triton-lang/triton/issues/5609",
+        summary="LinearLayoutConversions / LinearLayout::reshapeOuts assertion with num_warps=8",
+        scope="NVIDIA Hopper, Triton 3.2.x and 3.3.x: reported 2025-01-14 against main between the "
+              "3.2 and 3.3 branch points (both assertion forms, before and after commit e57b468); "
+              "the same trigger was filed as triton#5265 on 2024-11-27. The issue was still open in "
+              "2025. Releases after 3.3 are not known to be affected: the project treats them as "
+              "unaffected, and every 8-warp config it plans there is one the tune tool compiled and "
+              "ran on the card, and one the doctor's subprocess compile probe checks.",
+        applies=lambda d, tv, pv: _hopper(d) and bool(tv) and (3, 2) <= tv < (3, 4),
+        constrain=_avoid_eight_warps,
+    ),
+    KnownIssue(
+        id="triton#5224",
+        link="https://github.com/triton-lang/triton/issues/5224",
+        summary="'NoneType' object has no attribute 'start' when Triton parses kernels on Python < 3.10",
+        scope="any device, Python < 3.10; rwkv-backends itself requires Python >= 3.10",
+        applies=lambda d, tv, pv: pv < (3, 10),
+        refuses=True,
+    ),
+    KnownIssue(
+        id="intel-xpu-backend-for-triton#3449",
+        link="https://github.com/intel/intel-xpu-backend-for-triton/issues/3449",
+        summary="scratch space exceeds the hardware limit: tl.dot lowered to FMA loops spills registers",
+        scope="Intel Arc A-series (Alchemist), any Triton release so far",
+        applies=lambda d, tv, pv: d.vendor == "intel" and d.arch == "alchemist",
+        constrain=_alchemist_tiles,
+    ),
+    KnownIssue(
+        id="interpreter",
+        link="https://triton-lang.org/main/programming-guide/chapter-3/debugging.html",
+        summary="under TRITON_INTERPRET=1, tl.extra.*.libdevice and inline asm fail and bf16 "
+                "arithmetic needs casts; the kernels use tl.exp / tl.math and compute in float32",
+        scope="any device, when TRITON_INTERPRET=1",
+        applies=lambda d, tv, pv: interpreter_enabled(),
+    ),
+)
+
+
+def active(device: DeviceInfo, triton_version: str | None, python_version: tuple | None = None) -> list:
+    tv = parse_version(triton_version)
+    pv = tuple(python_version or sys.version_info[:2])
+    return [issue for issue in CATALOG if issue.applies(device, tv, pv)]
+
+
+def constrain(kernel: str, cfg: KernelConfig, issues) -> tuple:
+    """The config after every active issue's constraint, and the ids that changed it."""
+    changed_by = []
+    for issue in issues:
+        new = issue.constrain(kernel, cfg)
+        if new != cfg:
+            changed_by.append(issue.id)
+            cfg = new
+    return cfg, changed_by
+
+
+def report(device: DeviceInfo, triton_version: str | None, python_version: tuple | None = None) -> list:
+    on = {i.id for i in active(device, triton_version, python_version)}
+    return [{"id": i.id, "active": i.id in on, "link": i.link, "summary": i.summary, "scope": i.scope}
+            for i in CATALOG]

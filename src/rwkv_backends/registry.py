@@ -1,0 +1,133 @@
+"""Backend registry and dispatcher.
+
+A *variant* is one way to compute WKV7 ("triton.chunk", "triton.recurrent", "pytorch.chunk"). Each
+says, for a problem on a device, why it cannot take it (an empty list means it can), which kernels
+it launches, and runs. The dispatcher tries the variants in the vendor's order of preference for the
+problem class, takes the first without reasons, looks its kernels' configs up in the vendor's
+tuning table, narrows them by the active known issues, and caches the whole decision.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+from . import known_issues
+from .device import DeviceInfo, triton_version
+from .problem import Problem
+from .tuning import lookup
+
+BACKEND_ENV = "RWKV_BACKENDS_BACKEND"
+
+_VARIANTS: dict = {}
+
+
+class NoBackendError(ValueError):
+    """No registered variant can take the inputs; the message lists every candidate's reasons."""
+
+
+class Variant:
+    """Base class. Subclasses set `name`, `backend`, `kernels` and implement `reasons` and `run`."""
+
+    name: str = ""
+    backend: str = ""
+    kernels: tuple = ()            # table keys of the kernels it launches (see config.KERNELS)
+
+    def reasons(self, problem: Problem, device: DeviceInfo) -> list:
+        raise NotImplementedError
+
+    def run(self, r, w, k, v, a, b, state, *, problem: Problem, plan: "Plan", cu_seqlens):
+        """Returns (o in float32 or the input dtype, final state float32)."""
+        raise NotImplementedError
+
+
+def register(variant: Variant) -> Variant:
+    if variant.name in _VARIANTS:
+        raise ValueError(f"variant {variant.name!r} is registered already")
+    _VARIANTS[variant.name] = variant
+    _plan_cached.cache_clear()
+    return variant
+
+
+def variants() -> dict:
+    _ensure_builtin()
+    return dict(_VARIANTS)
+
+
+def backends() -> list:
+    return sorted({v.backend for v in variants().values()})
+
+
+@functools.lru_cache(maxsize=None)
+def _ensure_builtin():
+    from .backends import pytorch, triton  # noqa: F401  (each registers its variants)
+
+
+@dataclass(frozen=True)
+class Plan:
+    variant: Variant
+    device: DeviceInfo
+    configs: dict                  # kernel -> KernelConfig
+    config_sources: dict           # kernel -> "vendor/arch" table entry it came from
+    adjusted_by: dict              # kernel -> [known-issue ids that changed its config]
+    rejected: dict                 # variant name -> [reasons]
+    known_issues: tuple = field(default_factory=tuple)
+
+    def explain(self, problem: Problem) -> dict:
+        return {
+            "backend": self.variant.backend,
+            "variant": self.variant.name,
+            "problem_class": problem.problem_class,
+            "problem": problem.describe(),
+            "config": {k: c.as_dict() for k, c in self.configs.items()},
+            "config_source": dict(self.config_sources),
+            "adjusted_by_known_issues": {k: list(v) for k, v in self.adjusted_by.items() if v},
+            "rejected": {k: list(v) for k, v in self.rejected.items()},
+            "device": self.device.as_dict(),
+            "known_issues_active": list(self.known_issues),
+        }
+
+
+def plan(problem: Problem, device: DeviceInfo, backend: str | None = None) -> Plan:
+    """The variant and configs for `problem` on `device`; raises NoBackendError when none fits."""
+    _ensure_builtin()
+    forced = backend or os.environ.get(BACKEND_ENV) or None
+    if forced is not None and forced not in _VARIANTS and forced not in backends():
+        source = "backend" if backend else BACKEND_ENV
+        raise ValueError(f"{source}: unknown backend {forced!r}; registered backends: {', '.join(backends())}; "
+                         f"variants: {', '.join(sorted(_VARIANTS))}")
+    return _plan_cached(problem, device, forced, triton_version())
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: str | None) -> Plan:
+    from .vendors import preferences
+    order = list(preferences(device).get(problem.problem_class, []))
+    order += sorted(n for n in _VARIANTS if n not in order)
+    issues = known_issues.active(device, tv)
+    rejected = {}
+    for name in order:
+        variant = _VARIANTS.get(name)
+        if variant is None:
+            continue
+        if forced is not None and forced not in (variant.name, variant.backend):
+            rejected[name] = [f"not the forced backend {forced!r}"]
+            continue
+        reasons = list(variant.reasons(problem, device))
+        if variant.backend == "triton":
+            reasons += [f"{i.id}: {i.summary}" for i in issues if i.refuses]
+        if reasons:
+            rejected[name] = reasons
+            continue
+        configs, sources, adjusted = {}, {}, {}
+        for kernel in variant.kernels:
+            cfg, source = lookup(device, kernel, problem)
+            configs[kernel], adjusted[kernel] = known_issues.constrain(kernel, cfg, issues)
+            sources[kernel] = source
+        for other in order[order.index(name) + 1:]:
+            if other in _VARIANTS and other not in rejected:
+                rejected[other] = [f"lower in {device.vendor}'s order of preference for {problem.problem_class} than {name}"]
+        return Plan(variant, device, configs, sources, adjusted, rejected, tuple(i.id for i in issues))
+    lines = "\n".join(f"  {n}: " + "; ".join(rs) for n, rs in rejected.items())
+    raise NoBackendError(f"no backend can take {problem.describe()} on {device.name} ({device.vendor}):\n{lines}")
