@@ -1,0 +1,18 @@
+"""rwkv_backends: RWKV-7's WKV7 operator on every accelerator (SPEC: shared/SPEC.md).
+
+    o, state = rwkv_backends.wkv7(r, w, k, v, a, b, state)
+    rwkv_backends.explain(r, w, k, v, a, b, state)   # which kernel, which config, and why
+"""
+
+import sys
+
+if sys.version_info < (3, 10):  # pragma: no cover
+    raise ImportError("rwkv_backends needs Python >= 3.10 (Triton fails on older Pythons: triton#5224)")
+
+__version__ = "0.1.0"
+
+from .api import explain, wkv7  # noqa: E402
+from .reference import wkv7_reference  # noqa: E402
+from .registry import NoBackendError  # noqa: E402
+
+__all__ = ["wkv7", "explain", "wkv7_reference", "NoBackendError", "__version__"]

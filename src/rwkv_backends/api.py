@@ -1,0 +1,38 @@
+"""The public op: `wkv7` and `explain` (SPEC §1)."""
+
+from __future__ import annotations
+
+from .device import detect
+from .problem import validate
+from .registry import plan as make_plan
+
+
+def _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend):
+    problem = validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
+                       output_final_state=output_final_state)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name (str) or None, got {type(backend).__name__}")
+    return problem, make_plan(problem, detect(k.device), backend)
+
+
+def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=None,
+         output_final_state=True, backend=None):
+    """RWKV-7's WKV7 recurrence (SPEC §1).
+
+    r, w, k, a, b: [B, T, H, K]; v: [B, T, H, V]; state: [N, H, K, V] float32 or None.
+    Returns (o [B, T, H, V] in v's dtype, state_out [N, H, K, V] float32 or None).
+    Differentiable with respect to r, w, k, v, a, b and state.
+    """
+    problem, plan = _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
+    o, state_out = plan.variant.run(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
+    if o.dtype != v.dtype:
+        o = o.to(v.dtype)
+    return o, (state_out if output_final_state else None)
+
+
+def explain(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=None,
+            output_final_state=True, backend=None) -> dict:
+    """What `wkv7` would do with these arguments, without computing anything: the backend, the
+    variant, its tuned launch configs and every other candidate with the reasons it was passed over."""
+    problem, plan = _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
+    return plan.explain(problem)

@@ -1,0 +1,1 @@
+"""Implementations registered with the dispatcher: one module per backend."""

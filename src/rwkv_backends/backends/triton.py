@@ -1,0 +1,82 @@
+"""The Triton backend: the kernels of rwkv_backends/kernels, on every vendor through its tables."""
+
+from __future__ import annotations
+
+import functools
+
+from ..device import interpreter_enabled, triton_target
+from ..registry import Variant, register
+
+MAX_HEAD = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def common_reasons(problem, device) -> list:
+    """Why no Triton variant can take this problem here (empty: they can)."""
+    err = _triton_import_error()
+    if err:
+        return [err]
+    reasons = []
+    if problem.device_type == "cpu":
+        if not (device.simulated and interpreter_enabled()):
+            reasons.append("CPU tensors: Triton kernels need a GPU, or a simulated profile "
+                           "(RWKV_BACKENDS_SIMULATE) with TRITON_INTERPRET=1")
+    elif device.simulated:
+        reasons.append(f"simulated profile {device.simulated} plans CPU tensors only, got {problem.device_type} tensors")
+    elif device.triton_backend is None:
+        reasons.append(f"{device.name}: Triton has no backend for this device")
+    elif not interpreter_enabled() and triton_target() is None:
+        reasons.append("Triton has no active driver for this device")
+    if problem.K > MAX_HEAD or problem.V > MAX_HEAD:
+        reasons.append(f"head size K={problem.K}, V={problem.V}: the Triton kernels take K, V <= {MAX_HEAD}")
+    return reasons
+
+
+class TritonChunk(Variant):
+    name = "triton.chunk"
+    backend = "triton"
+    kernels = ("chunk_fwd", "chunk_bwd")
+
+    def reasons(self, problem, device):
+        return common_reasons(problem, device)
+
+    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import TritonWKV7, chunk_forward
+        cfg_fwd, cfg_bwd = plan.configs["chunk_fwd"], plan.configs["chunk_bwd"]
+        if problem.needs_grad:
+            return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
+                                    cfg_fwd, cfg_bwd)
+        o, ht, _ = chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
+                                 w_form=problem.w_form, cfg=cfg_fwd, store_final=problem.output_final_state)
+        return o, ht
+
+
+class TritonRecurrent(Variant):
+    name = "triton.recurrent"
+    backend = "triton"
+    kernels = ("recurrent_fwd",)
+
+    def reasons(self, problem, device):
+        reasons = common_reasons(problem, device)
+        if problem.needs_grad:
+            reasons.append("forward only: gradients come from triton.chunk")
+        return reasons
+
+    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import recurrent_forward
+        return recurrent_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
+                                 w_form=problem.w_form, cfg=plan.configs["recurrent_fwd"],
+                                 store_final=problem.output_final_state)
+
+
+register(TritonChunk())
+register(TritonRecurrent())

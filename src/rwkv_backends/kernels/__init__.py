@@ -1,0 +1,1 @@
+"""Triton kernels (wkv7.py) and their launchers (launch.py)."""

@@ -1,0 +1,140 @@
+"""Launching the Triton kernels with a `KernelConfig`, and the autograd Function that ties the
+chunked forward to the chunked backward. The torch.library op wraps `TritonWKV7`.
+
+What forward saves for backward: the inputs and the initial state, nothing else. Backward
+recomputes the chunk start states (one more forward pass without outputs) into a temporary buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..config import KernelConfig
+from ..device import interpreter_enabled
+from . import wkv7 as kern
+
+W_FORM_CODES = {"log": 0, "raw": 1, "clampw": 2}
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _launch_options(cfg: KernelConfig) -> dict:
+    # The interpreter takes no launch options; on hardware they go to the vendor's launcher.
+    return {} if interpreter_enabled() else cfg.launch_options()
+
+
+def _dot_precision(cfg: KernelConfig, dtype: torch.dtype) -> str:
+    # Float32 inputs never go through TF32 silently (SPEC §2); tables choose for 16-bit inputs.
+    return "ieee" if dtype == torch.float32 else cfg.dot_precision
+
+
+def _layout(r, w, k, v, a, b):
+    return [x if x.is_contiguous() else x.contiguous() for x in (r, w, k, v, a, b)]
+
+
+def _chunk_index(cu_seqlens, N, T, BT, device):
+    """Per-sequence offset into the chunk-state buffer, and the buffer's chunk count."""
+    if cu_seqlens is None:
+        return None, N * triton.cdiv(T, BT)
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    counts = (lens + BT - 1) // BT
+    offsets = torch.zeros(N + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets, triton.cdiv(T, BT) + N            # an upper bound: no host sync
+
+
+def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig,
+                  store_o=True, store_final=True, store_states=False):
+    """(o, final state, chunk start states or None)."""
+    r, w, k, v, a, b = _layout(r, w, k, v, a, b)
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BT, BK = cfg.chunk_size, _pow2(K)
+    BV = min(_pow2(V), cfg.block_v)
+    o = torch.empty_like(v) if store_o else v
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else v
+    offsets, n_chunks = _chunk_index(cu_seqlens, N, T, BT, k.device)
+    states = (torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=k.device) if store_states else v)
+    grid = (triton.cdiv(V, BV), N * H)
+    kern.chunk_fwd_kernel[grid](
+        r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, states,
+        offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
+        float(scale), T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
+        STORE_FINAL=store_final, STORE_O=store_o, STORE_STATES=store_states, IS_VARLEN=cu_seqlens is not None,
+        DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
+    )
+    return (o if store_o else None), (ht if store_final else None), (states if store_states else None)
+
+
+def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
+                   cfg_fwd: KernelConfig, cfg_bwd: KernelConfig):
+    """Gradients (dr, dw, dk, dv, da, db, dh0)."""
+    r, w, k, v, a, b = _layout(r, w, k, v, a, b)
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    # The backward walks the chunks with the forward's chunk size; one program holds all of V.
+    cfg_states = cfg_fwd.with_(chunk_size=cfg_bwd.chunk_size)
+    _, _, states = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
+                                 cfg=cfg_states, store_o=False, store_final=False, store_states=True)
+    BT, BK, BV = cfg_bwd.chunk_size, _pow2(K), _pow2(V)
+    offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
+    do = do.contiguous()
+    dr, dk, da, db = (torch.empty_like(x) for x in (r, k, a, b))
+    dw = torch.empty_like(w)
+    dv = torch.empty_like(v)
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
+    kern.chunk_bwd_kernel[(N * H,)](
+        r, w, k, v, a, b, do, dht if dht is not None else v, states,
+        offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
+        dr, dw, dk, dv, da, db, dh0, float(scale), T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
+        STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
+        DOT_PRECISION=_dot_precision(cfg_bwd, k.dtype), **_launch_options(cfg_bwd),
+    )
+    return dr, dw, dk, dv, da, db, (dh0 if h0 is not None else None)
+
+
+def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig, store_final=True):
+    r, w, k, v, a, b = _layout(r, w, k, v, a, b)
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BK = _pow2(K)
+    BV = min(_pow2(V), cfg.block_v)
+    o = torch.empty_like(v)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else v
+    grid = (triton.cdiv(V, BV), N * H)
+    kern.recurrent_fwd_kernel[grid](
+        r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, cu_seqlens if cu_seqlens is not None else v,
+        float(scale), T, H=H, K=K, V=V, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form],
+        HAS_STATE=h0 is not None, STORE_FINAL=store_final, IS_VARLEN=cu_seqlens is not None,
+        **_launch_options(cfg),
+    )
+    return o, (ht if store_final else None)
+
+
+class TritonWKV7(torch.autograd.Function):
+    """Chunked forward and backward. Saves only the inputs and the initial state."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, scale, w_form, cfg_fwd, cfg_bwd):
+        o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_fwd)
+        ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens)
+        ctx.opts = (scale, w_form, cfg_fwd, cfg_bwd)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        r, w, k, v, a, b, h0, cu_seqlens = ctx.saved_tensors
+        scale, w_form, cfg_fwd, cfg_bwd = ctx.opts
+        if do is None:
+            do = torch.zeros_like(v)
+        grads = chunk_backward(r, w, k, v, a, b, h0, do, dht, scale=scale, cu_seqlens=cu_seqlens,
+                               w_form=w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd)
+        return (*grads, None, None, None, None, None)

@@ -1,0 +1,381 @@
+"""Vendor-neutral Triton kernels for WKV7. Launch parameters come from the vendor tables through
+`KernelConfig`; nothing in here knows which vendor runs it.
+
+Layout: every [B, T, H, D] input is read as a flat token axis (B*T tokens) so that packed sequences
+(cu_seqlens) and batches share one code path: sequence n covers tokens [bos, eos). States are
+[N, H, K, V] float32. All arithmetic is float32 (tl.exp only: no libdevice, so the interpreter
+runs it); tl.dot takes DOT_PRECISION ("ieee" for float32 inputs: no silent TF32).
+
+Chunk math (C = BT steps, start state S, G inclusive cumulative log-decay, Gm = G - L):
+    Â = a ⊙ e^{Gm}, R̂ = r ⊙ e^{G}, B̃ = b ⊙ e^{G_C - G}, K̃ = k ⊙ e^{G_C - G}, γ = e^{G_C}
+    A_ab[t,s] = Σ_k a_t b_s e^{Gm_t - G_s} (s < t), A_ak likewise with k; A_rb, A_rk with r, e^{G_t - G_s} (s <= t)
+    U = (I - A_ab)^-1 (Â S + A_ak V);  O = scale (R̂ S + A_rb U + A_rk V);  S' = γ ⊙ S + B̃ᵀ U + K̃ᵀ V
+The four in-chunk matrices come from two products when the chunk's decay range is at most
+SAFE_RANGE (columns carry e^{-G} <= e^{SAFE_RANGE}); otherwise every e^{P_t - Q_s} is formed per
+pair. Nothing divides by a cumulative decay.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SAFE_RANGE = 60.0
+CLAMPW_BOUND = 0.6065306597126334   # exp(-0.5)
+
+
+@triton.jit
+def _log_decay(w, W_FORM: tl.constexpr):
+    """L from w: 0 = log (L = w), 1 = raw (L = -exp(w)), 2 = clampw (L = -e^-0.5 sigmoid(w))."""
+    if W_FORM == 1:
+        L = -tl.exp(w)
+    elif W_FORM == 2:
+        L = -CLAMPW_BOUND / (1.0 + tl.exp(-w))
+    else:
+        L = w
+    return L
+
+
+@triton.jit
+def _dlog_decay(dL, w, L, W_FORM: tl.constexpr):
+    """dw from dL, for the forms of _log_decay."""
+    if W_FORM == 1:
+        dw = dL * L
+    elif W_FORM == 2:
+        dw = dL * L * (1.0 - 1.0 / (1.0 + tl.exp(-w)))
+    else:
+        dw = dL
+    return dw
+
+
+@triton.jit
+def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent forward: one step at a time. Decode and short sequences.
+
+@triton.jit
+def recurrent_fwd_kernel(
+    r, w, k, v, a, b, o, h0, ht, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    W_FORM: tl.constexpr, HAS_STATE: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    s_off = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_STATE:
+        S += tl.load(h0 + s_off, mask=m_kv, other=0.0)
+    for t in range(bos, eos):
+        p_k = (t * H + i_h) * K + o_k
+        p_v = (t * H + i_h) * V + o_v
+        r_t = tl.load(r + p_k, mask=m_k, other=0.0).to(tl.float32)
+        w_t = tl.load(w + p_k, mask=m_k, other=0.0).to(tl.float32)
+        k_t = tl.load(k + p_k, mask=m_k, other=0.0).to(tl.float32)
+        a_t = tl.load(a + p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_t = tl.load(b + p_k, mask=m_k, other=0.0).to(tl.float32)
+        v_t = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
+        d_t = tl.exp(_log_decay(w_t, W_FORM))
+        u_t = tl.sum(a_t[:, None] * S, axis=0)                                # a_tᵀ h_{t-1}
+        S = S * d_t[:, None] + b_t[:, None] * u_t[None, :] + k_t[:, None] * v_t[None, :]
+        o_t = tl.sum(S * r_t[:, None], axis=0) * scale
+        tl.store(o + p_v, o_t.to(o.dtype.element_ty), mask=m_v)
+    if STORE_FINAL:
+        tl.store(ht + s_off, S, mask=m_kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared chunk pieces
+
+@triton.jit
+def _load_chunk(r, w, k, a, b, tok0, eos, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, W_FORM: tl.constexpr):
+    """Rows [tok0, tok0+BT) of r, w, k, a, b as float32 [BT, BK]; L = 0 and zeros outside."""
+    o_t = tok0 + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m = (o_t < eos)[:, None] & (o_k < K)[None, :]
+    p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+    r_c = tl.load(r + p, mask=m, other=0.0).to(tl.float32)
+    w_c = tl.load(w + p, mask=m, other=0.0).to(tl.float32)
+    k_c = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+    a_c = tl.load(a + p, mask=m, other=0.0).to(tl.float32)
+    b_c = tl.load(b + p, mask=m, other=0.0).to(tl.float32)
+    L = tl.where(m, _log_decay(w_c, W_FORM), 0.0)
+    return r_c, w_c, k_c, a_c, b_c, L, p, m
+
+
+@triton.jit
+def _row(x, s, BT: tl.constexpr):
+    """Row s of a [BT, BK] register tile, as [BK]."""
+    return tl.sum(tl.where((tl.arange(0, BT) == s)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _col(x, s, BT: tl.constexpr):
+    """Column s of a [BT, BT] register tile, as [BT]."""
+    return tl.sum(tl.where((tl.arange(0, BT) == s)[None, :], x, 0.0), axis=1)
+
+
+@triton.jit
+def _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, safe, BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A_ab, A_ak (strictly lower) and A_rb, A_rk (lower), [BT, BT] each."""
+    rows = tl.arange(0, BT)[:, None]
+    cols = tl.arange(0, BT)[None, :]
+    if safe:
+        e_neg = tl.exp(-G)
+        b_f = b_c * e_neg
+        k_f = k_c * e_neg
+        A_ab = tl.dot(a_hat, tl.trans(b_f), input_precision=DOT_PRECISION)
+        A_ak = tl.dot(a_hat, tl.trans(k_f), input_precision=DOT_PRECISION)
+        A_rb = tl.dot(r_hat, tl.trans(b_f), input_precision=DOT_PRECISION)
+        A_rk = tl.dot(r_hat, tl.trans(k_f), input_precision=DOT_PRECISION)
+    else:
+        A_ab = tl.zeros([BT, BT], dtype=tl.float32)
+        A_ak = tl.zeros([BT, BT], dtype=tl.float32)
+        A_rb = tl.zeros([BT, BT], dtype=tl.float32)
+        A_rk = tl.zeros([BT, BT], dtype=tl.float32)
+        for s in tl.static_range(BT):
+            G_s = _row(G, s, BT)
+            b_s = _row(b_c, s, BT)
+            k_s = _row(k_c, s, BT)
+            E = tl.exp(tl.where(rows > s, Gm - G_s[None, :], float("-inf")))     # e^{Gm_t - G_s}, t > s
+            F = tl.exp(tl.where(rows >= s, G - G_s[None, :], float("-inf")))     # e^{G_t - G_s}, t >= s
+            aE = a_c * E
+            rF = r_c * F
+            at_s = cols == s
+            A_ab = tl.where(at_s, tl.sum(aE * b_s[None, :], axis=1)[:, None], A_ab)
+            A_ak = tl.where(at_s, tl.sum(aE * k_s[None, :], axis=1)[:, None], A_ak)
+            A_rb = tl.where(at_s, tl.sum(rF * b_s[None, :], axis=1)[:, None], A_rb)
+            A_rk = tl.where(at_s, tl.sum(rF * k_s[None, :], axis=1)[:, None], A_rk)
+    A_ab = tl.where(rows > cols, A_ab, 0.0)
+    A_ak = tl.where(rows > cols, A_ak, 0.0)
+    A_rb = tl.where(rows >= cols, A_rb, 0.0)
+    A_rk = tl.where(rows >= cols, A_rk, 0.0)
+    return A_ab, A_ak, A_rb, A_rk
+
+
+@triton.jit
+def _unit_lower_inverse(N, BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(I - N)^-1 for strictly lower N: (I + N)(I + N^2)(I + N^4)... up to N^(BT-1)."""
+    eye = (tl.arange(0, BT)[:, None] == tl.arange(0, BT)[None, :]).to(tl.float32)
+    Tinv = eye + N
+    P = N
+    # log2(BT) - 1 squarings: BT = 16 -> N^2, N^4, N^8.
+    for _ in tl.static_range(1 if BT <= 4 else (2 if BT <= 8 else (3 if BT <= 16 else (4 if BT <= 32 else 5)))):
+        P = tl.dot(P, P, input_precision=DOT_PRECISION)
+        Tinv = Tinv + tl.dot(Tinv, P, input_precision=DOT_PRECISION)
+    return Tinv
+
+
+@triton.jit
+def _chunk_prepare(r_c, k_c, a_c, b_c, L, BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Everything in a chunk that does not depend on its start state."""
+    G = tl.cumsum(L, axis=0)
+    Gm = G - L
+    G_last = tl.sum(L, axis=0)                                       # rows past eos carry L = 0
+    safe = tl.min(G_last, axis=0) >= -SAFE_RANGE
+    a_hat = a_c * tl.exp(Gm)
+    r_hat = r_c * tl.exp(G)
+    tail = tl.exp(G_last[None, :] - G)
+    A_ab, A_ak, A_rb, A_rk = _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, safe, BT, DOT_PRECISION)
+    Tinv = _unit_lower_inverse(A_ab, BT, DOT_PRECISION)
+    return G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked forward: one program walks the chunks of one (sequence, head, V block), state on chip.
+
+@triton.jit
+def chunk_fwd_kernel(
+    r, w, k, v, a, b, o, h0, ht, states, chunk_offsets, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    W_FORM: tl.constexpr, HAS_STATE: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_O: tl.constexpr,
+    STORE_STATES: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    s_tile = o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_STATE:
+        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    if IS_VARLEN:
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for i_c in range(0, n_chunks):
+        tok0 = bos + i_c * BT
+        if STORE_STATES:
+            tl.store(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, S, mask=m_kv)
+        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM)
+        o_t = tok0 + tl.arange(0, BT)
+        m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
+        p_v = (o_t[:, None] * H + i_h) * V + o_v[None, :]
+        v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv = _chunk_prepare(
+            r_c, k_c, a_c, b_c, L, BT, DOT_PRECISION)
+        Z = tl.dot(a_hat, S, input_precision=DOT_PRECISION) + tl.dot(A_ak, v_c, input_precision=DOT_PRECISION)
+        U = tl.dot(Tinv, Z, input_precision=DOT_PRECISION)                           # U_t = a_tᵀ h_{t-1}
+        if STORE_O:
+            O = tl.dot(r_hat, S, input_precision=DOT_PRECISION) + tl.dot(A_rb, U, input_precision=DOT_PRECISION) \
+                + tl.dot(A_rk, v_c, input_precision=DOT_PRECISION)
+            tl.store(o + p_v, (O * scale).to(o.dtype.element_ty), mask=m_tv)
+        S = S * tl.exp(G_last)[:, None] \
+            + tl.dot(tl.trans(b_c * tail), U, input_precision=DOT_PRECISION) \
+            + tl.dot(tl.trans(k_c * tail), v_c, input_precision=DOT_PRECISION)
+    if STORE_FINAL:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + s_tile, S, mask=m_kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked backward: one program per (sequence, head) walks its chunks last to first, carrying the
+# state gradient on chip; chunk start states come from the forward recompute (`states`).
+
+@triton.jit
+def chunk_bwd_kernel(
+    r, w, k, v, a, b, do, dht, states, chunk_offsets, cu_seqlens,
+    dr, dw, dk, dv, da, db, dh0, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    W_FORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_nh = tl.program_id(0)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    s_tile = o_k[:, None] * V + o_v[None, :]
+    rows = tl.arange(0, BT)[:, None]
+    cols = tl.arange(0, BT)[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)                       # gradient of the chunk's end state
+    if HAS_DHT:
+        dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    if IS_VARLEN:
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for j in range(0, n_chunks):
+        i_c = n_chunks - 1 - j
+        tok0 = bos + i_c * BT
+        S = tl.load(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, mask=m_kv, other=0.0)
+        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM)
+        o_t = tok0 + tl.arange(0, BT)
+        m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
+        p_v = (o_t[:, None] * H + i_h) * V + o_v[None, :]
+        v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        dO = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale
+        G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv = _chunk_prepare(
+            r_c, k_c, a_c, b_c, L, BT, DOT_PRECISION)
+        gamma = tl.exp(G_last)
+        b_t = b_c * tail
+        k_t = k_c * tail
+        Z = tl.dot(a_hat, S, input_precision=DOT_PRECISION) + tl.dot(A_ak, v_c, input_precision=DOT_PRECISION)
+        U = tl.dot(Tinv, Z, input_precision=DOT_PRECISION)
+
+        # Through O = R̂ S + A_rb U + A_rk V and S' = γ S + B̃ᵀ U + K̃ᵀ V, then U = (I - A_ab)^-1 Z.
+        dU = tl.dot(tl.trans(A_rb), dO, input_precision=DOT_PRECISION) + tl.dot(b_t, dS, input_precision=DOT_PRECISION)
+        dZ = tl.dot(tl.trans(Tinv), dU, input_precision=DOT_PRECISION)
+        dA_ab = tl.where(rows > cols, tl.dot(dZ, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+        dA_ak = tl.where(rows > cols, tl.dot(dZ, tl.trans(v_c), input_precision=DOT_PRECISION), 0.0)
+        dA_rb = tl.where(rows >= cols, tl.dot(dO, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+        dA_rk = tl.where(rows >= cols, tl.dot(dO, tl.trans(v_c), input_precision=DOT_PRECISION), 0.0)
+        dv_c = tl.dot(tl.trans(A_ak), dZ, input_precision=DOT_PRECISION) \
+            + tl.dot(tl.trans(A_rk), dO, input_precision=DOT_PRECISION) \
+            + tl.dot(k_t, dS, input_precision=DOT_PRECISION)
+        d_ahat = tl.dot(dZ, tl.trans(S), input_precision=DOT_PRECISION)
+        d_rhat = tl.dot(dO, tl.trans(S), input_precision=DOT_PRECISION)
+        d_bt = tl.dot(U, tl.trans(dS), input_precision=DOT_PRECISION)
+        d_kt = tl.dot(v_c, tl.trans(dS), input_precision=DOT_PRECISION)
+        d_gamma = tl.sum(dS * S, axis=1)
+        dS_prev = tl.dot(tl.trans(r_hat), dO, input_precision=DOT_PRECISION) + gamma[:, None] * dS \
+            + tl.dot(tl.trans(a_hat), dZ, input_precision=DOT_PRECISION)
+
+        # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
+        if safe:
+            e_neg = tl.exp(-G)
+            b_f = b_c * e_neg
+            k_f = k_c * e_neg
+            d_ahat += tl.dot(dA_ab, b_f, input_precision=DOT_PRECISION) + tl.dot(dA_ak, k_f, input_precision=DOT_PRECISION)
+            d_rhat += tl.dot(dA_rb, b_f, input_precision=DOT_PRECISION) + tl.dot(dA_rk, k_f, input_precision=DOT_PRECISION)
+            d_bf = tl.dot(tl.trans(dA_ab), a_hat, input_precision=DOT_PRECISION) \
+                + tl.dot(tl.trans(dA_rb), r_hat, input_precision=DOT_PRECISION)
+            d_kf = tl.dot(tl.trans(dA_ak), a_hat, input_precision=DOT_PRECISION) \
+                + tl.dot(tl.trans(dA_rk), r_hat, input_precision=DOT_PRECISION)
+            db_c = d_bf * e_neg
+            dk_c = d_kf * e_neg
+            dG = -(d_bf * b_f + d_kf * k_f)
+            dGm = tl.zeros([BT, BK], dtype=tl.float32)
+            da_pair = tl.zeros([BT, BK], dtype=tl.float32)      # already inside d_ahat / d_rhat
+            dr_pair = tl.zeros([BT, BK], dtype=tl.float32)
+        else:
+            db_c = tl.zeros([BT, BK], dtype=tl.float32)
+            dk_c = tl.zeros([BT, BK], dtype=tl.float32)
+            dG = tl.zeros([BT, BK], dtype=tl.float32)
+            dGm = tl.zeros([BT, BK], dtype=tl.float32)
+            da_pair = tl.zeros([BT, BK], dtype=tl.float32)
+            dr_pair = tl.zeros([BT, BK], dtype=tl.float32)
+            for s in tl.static_range(BT):
+                G_s = _row(G, s, BT)
+                b_s = _row(b_c, s, BT)
+                k_s = _row(k_c, s, BT)
+                E = tl.exp(tl.where(rows > s, Gm - G_s[None, :], float("-inf")))
+                F = tl.exp(tl.where(rows >= s, G - G_s[None, :], float("-inf")))
+                g_ab = _col(dA_ab, s, BT)[:, None]
+                g_ak = _col(dA_ak, s, BT)[:, None]
+                g_rb = _col(dA_rb, s, BT)[:, None]
+                g_rk = _col(dA_rk, s, BT)[:, None]
+                da_pair += (g_ab * b_s[None, :] + g_ak * k_s[None, :]) * E
+                dr_pair += (g_rb * b_s[None, :] + g_rk * k_s[None, :]) * F
+                aE = a_c * E
+                rF = r_c * F
+                db_s = tl.sum(g_ab * aE + g_rb * rF, axis=0)
+                dk_s = tl.sum(g_ak * aE + g_rk * rF, axis=0)
+                at_s = rows == s
+                db_c = tl.where(at_s, db_s[None, :], db_c)
+                dk_c = tl.where(at_s, dk_s[None, :], dk_c)
+                dG = tl.where(at_s, dG - (b_s * db_s + k_s * dk_s)[None, :], dG)
+            # e^{Gm_t - G_s} and e^{G_t - G_s}: the row exponents take x_t ⊙ (their share of dx_t).
+            dGm += a_c * da_pair
+            dG += r_c * dr_pair
+        # Direct terms: Â = a e^{Gm}, R̂ = r e^{G}, B̃ = b e^{G_C - G}, K̃ = k e^{G_C - G}, γ = e^{G_C}.
+        da_c = d_ahat * tl.exp(Gm) + da_pair
+        dr_c = d_rhat * tl.exp(G) + dr_pair
+        dGm += d_ahat * a_hat
+        dG += d_rhat * r_hat
+        db_c += d_bt * tail
+        dk_c += d_kt * tail
+        tail_terms = d_bt * b_t + d_kt * k_t
+        dG -= tail_terms
+        dG_last = tl.sum(tail_terms, axis=0) + d_gamma * gamma
+        # L enters G (inclusive), Gm (exclusive) and G_last (all rows): reverse cumulative sums.
+        dL = (tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG) \
+            + (tl.sum(dGm, axis=0)[None, :] - tl.cumsum(dGm, axis=0)) + dG_last[None, :]
+        dw_c = _dlog_decay(dL, w_c, L, W_FORM)
+        tl.store(dr + p_k, dr_c.to(dr.dtype.element_ty), mask=m_k)
+        tl.store(dw + p_k, dw_c.to(dw.dtype.element_ty), mask=m_k)
+        tl.store(dk + p_k, dk_c.to(dk.dtype.element_ty), mask=m_k)
+        tl.store(da + p_k, da_c.to(da.dtype.element_ty), mask=m_k)
+        tl.store(db + p_k, db_c.to(db.dtype.element_ty), mask=m_k)
+        tl.store(dv + p_v, dv_c.to(dv.dtype.element_ty), mask=m_tv)
+        dS = dS_prev
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_tile, dS, mask=m_kv)
