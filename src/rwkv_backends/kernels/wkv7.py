@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SAFE_RANGE = 60.0
-CLAMPW_BOUND = 0.6065306597126334   # exp(-0.5)
+SAFE_RANGE = tl.constexpr(60.0)
+CLAMPW_BOUND = tl.constexpr(0.6065306597126334)   # exp(-0.5); jit globals must be constexpr
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, safe, BT: tl.constexpr, DOT_
         A_ak = tl.zeros([BT, BT], dtype=tl.float32)
         A_rb = tl.zeros([BT, BT], dtype=tl.float32)
         A_rk = tl.zeros([BT, BT], dtype=tl.float32)
-        for s in tl.static_range(BT):
+        for s in range(BT):                      # a runtime loop: unrolled, it dominates compile time
             G_s = _row(G, s, BT)
             b_s = _row(b_c, s, BT)
             k_s = _row(k_c, s, BT)
@@ -333,7 +333,7 @@ def chunk_bwd_kernel(
             dGm = tl.zeros([BT, BK], dtype=tl.float32)
             da_pair = tl.zeros([BT, BK], dtype=tl.float32)
             dr_pair = tl.zeros([BT, BK], dtype=tl.float32)
-            for s in tl.static_range(BT):
+            for s in range(BT):                      # a runtime loop: unrolled, it dominates compile time
                 G_s = _row(G, s, BT)
                 b_s = _row(b_c, s, BT)
                 k_s = _row(k_c, s, BT)

@@ -1,0 +1,174 @@
+"""rwkv_backends beside the peers that import, on the ANCHORS/issue shapes, in one process on one card.
+
+    PYTHONPATH=src python benchmarks/bench_wkv7.py [--peers fla,rwkv-fla] [--only train,prefill,...]
+        [--out results.json] [--plot speedup.png] [--cold]
+
+Peers are looked up on sys.path (install each wheel into its own --target folder and pass
+--peer-path for each: fla-core and rwkv-fla both ship a top-level `fla`). Times are
+triton.testing.do_bench medians; inputs are fresh random RWKV-like tensors, never zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    # name: (mode, B, T, H, K)
+    "train_H32": ("train", 8, 4096, 32, 64),
+    "train_H64": ("train", 8, 4096, 64, 64),
+    "prefill_H32": ("prefill", 8, 4096, 32, 64),
+    "prefill_H64": ("prefill", 8, 4096, 64, 64),
+    "long_T16384": ("train", 1, 16384, 32, 64),
+    "head128": ("train", 4, 4096, 16, 128),
+    "decode_B256": ("decode", 256, 1, 32, 64),
+    "decode_B1": ("decode", 1, 1, 32, 64),
+}
+
+
+def make(mode, B, T, H, K, dtype=torch.bfloat16, device="cuda", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    x = {
+        "r": torch.randn(B, T, H, K, generator=g), "k": torch.randn(B, T, H, K, generator=g) * K ** -0.5,
+        "v": torch.randn(B, T, H, K, generator=g), "a": -kk, "b": kk * torch.rand(B, T, H, K, generator=g),
+        "w_log": -0.6065 * torch.rand(B, T, H, K, generator=g).clamp_min(1e-3),
+    }
+    x = {n: t.to(device=device, dtype=dtype) for n, t in x.items()}
+    x["w_raw"] = torch.log(-x["w_log"].float()).to(dtype)
+    x["h0"] = torch.randn(B, H, K, K, generator=g).to(device)
+    return x
+
+
+def ours(x, mode):
+    import rwkv_backends as rb
+    return lambda: rb.wkv7(x["r"], x["w_log"], x["k"], x["v"], x["a"], x["b"], x["h0"])
+
+
+def peer_fla(x, mode):
+    from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    fn = fused_recurrent_rwkv7 if mode == "decode" else chunk_rwkv7
+    return lambda: fn(x["r"], x["w_log"], x["k"], x["v"], x["a"], x["b"], scale=1.0,
+                      initial_state=x["h0"], output_final_state=True)
+
+
+def peer_rwkv_fla(x, mode):
+    from rwkvfla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    fn = fused_recurrent_rwkv7 if mode == "decode" else chunk_rwkv7
+    return lambda: fn(r=x["r"], k=x["k"], v=x["v"], a=x["a"], b=x["b"], w=x["w_raw"], scale=1.0,
+                      initial_state=x["h0"], output_final_state=True)
+
+
+PEERS = {"fla": peer_fla, "rwkv-fla": peer_rwkv_fla}
+
+
+def timed(make_fn, x, mode):
+    """(median ms, peak MiB) of forward, or forward+backward for mode 'train'."""
+    from triton.testing import do_bench
+    if mode == "train":
+        leaves = {n: x[n].detach().requires_grad_(True) for n in ("r", "w_log", "w_raw", "k", "v", "a", "b", "h0")}
+        fwd = make_fn(leaves, mode)
+        do = torch.randn_like(x["v"])
+
+        def step():
+            o, h = fwd()
+            torch.autograd.backward((o, h), (do, torch.ones_like(h)))
+            for t in leaves.values():
+                t.grad = None
+        run = step
+    else:
+        fwd = make_fn(x, mode)
+
+        def run():
+            with torch.no_grad():
+                fwd()
+    run()                                                   # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    ms = do_bench(run, warmup=100, rep=400, return_mode="median")
+    return ms, peak
+
+
+def cold_start(timeout=600):
+    """Seconds for the first forward+backward at B8 T4096 H32 with an empty Triton cache, in a
+    fresh process (compile time is what a user waits for)."""
+    import tempfile
+    code = ("import time,torch,sys; sys.path.insert(0,'src'); t=time.time(); import rwkv_backends as rb;"
+            "from benchmarks.bench_wkv7 import make; x=make('train',8,4096,32,64);"
+            "l={n:x[n].requires_grad_(True) for n in ('r','w_log','k','v','a','b','h0')};"
+            "t=time.time(); o,h=rb.wkv7(l['r'],l['w_log'],l['k'],l['v'],l['a'],l['b'],l['h0']);"
+            "torch.cuda.synchronize(); f=time.time()-t; (o.float().sum()+h.sum()).backward();"
+            "torch.cuda.synchronize(); print(f, time.time()-t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        return {"error": out.stderr[-2000:]}
+    fwd, total = map(float, out.stdout.split()[-2:])
+    return {"first_forward_s": round(fwd, 2), "first_forward_backward_s": round(total, 2)}
+
+
+def versions():
+    import triton
+    return {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": sys.version.split()[0]}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--peers", default="", help="comma-separated: fla,rwkv-fla")
+    p.add_argument("--peer-path", action="append", default=[], help="folder to put on sys.path (repeatable)")
+    p.add_argument("--only", default="", help="comma-separated shape names")
+    p.add_argument("--out", default="")
+    p.add_argument("--plot", default="", help="PNG of our speedup over the best peer against T (prefill, H32)")
+    p.add_argument("--cold", action="store_true", help="also measure the first call with an empty Triton cache")
+    args = p.parse_args()
+    for path in args.peer_path:
+        sys.path.append(path)
+    peers = [n for n in args.peers.split(",") if n]
+    names = [n for n in args.only.split(",") if n] or list(SHAPES)
+    rows = []
+    for name in names:
+        mode, B, T, H, K = SHAPES[name]
+        x = make(mode, B, T, H, K)
+        row = {"shape": name, "mode": mode, "B": B, "T": T, "H": H, "K": K}
+        for label, fn in [("ours", ours)] + [(n, PEERS[n]) for n in peers]:
+            try:
+                t0 = time.time()
+                ms, peak = timed(fn, x, mode)
+                row[label] = {"ms": round(ms, 4), "peak_mib": round(peak, 1), "setup_s": round(time.time() - t0, 1)}
+            except Exception as exc:  # a peer that fails is reported, not fatal
+                row[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(name, label, row[label], flush=True)
+        best = min((row[n]["ms"] for n in peers if "ms" in row.get(n, {})), default=None)
+        if best and "ms" in row["ours"]:
+            row["speedup_vs_best_peer"] = round(best / row["ours"]["ms"], 2)
+        rows.append(row)
+        del x
+        torch.cuda.empty_cache()
+    result = {"versions": versions(), "rows": rows}
+    if args.cold:
+        result["cold_start"] = cold_start()
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"\n{'shape':<14}{'ours ms':>10}" + "".join(f"{n + ' ms':>14}" for n in peers) + f"{'speedup':>9}")
+    for r in rows:
+        cells = [f"{r['ours'].get('ms', float('nan')):>10.3f}"]
+        cells += [f"{r[n].get('ms', float('nan')):>14.3f}" for n in peers]
+        print(f"{r['shape']:<14}" + "".join(cells) + f"{r.get('speedup_vs_best_peer', float('nan')):>9}")
+
+
+if __name__ == "__main__":
+    main()

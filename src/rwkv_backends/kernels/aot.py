@@ -1,0 +1,65 @@
+"""Ahead-of-time compilation of the kernels for a target, without a GPU.
+
+Triton compiles for an NVIDIA target on any machine (its wheel carries ptxas), so CI and the doctor
+can check that every planned config of the NVIDIA tables compiles, and read its shared memory and
+register use, before a card is involved. Other vendors need their toolchains present.
+"""
+
+from __future__ import annotations
+
+from ..config import KernelConfig
+
+_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _signature(kernel: str, dtype: str):
+    t = "*" + _TYPES[dtype]
+    if kernel == "chunk_fwd":
+        names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "states", "chunk_offsets", "cu_seqlens"]
+        ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32",
+                                             "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
+    elif kernel == "chunk_bwd":
+        names = ["r", "w", "k", "v", "a", "b", "do", "dht", "states", "chunk_offsets", "cu_seqlens",
+                 "dr", "dw", "dk", "dv", "da", "db", "dh0"]
+        ptr = {n: t for n in names} | {"dht": "*fp32", "states": "*fp32", "chunk_offsets": "*i64",
+                                       "cu_seqlens": "*i32", "dh0": "*fp32"}
+    elif kernel == "recurrent_fwd":
+        names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "cu_seqlens"]
+        ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "cu_seqlens": "*i32"}
+    else:
+        raise ValueError(f"kernel: unknown kernel {kernel!r}")
+    return ptr | {"scale": "fp32", "T": "i32"}
+
+
+def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str) -> dict:
+    from .launch import _pow2
+    BK = _pow2(K)
+    BV = min(_pow2(V), cfg.block_v) if kernel != "chunk_bwd" else _pow2(V)
+    base = dict(H=1, K=K, V=V, BK=BK, BV=BV, W_FORM=0)
+    prec = "ieee" if dtype == "float32" else cfg.dot_precision
+    if kernel == "chunk_fwd":
+        return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_STATES=False,
+                           IS_VARLEN=False, DOT_PRECISION=prec)
+    if kernel == "chunk_bwd":
+        return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, DOT_PRECISION=prec)
+    return base | dict(HAS_STATE=True, STORE_FINAL=True, IS_VARLEN=False)
+
+
+def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size: int, K: int = 64, V: int = 64,
+                dtype: str = "bfloat16") -> dict:
+    """Compile one kernel for (backend, arch); returns what the compiler reports."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import wkv7 as kern
+    fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_bwd": kern.chunk_bwd_kernel,
+          "recurrent_fwd": kern.recurrent_fwd_kernel}[kernel]
+    const = _constexprs(kernel, cfg, K, V, dtype)
+    sig = _signature(kernel, dtype) | {n: "constexpr" for n in const}
+    src = ASTSource(fn=fn, signature=sig, constexprs=const)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **dict(cfg.vendor_options)}
+    compiled = triton.compile(src, target=GPUTarget(backend, arch, warp_size), options=options)
+    meta = compiled.metadata
+    return {"kernel": kernel, "shared_bytes": getattr(meta, "shared", None), "num_warps": cfg.num_warps,
+            "registers": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None)}
