@@ -29,6 +29,11 @@ class KnownIssue:
     refuses: bool = False                        # True: the Triton backend cannot be used at all
 
 
+def _numpy_version() -> tuple:
+    import numpy
+    return parse_version(numpy.__version__)
+
+
 def _hopper(d: DeviceInfo) -> bool:
     return d.vendor == "nvidia" and d.arch in ("sm90", "sm90a")
 
@@ -90,6 +95,16 @@ CATALOG = (
         scope="Intel Arc A-series (Alchemist), any Triton release so far",
         applies=lambda d, tv, pv: d.vendor == "intel" and d.arch == "alchemist",
         constrain=_alchemist_tiles,
+    ),
+    KnownIssue(
+        id="triton#9171",
+        link="https://github.com/triton-lang/triton/issues/9171",
+        summary="NumPy >= 2.4 breaks Triton's interpreter: 'only 0-dimensional arrays can be "
+                "converted to Python scalars' in loops with run-time bounds",
+        scope="TRITON_INTERPRET=1 with NumPy >= 2.4 and Triton <= 3.6 (reported 2026-01-08, fixed "
+              "upstream after 3.6). Response: the Triton variants refuse; install numpy<2.4 to interpret",
+        applies=lambda d, tv, pv: interpreter_enabled() and bool(tv) and tv < (3, 7) and _numpy_version() >= (2, 4),
+        refuses=True,
     ),
     KnownIssue(
         id="interpreter",

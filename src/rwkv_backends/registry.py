@@ -34,7 +34,9 @@ class Variant:
     backend: str = ""
     kernels: tuple = ()            # table keys of the kernels it launches (see config.KERNELS)
 
-    def reasons(self, problem: Problem, device: DeviceInfo) -> list:
+    def reasons(self, problem: Problem, device: DeviceInfo, runtime: bool = True) -> list:
+        """Why this variant cannot take `problem` on `device` (empty: it can). With runtime=False
+        (planning for a simulated device or another Triton release) only the problem counts."""
         raise NotImplementedError
 
     def run(self, r, w, k, v, a, b, state, *, problem: Problem, plan: "Plan", cu_seqlens):
@@ -89,19 +91,21 @@ class Plan:
         }
 
 
-def plan(problem: Problem, device: DeviceInfo, backend: str | None = None) -> Plan:
-    """The variant and configs for `problem` on `device`; raises NoBackendError when none fits."""
+def plan(problem: Problem, device: DeviceInfo, backend: str | None = None, *,
+         triton_version_as: str | None = None, runtime: bool = True) -> Plan:
+    """The variant and configs for `problem` on `device`; raises NoBackendError when none fits.
+    `triton_version_as` plans as if that Triton release were installed (the doctor's option)."""
     _ensure_builtin()
     forced = backend or os.environ.get(BACKEND_ENV) or None
     if forced is not None and forced not in _VARIANTS and forced not in backends():
         source = "backend" if backend else BACKEND_ENV
         raise ValueError(f"{source}: unknown backend {forced!r}; registered backends: {', '.join(backends())}; "
                          f"variants: {', '.join(sorted(_VARIANTS))}")
-    return _plan_cached(problem, device, forced, triton_version())
+    return _plan_cached(problem, device, forced, triton_version_as or triton_version(), runtime)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: str | None) -> Plan:
+def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: str | None, runtime: bool) -> Plan:
     from .vendors import preferences
     order = list(preferences(device).get(problem.problem_class, []))
     order += sorted(n for n in _VARIANTS if n not in order)
@@ -114,7 +118,7 @@ def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: s
         if forced is not None and forced not in (variant.name, variant.backend):
             rejected[name] = [f"not the forced backend {forced!r}"]
             continue
-        reasons = list(variant.reasons(problem, device))
+        reasons = list(variant.reasons(problem, device, runtime))
         if variant.backend == "triton":
             reasons += [f"{i.id}: {i.summary}" for i in issues if i.refuses]
         if reasons:

@@ -12,7 +12,7 @@ class PyTorchChunk(Variant):
     backend = "pytorch"
     kernels = ()
 
-    def reasons(self, problem, device):
+    def reasons(self, problem, device, runtime=True):
         return []
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):

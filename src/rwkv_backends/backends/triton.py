@@ -20,13 +20,16 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def common_reasons(problem, device) -> list:
+def common_reasons(problem, device, runtime=True) -> list:
     """Why no Triton variant can take this problem here (empty: they can)."""
     err = _triton_import_error()
-    if err:
+    if err and runtime:
         return [err]
     reasons = []
-    if problem.device_type == "cpu":
+    if not runtime:
+        if device.triton_backend is None:
+            reasons.append(f"{device.name}: Triton has no backend for this device")
+    elif problem.device_type == "cpu":
         if not (device.simulated and interpreter_enabled()):
             reasons.append("CPU tensors: Triton kernels need a GPU, or a simulated profile "
                            "(RWKV_BACKENDS_SIMULATE) with TRITON_INTERPRET=1")
@@ -46,8 +49,8 @@ class TritonChunk(Variant):
     backend = "triton"
     kernels = ("chunk_fwd", "chunk_bwd")
 
-    def reasons(self, problem, device):
-        return common_reasons(problem, device)
+    def reasons(self, problem, device, runtime=True):
+        return common_reasons(problem, device, runtime)
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
         from ..kernels.launch import TritonWKV7, chunk_forward
@@ -65,8 +68,8 @@ class TritonRecurrent(Variant):
     backend = "triton"
     kernels = ("recurrent_fwd",)
 
-    def reasons(self, problem, device):
-        reasons = common_reasons(problem, device)
+    def reasons(self, problem, device, runtime=True):
+        reasons = common_reasons(problem, device, runtime)
         if problem.needs_grad:
             reasons.append("forward only: gradients come from triton.chunk")
         return reasons

@@ -63,3 +63,28 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
     meta = compiled.metadata
     return {"kernel": kernel, "shared_bytes": getattr(meta, "shared", None), "num_warps": cfg.num_warps,
             "registers": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None)}
+
+
+def compile_in_subprocess(jobs, *, arch: int, warp_size: int = 32, timeout: float = 900):
+    """Compile [(kernel, KernelConfig)] for an NVIDIA arch in a fresh process, without the
+    interpreter. Returns (returncode, results or None, stderr): a compiler assertion aborts that
+    process (negative return code), never the caller."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    payload = json.dumps({"jobs": [(k, c.as_dict()) for k, c in jobs], "arch": arch, "warp": warp_size})
+    code = ("import json,sys\n"
+            "from rwkv_backends.config import KernelConfig\n"
+            "from rwkv_backends.kernels.aot import compile_for\n"
+            "p=json.loads(sys.argv[1]); out=[]\n"
+            "for k,c in p['jobs']:\n"
+            "    out.append(compile_for(k, KernelConfig.make(**c), backend='cuda', arch=p['arch'], warp_size=p['warp']))\n"
+            "print(json.dumps(out))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    res = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, timeout=timeout, env=env)
+    results = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
+    return res.returncode, results, res.stderr

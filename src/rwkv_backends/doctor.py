@@ -1,0 +1,236 @@
+"""`python -m rwkv_backends.doctor`: what this machine is, what wkv7 will run on it, and why.
+
+    python -m rwkv_backends.doctor [--json] [--simulate PROFILE] [--triton-version X.Y.Z]
+                                   [--list-profiles] [--no-probe]
+
+Exit code 0 when no check failed (SPEC §5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+SCHEMA = "rwkv-backends-doctor/1"
+
+# Representative problems for the plan (SPEC §5): training, prefill, decode.
+PLAN_PROBLEMS = {
+    "training": dict(B=8, T=4096, H=32, K=64, V=64, needs_grad=True),
+    "prefill": dict(B=8, T=4096, H=32, K=64, V=64, needs_grad=False),
+    "decode": dict(B=256, T=1, H=32, K=64, V=64, needs_grad=False),
+}
+
+
+def _problem(device_type, B, T, H, K, V, needs_grad):
+    import torch
+
+    from .problem import Problem
+    return Problem(B=B, T=T, H=H, K=K, V=V, N=B, dtype=torch.bfloat16, w_dtype=torch.bfloat16,
+                   device_type=device_type, w_form="log", scale=1.0, varlen=False, has_state=True,
+                   output_final_state=True, needs_grad=needs_grad)
+
+
+def _check(name, status, detail):
+    return {"name": name, "status": status, "detail": detail}
+
+
+def collect(simulate=None, triton_version_as=None, probe=True) -> dict:
+    if simulate:
+        os.environ["RWKV_BACKENDS_SIMULATE"] = simulate
+    from . import known_issues
+    from .device import (default_device, detect, interpreter_enabled, python_ok, triton_target,
+                         triton_version, versions)
+    from .registry import NoBackendError, plan
+    from .tuning import provenance
+
+    info = detect(None if simulate else default_device())
+    tv = triton_version_as or triton_version()
+    checks = []
+    py = versions()["python"]
+    checks.append(_check("python", "ok" if python_ok() else "fail",
+                         f"Python {py}" + ("" if python_ok() else ": rwkv-backends needs >= 3.10 (triton#5224)")))
+
+    if triton_version() is None:
+        checks.append(_check("triton", "warn", "Triton is not installed: only the PyTorch backend is available "
+                                               "(pip install triton on Linux x86-64/aarch64)"))
+    else:
+        checks.append(_check("triton", "ok", f"Triton {triton_version()} imports"
+                                             + (f"; planning as Triton {tv}" if triton_version_as else "")))
+    target = triton_target()
+    if simulate:
+        checks.append(_check("triton driver", "ok", f"simulated {simulate}: no driver needed for planning"
+                                                    + ("; kernels run through the interpreter" if interpreter_enabled() else "")))
+    elif target is None:
+        checks.append(_check("triton driver", "warn", "no active Triton driver: Triton kernels cannot run here "
+                                                      "(set TRITON_INTERPRET=1 with RWKV_BACKENDS_SIMULATE to interpret them)"))
+    else:
+        checks.append(_check("triton driver", "ok", f"active target: backend {target[0]}, arch {target[1]}"))
+
+    if info.vendor == "cpu":
+        checks.append(_check("device", "warn", "no accelerator visible: wkv7 runs the PyTorch backend on the CPU"))
+    else:
+        checks.append(_check("device", "ok", f"{info.name} ({info.vendor} {info.arch}, warp {info.warp_size}, "
+                                             f"{info.multiprocessors} multiprocessors)"
+                             + (" [simulated profile, not real hardware]" if info.simulated else "")))
+    checks.append(_check("float64 on device", "ok" if info.has_float64 else "warn",
+                         "available" if info.has_float64 else
+                         "not available: the conformance suite runs the float64 reference on the CPU"))
+    checks.append(_cache_check())
+
+    active = known_issues.active(info, tv)
+    relevant = [i.id for i in active if i.id != "interpreter"]
+    checks.append(_check("known issues", "warn" if relevant else "ok",
+                         ("active: " + ", ".join(relevant) + " (configs are narrowed to avoid them)") if relevant
+                         else "none of the catalogued issues applies here"))
+
+    plans = {}
+    chosen = None
+    for cls, kw in PLAN_PROBLEMS.items():
+        problem = _problem("cpu" if info.vendor == "cpu" else info.device_type, **kw)
+        try:
+            p = plan(problem, info, triton_version_as=triton_version_as, runtime=not simulate)
+            plans[cls] = {"variant": p.variant.name, "backend": p.variant.backend,
+                          "config": {k: c.as_dict() for k, c in p.configs.items()},
+                          "config_source": p.config_sources,
+                          "adjusted_by_known_issues": {k: v for k, v in p.adjusted_by.items() if v},
+                          "rejected": p.rejected}
+            chosen = chosen or p.variant.backend
+        except NoBackendError as exc:
+            plans[cls] = {"error": str(exc)}
+    if probe:
+        checks.append(_compile_probe(info, tv, plans))
+    checks.append(_self_test(info, simulate))
+
+    report = {
+        "schema": SCHEMA, "python": py, "packages": versions() | ({"triton_planned_as": tv} if triton_version_as else {}),
+        "device": info.as_dict() | {"triton_backend": info.triton_backend, "device_type": info.device_type},
+        "backend": chosen, "tables": provenance(info), "plan": plans,
+        "known_issues": known_issues.report(info, tv), "checks": checks,
+    }
+    report["ok"] = all(c["status"] != "fail" for c in checks)
+    return report
+
+
+def _cache_check():
+    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    try:
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache):
+            pass
+        return _check("triton cache", "ok", f"{cache} is writable")
+    except OSError as exc:
+        return _check("triton cache", "fail", f"{cache} is not writable ({exc}); set TRITON_CACHE_DIR to a writable folder")
+
+
+def _compile_probe(info, tv, plans):
+    """Compile the planned Triton configs in a subprocess: a compiler assertion aborts that process,
+    not the doctor, and becomes a failed check naming the matching known issue."""
+    wanted = []
+    for p in plans.values():
+        for kernel, cfg in p.get("config", {}).items():
+            if p.get("backend") == "triton" and (kernel, cfg) not in wanted:
+                wanted.append((kernel, cfg))
+    if not wanted:
+        return _check("compile probe", "ok", "no Triton kernel is planned here: nothing to compile")
+    if info.triton_backend != "cuda":
+        return _check("compile probe", "warn", f"not run: compiling for {info.triton_backend} needs that vendor's "
+                                               "toolchain (NVIDIA targets compile anywhere)")
+    from .device import triton_version
+    if tv != triton_version():
+        return _check("compile probe", "warn", f"not run: planning as Triton {tv}, installed {triton_version()}")
+    from .config import KernelConfig
+    from .kernels.aot import compile_in_subprocess
+    arch = info.triton_target_arch if isinstance(info.triton_target_arch, int) else int(info.arch[2:])
+    jobs = [(kernel, KernelConfig.make(**cfg)) for kernel, cfg in wanted]
+    try:
+        rc, done, stderr = compile_in_subprocess(jobs, arch=arch, warp_size=info.warp_size)
+    except Exception as exc:
+        return _check("compile probe", "warn", f"not run: {type(exc).__name__}: {exc}")
+    if rc != 0:
+        hint = ""
+        if rc < 0 and ("mma" in stderr or "LinearLayout" in stderr):
+            hint = "; the abort matches triton#4492 / triton#5609 (see known_issues)"
+        return _check("compile probe", "fail", f"the compiler {'aborted' if rc < 0 else 'failed'} "
+                                               f"(exit {rc}){hint}: {stderr.strip()[-400:]}")
+    return _check("compile probe", "ok", f"compiled for sm{arch}: " + ", ".join(
+        f"{d['kernel']} ({d['num_warps']} warps, {d['shared_bytes']} B shared)" for d in done))
+
+
+def _self_test(info, simulate):
+    import torch
+
+    from .device import interpreter_enabled
+    if simulate and not interpreter_enabled():
+        return _check("self-test", "ok", "skipped for a simulated profile without TRITON_INTERPRET=1 (nothing to run)")
+    from . import wkv7, wkv7_reference
+    from .conformance.cases import Case, make_inputs, relative_error
+    device = torch.device("cpu") if (simulate or info.vendor == "cpu") else torch.device(info.device_type, info.index)
+    case = Case("forward", "float32", "realistic", 1, 40, 2, 32, 32)
+    x = make_inputs(case, 1234, device)
+    ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    try:
+        o, s = wkv7(*ins, x["state"])
+        ref_dev = device if info.has_float64 else torch.device("cpu")
+        o_ref, _ = wkv7_reference(*(t.to(ref_dev) for t in ins), x["state"].to(ref_dev))
+        err = relative_error(o, o_ref)
+    except Exception as exc:
+        return _check("self-test", "fail", f"wkv7 raised {type(exc).__name__}: {exc}")
+    from .api import explain
+    variant = explain(*ins, x["state"])["variant"]
+    ok = err <= 2e-5
+    return _check("self-test", "ok" if ok else "fail",
+                  f"wkv7 ({variant}) vs float64 reference, float32 B1 T40 H2 K32: rel. error {err:.1e} (limit 2e-5)")
+
+
+def render(report: dict) -> str:
+    d = report["device"]
+    lines = [f"rwkv-backends doctor  (Python {report['python']}, torch {report['packages']['torch']}, "
+             f"triton {report['packages']['triton']}, rwkv_backends {report['packages']['rwkv_backends']})",
+             f"device : {d['name']}  [{d['vendor']} {d['arch']}, triton backend {d['triton_backend']}]"
+             + (f"  SIMULATED {d['simulated']}" if d.get("simulated") else ""),
+             f"backend: {report['backend']}   tables: {report['tables']}", "plan   :"]
+    for cls, p in report["plan"].items():
+        if "error" in p:
+            lines.append(f"  {cls:<9}no backend: {p['error'].splitlines()[0]}")
+            continue
+        cfg = "; ".join(f"{k}: chunk {c['chunk_size']} BV {c['block_v']} warps {c['num_warps']}"
+                        + (f" {c['vendor_options']}" if c["vendor_options"] else "") for k, c in p["config"].items())
+        adj = f"  (narrowed by {p['adjusted_by_known_issues']})" if p["adjusted_by_known_issues"] else ""
+        lines.append(f"  {cls:<9}{p['variant']:<17}{cfg}{adj}")
+    active = [i["id"] for i in report["known_issues"] if i["active"]]
+    lines.append(f"known issues active: {', '.join(active) or 'none'} (of {len(report['known_issues'])} catalogued)")
+    lines.append("checks :")
+    for c in report["checks"]:
+        lines.append(f"  [{c['status']:^4}] {c['name']:<18}{c['detail']}")
+    lines.append("OK" if report["ok"] else "FAILED: see the checks marked fail")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rwkv_backends.doctor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object (SPEC §5)")
+    p.add_argument("--simulate", metavar="PROFILE", help="plan as on this profile, e.g. nvidia:sm90")
+    p.add_argument("--triton-version", metavar="X.Y.Z", help="plan as if this Triton release were installed")
+    p.add_argument("--list-profiles", action="store_true", help="name every simulated profile")
+    p.add_argument("--no-probe", action="store_true", help="skip the subprocess compile probe")
+    args = p.parse_args(argv)
+    if args.list_profiles:
+        from .device import list_profiles
+        profiles = list_profiles()
+        if args.json:
+            print(json.dumps({n: i.as_dict() for n, i in profiles.items()}, indent=1))
+        else:
+            for name, info in sorted(profiles.items()):
+                print(f"{name:<18}{info.name}  (arch {info.arch}, warp {info.warp_size})")
+        return 0
+    report = collect(simulate=args.simulate, triton_version_as=args.triton_version, probe=not args.no_probe)
+    print(json.dumps(report, indent=1, default=str) if args.json else render(report))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
