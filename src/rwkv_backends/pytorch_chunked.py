@@ -105,7 +105,12 @@ def _to_chunks(x, C):
     if n * C != T:
         x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * C - T))
     x = x.view(B, n, C, H, D).permute(1, 0, 3, 2, 4)
-    return x.to(torch.float32).reshape(n * B * H, C, D)
+    return x.to(_compute_dtype(x)).reshape(n * B * H, C, D)
+
+
+def _compute_dtype(x):
+    """Float32 for the op's dtypes; float64 stays float64 (gradcheck runs the backend in it)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _from_chunks(y, B, H, T):
@@ -125,8 +130,8 @@ class ChunkedWKV7(torch.autograd.Function):
         n = max(1, -(-T // chunk))
         maps = chunk_maps(*(_to_chunks(x, chunk) for x in (r, L, k, v, a, b)), scale)
         W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
-        S = state.reshape(B * H, K, V).float()
-        starts = torch.empty(n, B * H, K, V, dtype=torch.float32, device=k.device)
+        S = state.reshape(B * H, K, V).to(W.dtype)
+        starts = torch.empty(n, B * H, K, V, dtype=W.dtype, device=k.device)
         for c in range(n):
             starts[c] = S
             U = torch.baddbmm(U0[c], W[c], S)
@@ -145,12 +150,12 @@ class ChunkedWKV7(torch.autograd.Function):
             maps = chunk_maps(*(_to_chunks(x, chunk) for x in inputs), scale)
         W, U0, Bt, Nt, gamma, P, Q = (x.detach().view(n, B * H, *x.shape[1:]) for x in maps)
         if dO is None:
-            dO = torch.zeros(B, T, H, V, dtype=torch.float32, device=k.device)
+            dO = torch.zeros(B, T, H, V, dtype=W.dtype, device=k.device)
         dQ = _to_chunks(dO, chunk)                                           # [Z, C, V]
         dO_c = dQ.view(n, B * H, chunk, V)
         # Adjoint scan: dS_c = gamma dS_{c+1} + Wᵀ (Bt dS_{c+1}) + Pᵀ dO_c.
-        g = (torch.zeros(B * H, K, V, dtype=torch.float32, device=k.device) if dS_final is None
-             else dS_final.reshape(B * H, K, V).float())
+        g = (torch.zeros(B * H, K, V, dtype=W.dtype, device=k.device) if dS_final is None
+             else dS_final.reshape(B * H, K, V).to(W.dtype))
         d_next = torch.empty_like(starts)                                    # dS_{c+1} for every chunk
         for c in range(n - 1, -1, -1):
             d_next[c] = g

@@ -1,0 +1,141 @@
+"""wkv7 / explain: argument errors, identities of the op, dispatch choices."""
+
+import pytest
+import torch
+
+import rwkv_backends as rb
+from rwkv_backends.conformance import Case, make_inputs, relative_error
+
+NAMES = ("r", "w", "k", "v", "a", "b")
+
+
+def _x(B=2, T=20, H=2, K=16, V=16, dtype="float32", seed=3):
+    return make_inputs(Case("forward", dtype, "realistic", B, T, H, K, V), seed, "cpu")
+
+
+def _call(x, **kw):
+    return rb.wkv7(*(x[n] for n in NAMES), kw.pop("state", x["state"]), **kw)
+
+
+# One test per class of bad input: the exception type, and the argument named in the message.
+@pytest.mark.parametrize("mutate, exc, name", [
+    (lambda x: x.update(r=x["r"][0]), ValueError, "r:"),                                  # wrong rank
+    (lambda x: x.update(a=x["a"][:, :-1]), ValueError, "a:"),                             # T mismatch
+    (lambda x: x.update(v=x["v"][:1]), ValueError, "v:"),                                 # B mismatch
+    (lambda x: x.update(b=x["b"].double()), TypeError, "b:"),                             # mixed dtype
+    (lambda x: x.update(k=x["k"].to(torch.int32)), TypeError, "k:"),                      # unsupported dtype
+    (lambda x: x.update(w=x["w"].half()), TypeError, "w:"),                               # w dtype
+    (lambda x: x.update(state=x["state"][:, :1]), ValueError, "state:"),                  # state shape
+    (lambda x: x.update(state=x["state"].double()), TypeError, "state:"),                 # state dtype
+    (lambda x: x.update(r=x["r"].tolist()), TypeError, "r:"),                             # not a tensor
+    (lambda x: x.update(v=torch.empty(2, 20, 2, 16, device="meta")), ValueError, "v:"),   # mixed devices
+])
+def test_bad_input_names_the_argument(mutate, exc, name):
+    x = _x()
+    mutate(x)
+    with pytest.raises(exc, match=name):
+        _call(x)
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(w_form="exp"), ValueError, "w_form"),
+    (dict(scale="1"), TypeError, "scale"),
+    (dict(backend="cuda-magic"), ValueError, "backend"),
+    (dict(output_final_state=1), TypeError, "output_final_state"),
+])
+def test_bad_options_name_the_argument(kw, exc, name):
+    with pytest.raises(exc, match=name):
+        _call(_x(), **kw)
+
+
+@pytest.mark.parametrize("cu, msg", [
+    ([0, 5, 3, 20], "non-decreasing"), ([1, 20], "start at 0"), ([0, 19], "end at T"),
+])
+def test_bad_cu_seqlens(cu, msg):
+    x = _x(B=1)
+    with pytest.raises(ValueError, match="cu_seqlens: .*" + msg):
+        _call(x, state=None, cu_seqlens=torch.tensor(cu))
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        _call(x, state=None, cu_seqlens=torch.tensor([0.0, 20.0]))
+    with pytest.raises(ValueError, match="B == 1"):
+        _call(_x(B=2), state=None, cu_seqlens=torch.tensor([0, 20]))
+
+
+def test_output_dtype_state_and_no_final_state():
+    x = _x(dtype="bfloat16")
+    o, s = _call(x)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32 and s.shape == (2, 2, 16, 16)
+    o2, s2 = _call(x, output_final_state=False)
+    assert s2 is None and torch.equal(o, o2)
+
+
+def test_two_calls_chained_equal_one_call():
+    x = _x(T=50)
+    o, s = _call(x)
+    first = {n: x[n][:, :17] for n in NAMES}
+    o1, s1 = rb.wkv7(*(first[n] for n in NAMES), x["state"])
+    o2, s2 = rb.wkv7(*(x[n][:, 17:] for n in NAMES), s1)
+    assert relative_error(torch.cat([o1, o2], 1), o) < 2e-6
+    assert relative_error(s2, s) < 2e-6
+
+
+def test_t_calls_of_one_step_equal_one_call():
+    x = _x(T=9)
+    o, s = _call(x)
+    state, outs = x["state"], []
+    for t in range(9):
+        o_t, state = rb.wkv7(*(x[n][:, t:t + 1] for n in NAMES), state)
+        outs.append(o_t)
+    assert relative_error(torch.cat(outs, 1), o) < 2e-6 and relative_error(state, s) < 2e-6
+
+
+def test_varlen_equals_separate_calls_and_empty_sequence_keeps_state():
+    x = _x(B=1, T=30)
+    init = torch.randn(3, 2, 16, 16)
+    cu = torch.tensor([0, 12, 12, 30])
+    o, s = _call(x, state=init, cu_seqlens=cu)
+    for n, (lo, hi) in enumerate([(0, 12), (12, 12), (12, 30)]):
+        if hi == lo:
+            assert torch.equal(s[n], init[n])
+            continue
+        o_n, s_n = rb.wkv7(*(x[m][:, lo:hi] for m in NAMES), init[n:n + 1])
+        assert relative_error(o[:, lo:hi], o_n) < 2e-6 and relative_error(s[n:n + 1], s_n) < 2e-6
+
+
+def test_gradients_reach_every_input_and_the_state_through_state_out():
+    x = _x()
+    leaves = {n: x[n].clone().requires_grad_(True) for n in NAMES}
+    st = x["state"].clone().requires_grad_(True)
+    _, s = rb.wkv7(*(leaves[n] for n in NAMES), st)
+    s.sum().backward()                                   # only through state_out
+    for name in ("w", "k", "v", "a", "b"):
+        assert leaves[name].grad.abs().sum() > 0, name
+    assert st.grad.abs().sum() > 0
+    assert not leaves["r"].grad.any()                    # r reads the state, it never writes it
+
+
+def test_bitwise_deterministic():
+    x = _x(dtype="bfloat16")
+    assert all(torch.equal(p, q) for p, q in zip(_call(x), _call(x)))
+
+
+def test_explain_names_backend_variant_config_and_rejections():
+    x = _x()
+    e = rb.explain(*(x[n] for n in NAMES), x["state"])
+    assert {"backend", "variant", "config", "rejected"} <= set(e)
+    assert e["variant"] == "pytorch.chunk"
+    assert any("GPU" in r or "interpreter" in r or "INTERPRET" in r for rs in e["rejected"].values() for r in rs)
+
+
+def test_forced_backend_that_cannot_take_the_input_lists_reasons(monkeypatch):
+    monkeypatch.delenv("RWKV_BACKENDS_SIMULATE", raising=False)
+    x = _x()
+    with pytest.raises(rb.NoBackendError) as err:
+        _call(x, backend="triton")
+    assert "triton.chunk" in str(err.value) and "triton.recurrent" in str(err.value)
+
+
+def test_backend_forced_through_environment(monkeypatch):
+    monkeypatch.setenv("RWKV_BACKENDS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="RWKV_BACKENDS_BACKEND"):
+        _call(_x())

@@ -1,0 +1,164 @@
+"""Device detection (monkeypatched torch/Triton), profiles, known issues, dispatch and the doctor."""
+
+import json
+import types
+
+import pytest
+import torch
+
+from rwkv_backends import device as dev
+from rwkv_backends import known_issues
+from rwkv_backends.config import KernelConfig
+from rwkv_backends.doctor import PLAN_PROBLEMS, _problem, collect
+from rwkv_backends.registry import plan
+
+PROFILES = ["nvidia:sm80", "nvidia:sm89", "nvidia:sm90", "nvidia:sm120", "amd:gfx942", "amd:gfx1100",
+            "intel:alchemist", "intel:pvc", "musa:mp31", "musa:mp22", "metax:c500"]
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    """Make torch look like another vendor's build; undo the detection caches afterwards."""
+    def apply(cuda=False, hip=None, maca=None, hcu=False, xpu=False, target=None):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.version, "hip", hip, raising=False)
+        monkeypatch.setattr(torch.version, "maca", maca, raising=False)
+        if hcu:
+            monkeypatch.setattr(torch, "__hcu_version__", "1.0", raising=False)
+        else:
+            monkeypatch.delattr(torch, "__hcu_version__", raising=False)
+        monkeypatch.setattr(torch, "xpu", types.SimpleNamespace(is_available=lambda: xpu), raising=False)
+        monkeypatch.setattr(dev, "triton_target", lambda: target)
+        dev._vendor_of_torch.cache_clear()
+    yield apply
+    dev._vendor_of_torch.cache_clear()
+
+
+@pytest.mark.parametrize("kw, vendor", [
+    (dict(), "cpu"),
+    (dict(cuda=True), "nvidia"),
+    (dict(cuda=True, hip="6.2"), "amd"),
+    (dict(cuda=True, hip="6.2", hcu=True), "hygon"),          # Hygon DCU also sets torch.version.hip
+    (dict(cuda=True, maca="2.33"), "metax"),                  # MetaX reports device type "cuda"
+    (dict(xpu=True, target=("xpu", {"name": "arc"}, 32)), "intel"),
+    (dict(xpu=True, target=("xpu", "xpu3", 32)), "kunlunxin"),  # Kunlunxin's "xpu" arch is not a dict
+])
+def test_vendor_detection(fake_torch, kw, vendor):
+    fake_torch(**kw)
+    assert dev._vendor_of_torch() == vendor
+
+
+def test_musa_detected_through_torch_musa(fake_torch, monkeypatch):
+    import sys
+    fake_torch()
+    monkeypatch.setitem(sys.modules, "torch_musa", types.ModuleType("torch_musa"))
+    monkeypatch.setattr(torch, "musa", types.SimpleNamespace(is_available=lambda: True), raising=False)
+    dev._vendor_of_torch.cache_clear()
+    assert dev._vendor_of_torch() == "musa"
+
+
+def test_vendor_hooks_describe_real_devices(monkeypatch):
+    from rwkv_backends import amd, metax, musa, nvidia
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132,
+                                  gcnArchName="gfx942:sramecc+:xnack-")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    info = nvidia.describe(0, ("cuda", 90, 32))
+    assert (info.arch, info.warp_size, info.shared_memory_per_block) == ("sm90", 32, 232448)
+    assert amd.describe(0, ("hip", "gfx942", 64)).arch == "gfx942"          # cut at ':'
+    assert amd.describe(0, ("hip", "gfx942", 64)).warp_size == 64
+    assert amd.warp_size_for("gfx1100") == 32
+    props.name = "MetaX C500"
+    m = metax.describe(0, None)
+    assert (m.arch, m.warp_size, m.triton_backend) == ("c500", 64, "maca")
+    assert musa.warp_size_for(2) == 128 and musa.warp_size_for(3) == 32
+
+
+def test_detection_without_triton_driver(monkeypatch):
+    monkeypatch.setattr(dev, "triton_target", lambda: None)
+    assert dev.detect("cpu").vendor == "cpu"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_plans_training_prefill_decode(profile):
+    info = dev.profile(profile)
+    for cls, kw in PLAN_PROBLEMS.items():
+        p = plan(_problem(info.device_type, **kw), info, runtime=False)
+        assert p.variant.backend == "triton", (profile, cls, p.rejected)
+        assert p.configs, (profile, cls)
+
+
+def test_unknown_profile_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown profile"):
+        dev.profile("nvidia:sm99")
+
+
+def _chained(kernel_cfgs):
+    return {k: c for k, c in kernel_cfgs.items() if k in ("chunk_fwd", "chunk_bwd")}
+
+
+@pytest.mark.parametrize("tv, active_4492, active_5609", [
+    ("3.1.0", True, False), ("3.2.0", True, True), ("3.3.1", False, True), ("3.4.0", False, False),
+    ("3.6.0", False, False),
+])
+def test_hopper_known_issues_follow_triton_version(tv, active_4492, active_5609):
+    ids = {i.id for i in known_issues.active(dev.profile("nvidia:sm90"), tv)}
+    assert ("triton#4492" in ids) == active_4492
+    assert ("triton#5609" in ids) == active_5609
+
+
+@pytest.mark.parametrize("profile", [p for p in PROFILES if p != "nvidia:sm90"])
+def test_hopper_issues_never_on_other_profiles(profile):
+    for tv in ("3.1.0", "3.2.0", "3.3.0"):
+        ids = {i.id for i in known_issues.active(dev.profile(profile), tv)}
+        assert not ids & {"triton#4492", "triton#5609"}
+
+
+def test_constraints_apply_exactly_when_the_predicate_holds():
+    eight = KernelConfig(num_warps=8)
+    hopper = dev.profile("nvidia:sm90")
+    old = known_issues.active(hopper, "3.1.0")
+    cfg, by = known_issues.constrain("chunk_bwd", eight, old)
+    assert cfg.num_warps == 4 and by == ["triton#4492"]
+    cfg, by = known_issues.constrain("recurrent_fwd", eight, old)      # no chained dots: untouched
+    assert cfg.num_warps == 8 and by == []
+    cfg, by = known_issues.constrain("chunk_bwd", eight, known_issues.active(hopper, "3.6.0"))
+    assert cfg.num_warps == 8 and by == []
+    cfg, by = known_issues.constrain("recurrent_fwd", eight, known_issues.active(hopper, "3.3.0"))
+    assert cfg.num_warps == 4 and by == ["triton#5609"]
+
+
+def test_alchemist_gets_large_grf_and_narrow_tiles():
+    issues = known_issues.active(dev.profile("intel:alchemist"), "3.6.0")
+    cfg, by = known_issues.constrain("chunk_fwd", KernelConfig(block_v=64), issues)
+    assert dict(cfg.vendor_options)["grf_mode"] == "large" and cfg.block_v == 32
+    assert "intel-xpu-backend-for-triton#3449" in by
+
+
+def test_python_below_310_refuses_triton():
+    issues = known_issues.active(dev.profile("nvidia:sm90"), "3.6.0", (3, 9))
+    assert any(i.id == "triton#5224" and i.refuses for i in issues)
+
+
+def test_doctor_json_keys_on_this_machine(capsys, monkeypatch):
+    monkeypatch.delenv("RWKV_BACKENDS_SIMULATE", raising=False)
+    from rwkv_backends.doctor import main
+    rc = main(["--json", "--no-probe"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["ok"]
+    assert {"schema", "python", "packages", "device", "backend", "plan", "known_issues", "checks", "ok"} <= set(report)
+    assert report["schema"] == "rwkv-backends-doctor/1"
+    assert set(report["plan"]) == {"training", "prefill", "decode"}
+    assert all({"name", "status", "detail"} <= set(c) for c in report["checks"])
+    assert all({"id", "active"} <= set(i) for i in report["known_issues"])
+    assert {"torch", "triton", "rwkv_backends"} <= set(report["packages"])
+
+
+def test_doctor_simulated_old_triton_on_hopper(monkeypatch):
+    monkeypatch.delenv("RWKV_BACKENDS_SIMULATE", raising=False)
+    report = collect(simulate="nvidia:sm90", triton_version_as="3.1.0", probe=False)
+    active = {i["id"] for i in report["known_issues"] if i["active"]}
+    assert "triton#4492" in active and "triton#5609" not in active
+    for p in report["plan"].values():
+        assert all(c["num_warps"] <= 4 for c in p["config"].values())
+    report = collect(simulate="nvidia:sm90", triton_version_as="3.6.0", probe=False)
+    assert not {i["id"] for i in report["known_issues"] if i["active"]} & {"triton#4492", "triton#5609"}

@@ -1,0 +1,76 @@
+"""The Triton kernels: through the interpreter on CPU (CI), on the real device when there is one."""
+
+import os
+
+import pytest
+import torch
+
+from _support import HAS_GPU, requires_gpu
+from rwkv_backends.conformance import full_cases, quick_cases
+from rwkv_backends.conformance.runner import run_case
+
+interpreter = pytest.mark.skipif(HAS_GPU or os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="interpreter tests run on CPU-only machines")
+
+
+@interpreter
+@pytest.mark.parametrize("profile", ["nvidia:sm90", "amd:gfx942"])
+@pytest.mark.parametrize("case", quick_cases(), ids=lambda c: c.id)
+def test_interpreted_plan(simulate, profile, case):
+    simulate(profile)
+    res = run_case(case, backend="triton", device="cpu", base_seed=7)
+    assert res["status"] == "passed", res.get("detail")
+    assert res["variant"].startswith("triton.")
+
+
+@interpreter
+def test_an_injected_wrong_kernel_fails_the_suite(simulate, monkeypatch):
+    """The suite must be able to fail: perturb the chunked kernel's output and expect failures."""
+    from rwkv_backends.kernels import launch
+    real = launch.chunk_forward
+
+    def wrong(*args, **kw):
+        o, ht, st = real(*args, **kw)
+        if o is not None:
+            o = o * 1.001
+        return o, ht, st
+    monkeypatch.setattr(launch, "chunk_forward", wrong)
+    simulate("nvidia:sm90")
+    case = next(c for c in quick_cases() if c.kind == "forward" and c.dtype == "float32" and c.T > 16)
+    assert run_case(case, backend="triton.chunk", device="cpu", base_seed=1)["status"] == "failed"
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Triton compiles NVIDIA targets anywhere: catches what the interpreter cannot (e.g. globals)."""
+    pytest.importorskip("triton")
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.kernels.aot import compile_in_subprocess
+    jobs = [("chunk_fwd", KernelConfig()), ("chunk_bwd", KernelConfig()),
+            ("recurrent_fwd", KernelConfig(block_v=16, num_warps=2))]
+    rc, results, stderr = compile_in_subprocess(jobs, arch=90)
+    assert rc == 0, stderr[-2000:]
+    assert [r["kernel"] for r in results] == ["chunk_fwd", "chunk_bwd", "recurrent_fwd"]
+    assert all(0 < r["shared_bytes"] <= 232448 for r in results)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", full_cases(), ids=lambda c: c.id)
+def test_gpu_full_matrix(case):
+    res = run_case(case, backend="triton", device="cuda", base_seed=11)
+    assert res["status"] == "passed", res.get("detail")
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_saves_no_more_than_inputs():
+    """Forward saves the inputs and the initial state only (backward recomputes chunk states)."""
+    import rwkv_backends as rb
+    from rwkv_backends.conformance import Case, make_inputs
+    x = make_inputs(Case("backward", "bfloat16", "realistic", 2, 2048, 8, 64, 64), 0, "cuda")
+    leaves = [x[n].requires_grad_(True) for n in ("r", "w", "k", "v", "a", "b")]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    o, s = rb.wkv7(*leaves, x["state"])
+    saved = torch.cuda.memory_allocated() - before - o.numel() * o.element_size() - s.numel() * 4
+    assert saved <= 0
