@@ -1,0 +1,116 @@
+"""`python -m rwkv_backends.tune`: sweep each kernel's configs on the present device and print the
+vendor/architecture table entry (paste it into rwkv_backends/<vendor>/tables.py). This is the only
+place a sweep runs; `wkv7` itself never tunes.
+
+Every candidate is first checked against the float64 reference on fresh random inputs; a config
+that is fast but wrong (or that fails to compile) is dropped, with the reason printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+
+from .config import KernelConfig, head_bucket
+
+CANDIDATES = {
+    "chunk_fwd": dict(block_v=(16, 32, 64), num_warps=(2, 4), dot_precision=("ieee", "tf32")),
+    "chunk_bwd": dict(num_warps=(4, 8), dot_precision=("ieee", "tf32")),
+    "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
+}
+# Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
+MAX_BF16_ERROR = 3.0e-3
+
+
+def _inputs(B, T, H, K, seed):
+    from .conformance.cases import Case, make_inputs
+    return make_inputs(Case("forward", "bfloat16", "realistic", B, T, H, K, K), seed, "cuda")
+
+
+def _runner(kernel, cfg, x, with_grad=False):
+    from .kernels import launch
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    if kernel == "recurrent_fwd":
+        return lambda: launch.recurrent_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)
+    if kernel == "chunk_fwd":
+        return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)[:2]
+    fwd_cfg = KernelConfig(chunk_size=cfg.chunk_size)
+    return lambda: launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
+                                         w_form="log", cfg_fwd=fwd_cfg, cfg_bwd=cfg)
+
+
+def _error(kernel, cfg, K):
+    """Relative error of the kernel's first output against the float64 reference (small problem)."""
+    from .conformance.cases import relative_error
+    from .reference import wkv7_reference
+    T = 4 if kernel == "recurrent_fwd" else 200
+    x = _inputs(2, T, 2, K, seed=torch.randint(0, 2 ** 30, ()).item())
+    ins = [x[n].double().requires_grad_(kernel == "chunk_bwd") for n in ("r", "w", "k", "v", "a", "b")]
+    st = x["state"].double().requires_grad_(kernel == "chunk_bwd")
+    o_ref, s_ref = wkv7_reference(*ins, st)
+    out = _runner(kernel, cfg, x)()
+    if kernel != "chunk_bwd":
+        return relative_error(out[0], o_ref)
+    (o_ref * x["do"].double()).sum().add((s_ref * x["dstate"]).sum()).backward()
+    return max(relative_error(g, t.grad) for g, t in zip(out[:6], ins))
+
+
+def sweep(kernel, shape, K):
+    from triton.testing import do_bench
+    B, T, H = shape
+    x = _inputs(B, T, H, K, seed=0)
+    grid = CANDIDATES[kernel]
+    results = []
+    for values in itertools.product(*grid.values()):
+        cfg = KernelConfig(**dict(zip(grid, values)))
+        try:
+            err = _error(kernel, cfg, K)
+            limit = MAX_BF16_ERROR * (2 if kernel == "chunk_bwd" else 1)
+            if not err <= limit:
+                print(f"  drop {cfg}: error {err:.2e} > {limit:.1e}", flush=True)
+                continue
+            ms = do_bench(_runner(kernel, cfg, x), warmup=25, rep=100, return_mode="median")
+        except Exception as exc:
+            print(f"  drop {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            continue
+        results.append((ms, err, cfg))
+        print(f"  {ms:8.3f} ms  err {err:.2e}  {cfg}", flush=True)
+    results.sort(key=lambda r: r[0])
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rwkv_backends.tune", description=__doc__)
+    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,recurrent_fwd")
+    p.add_argument("--K", type=int, default=64, help="head size to tune (table bucket 64 or 128)")
+    p.add_argument("--out", default="", help="write the table entry as JSON here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune: needs the accelerator it tunes for (no device visible)")
+        return 2
+    from .device import detect, versions
+    info = detect("cuda")
+    shapes = {"chunk_fwd": (8, 4096, 32), "chunk_bwd": (8, 4096, 32), "recurrent_fwd": (256, 1, 32)}
+    if args.K > 64:
+        shapes = {k: (max(1, b // 2), t, max(1, h // 2)) for k, (b, t, h) in shapes.items()}
+    entry = {}
+    for kernel in args.kernels.split(","):
+        print(f"{kernel} on {info.name} ({info.arch}), B,T,H = {shapes[kernel]}, K = V = {args.K}", flush=True)
+        ranked = sweep(kernel, shapes[kernel], args.K)
+        if ranked:
+            ms, err, cfg = ranked[0]
+            entry[kernel] = {head_bucket(args.K, args.K): cfg.as_dict() | {"_ms": round(ms, 4), "_err": err}}
+    report = {"vendor": info.vendor, "arch": info.arch, "device": info.name, "versions": versions(), "entry": entry}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
