@@ -74,3 +74,25 @@ def test_gpu_saves_no_more_than_inputs():
     o, s = rb.wkv7(*leaves, x["state"])
     saved = torch.cuda.memory_allocated() - before - o.numel() * o.element_size() - s.numel() * 4
     assert saved <= 0
+
+
+@interpreter
+def test_expanded_gradients_and_transposed_state(simulate):
+    """state.sum() sends a stride-0 gradient back, and a state may be a transposed view: both once
+    reached the kernels uncopied (an illegal memory access on the H100)."""
+    import rwkv_backends as rb
+    from rwkv_backends.conformance import Case, make_inputs, relative_error
+    from rwkv_backends.reference import wkv7_reference
+    simulate("nvidia:sm90")
+    x = make_inputs(Case("backward", "float32", "realistic", 1, 20, 2, 16, 16), 5, "cpu")
+    state = x["state"].transpose(-1, -2).contiguous().transpose(-1, -2)        # same values, strided
+    assert not state.is_contiguous()
+    leaves = [x[n].clone().requires_grad_(True) for n in ("r", "w", "k", "v", "a", "b")]
+    o, s = rb.wkv7(*leaves, state)
+    (o.sum() + s.sum()).backward()
+    ref_leaves = [x[n].double().requires_grad_(True) for n in ("r", "w", "k", "v", "a", "b")]
+    o_ref, s_ref = wkv7_reference(*ref_leaves, x["state"].double())
+    (o_ref.sum() + s_ref.sum()).backward()
+    assert relative_error(o, o_ref) < 2e-5 and relative_error(s, s_ref) < 2e-5
+    for got, want in zip(leaves, ref_leaves):
+        assert relative_error(got.grad, want.grad) < 1e-4

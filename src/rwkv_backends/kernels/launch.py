@@ -31,8 +31,10 @@ def _dot_precision(cfg: KernelConfig, dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else cfg.dot_precision
 
 
-def _layout(r, w, k, v, a, b):
-    return [x if x.is_contiguous() else x.contiguous() for x in (r, w, k, v, a, b)]
+def _contiguous(*tensors):
+    """The kernels index flat, contiguous memory. Anything else (views of a fused projection, a
+    transposed state, the stride-0 gradient that `state.sum()` sends back) is copied first."""
+    return [x if x is None or x.is_contiguous() else x.contiguous() for x in tensors]
 
 
 def _chunk_index(cu_seqlens, N, T, BT, device):
@@ -49,7 +51,7 @@ def _chunk_index(cu_seqlens, N, T, BT, device):
 def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig,
                   store_o=True, store_final=True, store_states=False):
     """(o, final state, chunk start states or None)."""
-    r, w, k, v, a, b = _layout(r, w, k, v, a, b)
+    r, w, k, v, a, b, h0, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -74,7 +76,7 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
 def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                    cfg_fwd: KernelConfig, cfg_bwd: KernelConfig):
     """Gradients (dr, dw, dk, dv, da, db, dh0)."""
-    r, w, k, v, a, b = _layout(r, w, k, v, a, b)
+    r, w, k, v, a, b, h0, do, dht, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, do, dht, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -84,7 +86,6 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                                  cfg=cfg_states, store_o=False, store_final=False, store_states=True)
     BT, BK, BV = cfg_bwd.chunk_size, _pow2(K), _pow2(V)
     offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
-    do = do.contiguous()
     dr, dk, da, db = (torch.empty_like(x) for x in (r, k, a, b))
     dw = torch.empty_like(w)
     dv = torch.empty_like(v)
@@ -101,7 +102,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
 
 
 def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig, store_final=True):
-    r, w, k, v, a, b = _layout(r, w, k, v, a, b)
+    r, w, k, v, a, b, h0, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
