@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 # (triton#4492 concerns those).
 KERNELS = {
     "chunk_fwd": {"chained_dots": True, "doc": "chunked forward (training and prefill); stores chunk states on request"},
-    "chunk_bwd": {"chained_dots": True, "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state "
-                                               "(its state-gradient sweep launches with chunk_fwd's block_v and warps)"},
+    "chunk_bwd": {"chained_dots": True, "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state"},
     "recurrent_fwd": {"chained_dots": False, "doc": "step-by-step forward for decode and short sequences"},
 }
 

@@ -133,8 +133,6 @@ def _compile_probe(info, tv, plans):
         for kernel, cfg in p.get("config", {}).items():
             if p.get("backend") == "triton" and (kernel, cfg) not in wanted:
                 wanted.append((kernel, cfg))
-            if kernel == "chunk_bwd" and ("chunk_dstate", p["config"]["chunk_fwd"]) not in wanted:
-                wanted.append(("chunk_dstate", p["config"]["chunk_fwd"]))   # the backward's sweep
     if not wanted:
         return _check("compile probe", "ok", "no Triton kernel is planned here: nothing to compile")
     if info.triton_backend != "cuda":

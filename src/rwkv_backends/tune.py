@@ -19,7 +19,7 @@ from .config import KernelConfig, head_bucket
 
 CANDIDATES = {
     "chunk_fwd": dict(chunk_size=(16, 32), block_v=(32, 64), num_warps=(4, 8), dot_precision=("tf32", "ieee")),
-    "chunk_bwd": dict(chunk_size=(16, 32), block_v=(32, 64), num_warps=(4, 8), dot_precision=("tf32",)),
+    "chunk_bwd": dict(chunk_size=(16, 32), num_warps=(4, 8), dot_precision=("tf32", "ieee")),
     "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
 }
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
@@ -38,8 +38,7 @@ def _runner(kernel, cfg, x, with_grad=False):
         return lambda: launch.recurrent_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)
     if kernel == "chunk_fwd":
         return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)[:2]
-    # block_v here is the state-gradient sweep's (it launches with the forward's V tiling).
-    fwd_cfg = KernelConfig(chunk_size=cfg.chunk_size, block_v=cfg.block_v)
+    fwd_cfg = KernelConfig(chunk_size=cfg.chunk_size)
     return lambda: launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
                                          w_form="log", cfg_fwd=fwd_cfg, cfg_bwd=cfg)
 

@@ -19,14 +19,10 @@ def _signature(kernel: str, dtype: str):
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32",
                                              "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
     elif kernel == "chunk_bwd":
-        names = ["r", "w", "k", "v", "a", "b", "do", "states", "dstates", "chunk_offsets", "cu_seqlens",
-                 "dr", "dw", "dk", "dv", "da", "db"]
-        ptr = {n: t for n in names} | {"states": "*fp32", "dstates": "*fp32", "chunk_offsets": "*i64",
-                                       "cu_seqlens": "*i32"}
-    elif kernel == "chunk_dstate":
-        names = ["r", "w", "k", "a", "b", "do", "dht", "dstates", "dh0", "chunk_offsets", "cu_seqlens"]
-        ptr = {n: t for n in names[:6]} | {"dht": "*fp32", "dstates": "*fp32", "dh0": "*fp32",
-                                           "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
+        names = ["r", "w", "k", "v", "a", "b", "do", "dht", "states", "chunk_offsets", "cu_seqlens",
+                 "dr", "dw", "dk", "dv", "da", "db", "dh0"]
+        ptr = {n: t for n in names} | {"dht": "*fp32", "states": "*fp32", "chunk_offsets": "*i64",
+                                       "cu_seqlens": "*i32", "dh0": "*fp32"}
     elif kernel == "recurrent_fwd":
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "cu_seqlens"]
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "cu_seqlens": "*i32"}
@@ -38,15 +34,13 @@ def _signature(kernel: str, dtype: str):
 def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str) -> dict:
     from .launch import _pow2
     BK = _pow2(K)
-    BV = _pow2(V) if kernel == "chunk_bwd" else min(_pow2(V), cfg.block_v)
+    BV = min(_pow2(V), cfg.block_v) if kernel != "chunk_bwd" else _pow2(V)
     base = dict(H=1, K=K, V=V, BK=BK, BV=BV, W_FORM=0)
     prec = "ieee" if dtype == "float32" else cfg.dot_precision
     if kernel == "chunk_fwd":
         return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_STATES=False,
                            IS_VARLEN=False, DOT_PRECISION=prec)
     if kernel == "chunk_bwd":
-        return base | dict(BT=cfg.chunk_size, IS_VARLEN=False, DOT_PRECISION=prec)
-    if kernel == "chunk_dstate":
         return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, DOT_PRECISION=prec)
     return base | dict(HAS_STATE=True, STORE_FINAL=True, IS_VARLEN=False)
 
@@ -60,7 +54,7 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
 
     from . import wkv7 as kern
     fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_bwd": kern.chunk_bwd_kernel,
-          "chunk_dstate": kern.chunk_dstate_kernel, "recurrent_fwd": kern.recurrent_fwd_kernel}[kernel]
+          "recurrent_fwd": kern.recurrent_fwd_kernel}[kernel]
     const = _constexprs(kernel, cfg, K, V, dtype)
     sig = _signature(kernel, dtype) | {n: "constexpr" for n in const}
     src = ASTSource(fn=fn, signature=sig, constexprs=const)

@@ -75,34 +75,28 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
 
 def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                    cfg_fwd: KernelConfig, cfg_bwd: KernelConfig):
-    """Gradients (dr, dw, dk, dv, da, db, dh0), in three launches: the chunk start states again
-    (forward without outputs), the state-gradient sweep (V blocks as in the forward), then every
-    chunk's input gradients in parallel."""
+    """Gradients (dr, dw, dk, dv, da, db, dh0)."""
     r, w, k, v, a, b, h0, do, dht, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, do, dht, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    cfg_sweep = cfg_fwd.with_(chunk_size=cfg_bwd.chunk_size, dot_precision=cfg_bwd.dot_precision)
+    # The backward walks the chunks with the forward's chunk size; one program holds all of V.
+    cfg_states = cfg_fwd.with_(chunk_size=cfg_bwd.chunk_size)
     _, _, states = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
-                                 cfg=cfg_sweep, store_o=False, store_final=False, store_states=True)
-    BT, BK = cfg_bwd.chunk_size, _pow2(K)
+                                 cfg=cfg_states, store_o=False, store_final=False, store_states=True)
+    BT, BK, BV = cfg_bwd.chunk_size, _pow2(K), _pow2(V)
     offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
-    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, W_FORM=W_FORM_CODES[w_form], IS_VARLEN=cu_seqlens is not None)
-    seq_args = (offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v)
-    dstates = torch.empty_like(states)
-    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
-    BV_sweep = min(_pow2(V), cfg_sweep.block_v)
-    kern.chunk_dstate_kernel[(triton.cdiv(V, BV_sweep), N * H)](
-        r, w, k, a, b, do, dht if dht is not None else v, dstates, dh0, *seq_args, float(scale), T,
-        BV=BV_sweep, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-        DOT_PRECISION=_dot_precision(cfg_sweep, k.dtype), **common, **_launch_options(cfg_sweep),
-    )
     dr, dk, da, db = (torch.empty_like(x) for x in (r, k, a, b))
     dw = torch.empty_like(w)
     dv = torch.empty_like(v)
-    kern.chunk_bwd_kernel[(triton.cdiv(T, BT), N * H)](
-        r, w, k, v, a, b, do, states, dstates, *seq_args, dr, dw, dk, dv, da, db, float(scale), T,
-        BV=_pow2(V), DOT_PRECISION=_dot_precision(cfg_bwd, k.dtype), **common, **_launch_options(cfg_bwd),
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
+    kern.chunk_bwd_kernel[(N * H,)](
+        r, w, k, v, a, b, do, dht if dht is not None else v, states,
+        offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
+        dr, dw, dk, dv, da, db, dh0, float(scale), T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
+        STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
+        DOT_PRECISION=_dot_precision(cfg_bwd, k.dtype), **_launch_options(cfg_bwd),
     )
     return dr, dw, dk, dv, da, db, (dh0 if h0 is not None else None)
 

@@ -245,28 +245,27 @@ def chunk_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Chunked backward, in two launches after the forward recompute of the chunk start states:
-#   1. chunk_dstate_kernel walks each (sequence, head, V block) last chunk first, carrying only the
-#      state gradient dS (columns of V are independent, so V splits like the forward), and stores
-#      the gradient of every chunk's end state;
-#   2. chunk_bwd_kernel then takes every (chunk, sequence-head) at once: with its start state and
-#      end-state gradient known, a chunk's input gradients need nothing from other chunks.
+# Chunked backward: one program per (sequence, head) walks its chunks last to first, carrying the
+# state gradient on chip; chunk start states come from the forward recompute (`states`).
 
 @triton.jit
-def chunk_dstate_kernel(
-    r, w, k, a, b, do, dht, dstates, dh0, chunk_offsets, cu_seqlens, scale, T,
+def chunk_bwd_kernel(
+    r, w, k, v, a, b, do, dht, states, chunk_offsets, cu_seqlens,
+    dr, dw, dk, dv, da, db, dh0, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     W_FORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = tl.arange(0, BV)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     s_tile = o_k[:, None] * V + o_v[None, :]
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    rows = tl.arange(0, BT)[:, None]
+    cols = tl.arange(0, BT)[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)                       # gradient of the chunk's end state
     if HAS_DHT:
         dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
     if IS_VARLEN:
@@ -277,142 +276,106 @@ def chunk_dstate_kernel(
     for j in range(0, n_chunks):
         i_c = n_chunks - 1 - j
         tok0 = bos + i_c * BT
-        tl.store(dstates + ((c0 + i_c) * H + i_h) * K * V + s_tile, dS, mask=m_kv)
+        S = tl.load(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, mask=m_kv, other=0.0)
         r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM)
         o_t = tok0 + tl.arange(0, BT)
         m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
-        dO = tl.load(do + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32) * scale
+        p_v = (o_t[:, None] * H + i_h) * V + o_v[None, :]
+        v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        dO = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale
         G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv = _chunk_prepare(
             r_c, k_c, a_c, b_c, L, BT, DOT_PRECISION)
-        dU = tl.dot(tl.trans(A_rb), dO, input_precision=DOT_PRECISION) \
-            + tl.dot(b_c * tail, dS, input_precision=DOT_PRECISION)
+        gamma = tl.exp(G_last)
+        b_t = b_c * tail
+        k_t = k_c * tail
+        Z = tl.dot(a_hat, S, input_precision=DOT_PRECISION) + tl.dot(A_ak, v_c, input_precision=DOT_PRECISION)
+        U = tl.dot(Tinv, Z, input_precision=DOT_PRECISION)
+
+        # Through O = R̂ S + A_rb U + A_rk V and S' = γ S + B̃ᵀ U + K̃ᵀ V, then U = (I - A_ab)^-1 Z.
+        dU = tl.dot(tl.trans(A_rb), dO, input_precision=DOT_PRECISION) + tl.dot(b_t, dS, input_precision=DOT_PRECISION)
         dZ = tl.dot(tl.trans(Tinv), dU, input_precision=DOT_PRECISION)
-        dS = tl.dot(tl.trans(r_hat), dO, input_precision=DOT_PRECISION) + tl.exp(G_last)[:, None] * dS \
+        dA_ab = tl.where(rows > cols, tl.dot(dZ, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+        dA_ak = tl.where(rows > cols, tl.dot(dZ, tl.trans(v_c), input_precision=DOT_PRECISION), 0.0)
+        dA_rb = tl.where(rows >= cols, tl.dot(dO, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+        dA_rk = tl.where(rows >= cols, tl.dot(dO, tl.trans(v_c), input_precision=DOT_PRECISION), 0.0)
+        dv_c = tl.dot(tl.trans(A_ak), dZ, input_precision=DOT_PRECISION) \
+            + tl.dot(tl.trans(A_rk), dO, input_precision=DOT_PRECISION) \
+            + tl.dot(k_t, dS, input_precision=DOT_PRECISION)
+        d_ahat = tl.dot(dZ, tl.trans(S), input_precision=DOT_PRECISION)
+        d_rhat = tl.dot(dO, tl.trans(S), input_precision=DOT_PRECISION)
+        d_bt = tl.dot(U, tl.trans(dS), input_precision=DOT_PRECISION)
+        d_kt = tl.dot(v_c, tl.trans(dS), input_precision=DOT_PRECISION)
+        d_gamma = tl.sum(dS * S, axis=1)
+        dS_prev = tl.dot(tl.trans(r_hat), dO, input_precision=DOT_PRECISION) + gamma[:, None] * dS \
             + tl.dot(tl.trans(a_hat), dZ, input_precision=DOT_PRECISION)
+
+        # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
+        if safe:
+            e_neg = tl.exp(-G)
+            b_f = b_c * e_neg
+            k_f = k_c * e_neg
+            d_ahat += tl.dot(dA_ab, b_f, input_precision=DOT_PRECISION) + tl.dot(dA_ak, k_f, input_precision=DOT_PRECISION)
+            d_rhat += tl.dot(dA_rb, b_f, input_precision=DOT_PRECISION) + tl.dot(dA_rk, k_f, input_precision=DOT_PRECISION)
+            d_bf = tl.dot(tl.trans(dA_ab), a_hat, input_precision=DOT_PRECISION) \
+                + tl.dot(tl.trans(dA_rb), r_hat, input_precision=DOT_PRECISION)
+            d_kf = tl.dot(tl.trans(dA_ak), a_hat, input_precision=DOT_PRECISION) \
+                + tl.dot(tl.trans(dA_rk), r_hat, input_precision=DOT_PRECISION)
+            db_c = d_bf * e_neg
+            dk_c = d_kf * e_neg
+            dG = -(d_bf * b_f + d_kf * k_f)
+            dGm = tl.zeros([BT, BK], dtype=tl.float32)
+            da_pair = tl.zeros([BT, BK], dtype=tl.float32)      # already inside d_ahat / d_rhat
+            dr_pair = tl.zeros([BT, BK], dtype=tl.float32)
+        else:
+            db_c = tl.zeros([BT, BK], dtype=tl.float32)
+            dk_c = tl.zeros([BT, BK], dtype=tl.float32)
+            dG = tl.zeros([BT, BK], dtype=tl.float32)
+            dGm = tl.zeros([BT, BK], dtype=tl.float32)
+            da_pair = tl.zeros([BT, BK], dtype=tl.float32)
+            dr_pair = tl.zeros([BT, BK], dtype=tl.float32)
+            for s in range(BT):                      # a runtime loop: unrolled, it dominates compile time
+                G_s = _row(G, s, BT)
+                b_s = _row(b_c, s, BT)
+                k_s = _row(k_c, s, BT)
+                E = tl.exp(tl.where(rows > s, Gm - G_s[None, :], float("-inf")))
+                F = tl.exp(tl.where(rows >= s, G - G_s[None, :], float("-inf")))
+                g_ab = _col(dA_ab, s, BT)[:, None]
+                g_ak = _col(dA_ak, s, BT)[:, None]
+                g_rb = _col(dA_rb, s, BT)[:, None]
+                g_rk = _col(dA_rk, s, BT)[:, None]
+                da_pair += (g_ab * b_s[None, :] + g_ak * k_s[None, :]) * E
+                dr_pair += (g_rb * b_s[None, :] + g_rk * k_s[None, :]) * F
+                aE = a_c * E
+                rF = r_c * F
+                db_s = tl.sum(g_ab * aE + g_rb * rF, axis=0)
+                dk_s = tl.sum(g_ak * aE + g_rk * rF, axis=0)
+                at_s = rows == s
+                db_c = tl.where(at_s, db_s[None, :], db_c)
+                dk_c = tl.where(at_s, dk_s[None, :], dk_c)
+                dG = tl.where(at_s, dG - (b_s * db_s + k_s * dk_s)[None, :], dG)
+            # e^{Gm_t - G_s} and e^{G_t - G_s}: the row exponents take x_t ⊙ (their share of dx_t).
+            dGm += a_c * da_pair
+            dG += r_c * dr_pair
+        # Direct terms: Â = a e^{Gm}, R̂ = r e^{G}, B̃ = b e^{G_C - G}, K̃ = k e^{G_C - G}, γ = e^{G_C}.
+        da_c = d_ahat * tl.exp(Gm) + da_pair
+        dr_c = d_rhat * tl.exp(G) + dr_pair
+        dGm += d_ahat * a_hat
+        dG += d_rhat * r_hat
+        db_c += d_bt * tail
+        dk_c += d_kt * tail
+        tail_terms = d_bt * b_t + d_kt * k_t
+        dG -= tail_terms
+        dG_last = tl.sum(tail_terms, axis=0) + d_gamma * gamma
+        # L enters G (inclusive), Gm (exclusive) and G_last (all rows): reverse cumulative sums.
+        dL = (tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG) \
+            + (tl.sum(dGm, axis=0)[None, :] - tl.cumsum(dGm, axis=0)) + dG_last[None, :]
+        dw_c = _dlog_decay(dL, w_c, L, W_FORM)
+        tl.store(dr + p_k, dr_c.to(dr.dtype.element_ty), mask=m_k)
+        tl.store(dw + p_k, dw_c.to(dw.dtype.element_ty), mask=m_k)
+        tl.store(dk + p_k, dk_c.to(dk.dtype.element_ty), mask=m_k)
+        tl.store(da + p_k, da_c.to(da.dtype.element_ty), mask=m_k)
+        tl.store(db + p_k, db_c.to(db.dtype.element_ty), mask=m_k)
+        tl.store(dv + p_v, dv_c.to(dv.dtype.element_ty), mask=m_tv)
+        dS = dS_prev
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_tile, dS, mask=m_kv)
-
-
-@triton.jit
-def chunk_bwd_kernel(
-    r, w, k, v, a, b, do, states, dstates, chunk_offsets, cu_seqlens,
-    dr, dw, dk, dv, da, db, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    W_FORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    i_c, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    if i_c * BT >= eos - bos:                  # the grid covers the longest sequence
-        return
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-    s_tile = o_k[:, None] * V + o_v[None, :]
-    rows = tl.arange(0, BT)[:, None]
-    cols = tl.arange(0, BT)[None, :]
-    if IS_VARLEN:
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    tok0 = bos + i_c * BT
-    s_off = ((c0 + i_c) * H + i_h) * K * V + s_tile
-    S = tl.load(states + s_off, mask=m_kv, other=0.0)
-    dS = tl.load(dstates + s_off, mask=m_kv, other=0.0)          # gradient of this chunk's end state
-    r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM)
-    o_t = tok0 + tl.arange(0, BT)
-    m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
-    p_v = (o_t[:, None] * H + i_h) * V + o_v[None, :]
-    v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-    dO = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale
-    G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv = _chunk_prepare(
-        r_c, k_c, a_c, b_c, L, BT, DOT_PRECISION)
-    gamma = tl.exp(G_last)
-    b_t = b_c * tail
-    k_t = k_c * tail
-    Z = tl.dot(a_hat, S, input_precision=DOT_PRECISION) + tl.dot(A_ak, v_c, input_precision=DOT_PRECISION)
-    U = tl.dot(Tinv, Z, input_precision=DOT_PRECISION)
-
-    # Through O = R̂ S + A_rb U + A_rk V and S' = γ S + B̃ᵀ U + K̃ᵀ V, then U = (I - A_ab)^-1 Z.
-    dU = tl.dot(tl.trans(A_rb), dO, input_precision=DOT_PRECISION) + tl.dot(b_t, dS, input_precision=DOT_PRECISION)
-    dZ = tl.dot(tl.trans(Tinv), dU, input_precision=DOT_PRECISION)
-    dA_ab = tl.where(rows > cols, tl.dot(dZ, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
-    dA_ak = tl.where(rows > cols, tl.dot(dZ, tl.trans(v_c), input_precision=DOT_PRECISION), 0.0)
-    dA_rb = tl.where(rows >= cols, tl.dot(dO, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
-    dA_rk = tl.where(rows >= cols, tl.dot(dO, tl.trans(v_c), input_precision=DOT_PRECISION), 0.0)
-    dv_c = tl.dot(tl.trans(A_ak), dZ, input_precision=DOT_PRECISION) \
-        + tl.dot(tl.trans(A_rk), dO, input_precision=DOT_PRECISION) \
-        + tl.dot(k_t, dS, input_precision=DOT_PRECISION)
-    d_ahat = tl.dot(dZ, tl.trans(S), input_precision=DOT_PRECISION)
-    d_rhat = tl.dot(dO, tl.trans(S), input_precision=DOT_PRECISION)
-    d_bt = tl.dot(U, tl.trans(dS), input_precision=DOT_PRECISION)
-    d_kt = tl.dot(v_c, tl.trans(dS), input_precision=DOT_PRECISION)
-    d_gamma = tl.sum(dS * S, axis=1)
-
-    # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
-    if safe:
-        e_neg = tl.exp(-G)
-        b_f = b_c * e_neg
-        k_f = k_c * e_neg
-        d_ahat += tl.dot(dA_ab, b_f, input_precision=DOT_PRECISION) + tl.dot(dA_ak, k_f, input_precision=DOT_PRECISION)
-        d_rhat += tl.dot(dA_rb, b_f, input_precision=DOT_PRECISION) + tl.dot(dA_rk, k_f, input_precision=DOT_PRECISION)
-        d_bf = tl.dot(tl.trans(dA_ab), a_hat, input_precision=DOT_PRECISION) \
-            + tl.dot(tl.trans(dA_rb), r_hat, input_precision=DOT_PRECISION)
-        d_kf = tl.dot(tl.trans(dA_ak), a_hat, input_precision=DOT_PRECISION) \
-            + tl.dot(tl.trans(dA_rk), r_hat, input_precision=DOT_PRECISION)
-        db_c = d_bf * e_neg
-        dk_c = d_kf * e_neg
-        dG = -(d_bf * b_f + d_kf * k_f)
-        dGm = tl.zeros([BT, BK], dtype=tl.float32)
-        da_pair = tl.zeros([BT, BK], dtype=tl.float32)      # already inside d_ahat / d_rhat
-        dr_pair = tl.zeros([BT, BK], dtype=tl.float32)
-    else:
-        db_c = tl.zeros([BT, BK], dtype=tl.float32)
-        dk_c = tl.zeros([BT, BK], dtype=tl.float32)
-        dG = tl.zeros([BT, BK], dtype=tl.float32)
-        dGm = tl.zeros([BT, BK], dtype=tl.float32)
-        da_pair = tl.zeros([BT, BK], dtype=tl.float32)
-        dr_pair = tl.zeros([BT, BK], dtype=tl.float32)
-        for s in range(BT):                      # a runtime loop: unrolled, it dominates compile time
-            G_s = _row(G, s, BT)
-            b_s = _row(b_c, s, BT)
-            k_s = _row(k_c, s, BT)
-            E = tl.exp(tl.where(rows > s, Gm - G_s[None, :], float("-inf")))
-            F = tl.exp(tl.where(rows >= s, G - G_s[None, :], float("-inf")))
-            g_ab = _col(dA_ab, s, BT)[:, None]
-            g_ak = _col(dA_ak, s, BT)[:, None]
-            g_rb = _col(dA_rb, s, BT)[:, None]
-            g_rk = _col(dA_rk, s, BT)[:, None]
-            da_pair += (g_ab * b_s[None, :] + g_ak * k_s[None, :]) * E
-            dr_pair += (g_rb * b_s[None, :] + g_rk * k_s[None, :]) * F
-            aE = a_c * E
-            rF = r_c * F
-            db_s = tl.sum(g_ab * aE + g_rb * rF, axis=0)
-            dk_s = tl.sum(g_ak * aE + g_rk * rF, axis=0)
-            at_s = rows == s
-            db_c = tl.where(at_s, db_s[None, :], db_c)
-            dk_c = tl.where(at_s, dk_s[None, :], dk_c)
-            dG = tl.where(at_s, dG - (b_s * db_s + k_s * dk_s)[None, :], dG)
-        # e^{Gm_t - G_s} and e^{G_t - G_s}: the row exponents take x_t ⊙ (their share of dx_t).
-        dGm += a_c * da_pair
-        dG += r_c * dr_pair
-    # Direct terms: Â = a e^{Gm}, R̂ = r e^{G}, B̃ = b e^{G_C - G}, K̃ = k e^{G_C - G}, γ = e^{G_C}.
-    da_c = d_ahat * tl.exp(Gm) + da_pair
-    dr_c = d_rhat * tl.exp(G) + dr_pair
-    dGm += d_ahat * a_hat
-    dG += d_rhat * r_hat
-    db_c += d_bt * tail
-    dk_c += d_kt * tail
-    tail_terms = d_bt * b_t + d_kt * k_t
-    dG -= tail_terms
-    dG_last = tl.sum(tail_terms, axis=0) + d_gamma * gamma
-    # L enters G (inclusive), Gm (exclusive) and G_last (all rows): reverse cumulative sums.
-    dL = (tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG) \
-        + (tl.sum(dGm, axis=0)[None, :] - tl.cumsum(dGm, axis=0)) + dG_last[None, :]
-    dw_c = _dlog_decay(dL, w_c, L, W_FORM)
-    tl.store(dr + p_k, dr_c.to(dr.dtype.element_ty), mask=m_k)
-    tl.store(dw + p_k, dw_c.to(dw.dtype.element_ty), mask=m_k)
-    tl.store(dk + p_k, dk_c.to(dk.dtype.element_ty), mask=m_k)
-    tl.store(da + p_k, da_c.to(da.dtype.element_ty), mask=m_k)
-    tl.store(db + p_k, db_c.to(db.dtype.element_ty), mask=m_k)
-    tl.store(dv + p_v, dv_c.to(dv.dtype.element_ty), mask=m_tv)
