@@ -130,6 +130,17 @@ def _col(x, s, BT: tl.constexpr):
 
 
 @triton.jit
+def _pair_terms(G, Gm, b_c, k_c, s, BT: tl.constexpr):
+    """For column s of the exact (strong-decay) path: b_s, k_s and the per-pair decays
+    E[t] = e^{Gm_t - G_s} (t > s) and F[t] = e^{G_t - G_s} (t >= s), zero elsewhere."""
+    rows = tl.arange(0, BT)[:, None]
+    G_s = _row(G, s, BT)
+    E = tl.exp(tl.where(rows > s, Gm - G_s[None, :], float("-inf")))
+    F = tl.exp(tl.where(rows >= s, G - G_s[None, :], float("-inf")))
+    return _row(b_c, s, BT), _row(k_c, s, BT), E, F
+
+
+@triton.jit
 def _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, safe, BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """A_ab, A_ak (strictly lower) and A_rb, A_rk (lower), [BT, BT] each."""
     rows = tl.arange(0, BT)[:, None]
@@ -148,11 +159,7 @@ def _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, safe, BT: tl.constexpr, DOT_
         A_rb = tl.zeros([BT, BT], dtype=tl.float32)
         A_rk = tl.zeros([BT, BT], dtype=tl.float32)
         for s in range(BT):                      # a runtime loop: unrolled, it dominates compile time
-            G_s = _row(G, s, BT)
-            b_s = _row(b_c, s, BT)
-            k_s = _row(k_c, s, BT)
-            E = tl.exp(tl.where(rows > s, Gm - G_s[None, :], float("-inf")))     # e^{Gm_t - G_s}, t > s
-            F = tl.exp(tl.where(rows >= s, G - G_s[None, :], float("-inf")))     # e^{G_t - G_s}, t >= s
+            b_s, k_s, E, F = _pair_terms(G, Gm, b_c, k_c, s, BT)
             aE = a_c * E
             rF = r_c * F
             at_s = cols == s
@@ -334,11 +341,7 @@ def chunk_bwd_kernel(
             da_pair = tl.zeros([BT, BK], dtype=tl.float32)
             dr_pair = tl.zeros([BT, BK], dtype=tl.float32)
             for s in range(BT):                      # a runtime loop: unrolled, it dominates compile time
-                G_s = _row(G, s, BT)
-                b_s = _row(b_c, s, BT)
-                k_s = _row(k_c, s, BT)
-                E = tl.exp(tl.where(rows > s, Gm - G_s[None, :], float("-inf")))
-                F = tl.exp(tl.where(rows >= s, G - G_s[None, :], float("-inf")))
+                b_s, k_s, E, F = _pair_terms(G, Gm, b_c, k_c, s, BT)
                 g_ab = _col(dA_ab, s, BT)[:, None]
                 g_ak = _col(dA_ak, s, BT)[:, None]
                 g_rb = _col(dA_rb, s, BT)[:, None]
