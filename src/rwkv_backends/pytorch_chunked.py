@@ -114,9 +114,9 @@ def _compute_dtype(x):
 
 
 def _from_chunks(y, B, H, T):
-    """[n*B*H, C, V] -> [B, T, H, V]."""
+    """[n*B*H, C, V] -> [B, T, H, V], contiguous like every other backend's output."""
     Z, C, V = y.shape
-    return y.view(-1, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, -1, H, V)[:, :T]
+    return y.view(-1, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, -1, H, V)[:, :T].contiguous()
 
 
 class ChunkedWKV7(torch.autograd.Function):
