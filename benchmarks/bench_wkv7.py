@@ -1,7 +1,7 @@
 """rwkv_backends beside the peers that import, on the ANCHORS/issue shapes, in one process on one card.
 
     PYTHONPATH=src python benchmarks/bench_wkv7.py [--peers fla,rwkv-fla] [--only train,prefill,...]
-        [--out results.json] [--plot speedup.png] [--cold]
+        [--out results.json] [--cold]
 
 Peers are looked up on sys.path (install each wheel into its own --target folder and pass
 --peer-path for each: fla-core and rwkv-fla both ship a top-level `fla`). Times are
@@ -130,7 +130,6 @@ def main():
     p.add_argument("--peer-path", action="append", default=[], help="folder to put on sys.path (repeatable)")
     p.add_argument("--only", default="", help="comma-separated shape names")
     p.add_argument("--out", default="")
-    p.add_argument("--plot", default="", help="PNG of our speedup over the best peer against T (prefill, H32)")
     p.add_argument("--cold", action="store_true", help="also measure the first call with an empty Triton cache")
     args = p.parse_args()
     for path in args.peer_path:
