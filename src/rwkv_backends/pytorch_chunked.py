@@ -19,8 +19,9 @@ rows carry exp(G_t) <= 1 and columns exp(-G_s), which is bounded because a chunk
 only while its decay range is at most SAFE_RANGE; a chunk with stronger decay makes the call use
 the exact pairwise form, exp(P_t - Q_s) formed per pair.
 
-Backward (`ChunkedWKV7.backward`) runs the adjoint scan dS_c = gamma dS_{c+1} + Wᵀ Btᵀ... (the transposed chunk map) across chunks
-and then differentiates the batched chunk-local maps (W, U0, ..., Q) once, with autograd.
+Backward (`ChunkedWKV7.backward`) runs the adjoint scan across chunks (dS_c = γ dS_{c+1} +
+Wᵀ B̃ dS_{c+1} + Pᵀ dO_c), then `chunk_local_grads` computes every chunk's input gradients at once
+from its start state and end-state gradient, by hand-derived formulas (no autograd inside).
 """
 
 from __future__ import annotations
@@ -119,6 +120,86 @@ def _from_chunks(y, B, H, T):
     return y.view(-1, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, -1, H, V)[:, :T].contiguous()
 
 
+def _reverse_cumsum(x):
+    return x.flip(1).cumsum(1).flip(1)
+
+
+def chunk_local_grads(r, L, k, v, a, b, S, dS, dO, scale):
+    """Input gradients of chunks [Z, C, *] given each chunk's start state S and the gradient dS of
+    its end state (both [Z, K, V]) and dO [Z, C, V]: the same formulas as the Triton backward,
+    written out by hand (no autograd), batched over every chunk at once.
+    Returns dr, dL, dk, dv, da, db."""
+    G = L.cumsum(dim=1)
+    Gm = G - L
+    Glast = G[:, -1:, :]
+    gamma = torch.exp(Glast)
+    e_G, e_Gm = torch.exp(G), torch.exp(Gm)
+    a_hat, r_hat = a * e_Gm, r * e_G
+    tail = torch.exp(Glast - G)
+    b_t, k_t = b * tail, k * tail
+    safe = bool(((-Glast).amax(dim=(-1, -2)) <= SAFE_RANGE).all())
+    if safe:
+        e_neg = torch.reciprocal(e_G)
+        b_f, k_f = b * e_neg, k * e_neg
+        A_ab = (a_hat @ b_f.transpose(1, 2)).tril_(-1)
+        A_ak = (a_hat @ k_f.transpose(1, 2)).tril_(-1)
+        A_rb = (r_hat @ b_f.transpose(1, 2)).tril_()
+        A_rk = (r_hat @ k_f.transpose(1, 2)).tril_()
+    else:
+        A_ab, A_ak, A_rb, A_rk = _intra_exact(r, G, Gm, k, a, b)
+    T = _unit_lower_inverse(A_ab)
+    U = T @ torch.baddbmm(A_ak @ v, a_hat, S)
+    dOs = dO * scale
+    # Through O = R̂ S + A_rb U + A_rk V and S' = γ S + B̃ᵀ U + K̃ᵀ V, then U = (I - A_ab)^-1 Z.
+    dZ = T.transpose(1, 2) @ torch.baddbmm(b_t @ dS, A_rb.transpose(1, 2), dOs)
+    dA_ab = (dZ @ U.transpose(1, 2)).tril_(-1)
+    dA_ak = (dZ @ v.transpose(1, 2)).tril_(-1)
+    dA_rb = (dOs @ U.transpose(1, 2)).tril_()
+    dA_rk = (dOs @ v.transpose(1, 2)).tril_()
+    dv = A_ak.transpose(1, 2) @ dZ + A_rk.transpose(1, 2) @ dOs + k_t @ dS
+    d_ahat = dZ @ S.transpose(1, 2)
+    d_rhat = dOs @ S.transpose(1, 2)
+    d_bt = U @ dS.transpose(1, 2)
+    d_kt = v @ dS.transpose(1, 2)
+    d_gamma = (dS * S).sum(-1)                                                     # [Z, K]
+    # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
+    if safe:
+        d_ahat = d_ahat + dA_ab @ b_f + dA_ak @ k_f
+        d_rhat = d_rhat + dA_rb @ b_f + dA_rk @ k_f
+        d_bf = dA_ab.transpose(1, 2) @ a_hat + dA_rb.transpose(1, 2) @ r_hat
+        d_kf = dA_ak.transpose(1, 2) @ a_hat + dA_rk.transpose(1, 2) @ r_hat
+        db, dk = d_bf * e_neg, d_kf * e_neg
+        dG = -(d_bf * b_f + d_kf * k_f)
+        dGm = torch.zeros_like(G)
+        da_pair = dr_pair = 0.0
+    else:
+        C = G.shape[1]
+        strict = torch.ones(C, C, dtype=torch.bool, device=G.device).tril(-1)
+        incl = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
+        neg_inf = torch.tensor(float("-inf"), device=G.device, dtype=G.dtype)
+        E = torch.exp(torch.where(strict[..., None], Gm[:, :, None, :] - G[:, None, :, :], neg_inf))
+        F = torch.exp(torch.where(incl[..., None], G[:, :, None, :] - G[:, None, :, :], neg_inf))
+        da_pair = torch.einsum("zts,zsk,ztsk->ztk", dA_ab, b, E) + torch.einsum("zts,zsk,ztsk->ztk", dA_ak, k, E)
+        dr_pair = torch.einsum("zts,zsk,ztsk->ztk", dA_rb, b, F) + torch.einsum("zts,zsk,ztsk->ztk", dA_rk, k, F)
+        db = torch.einsum("zts,ztk,ztsk->zsk", dA_ab, a, E) + torch.einsum("zts,ztk,ztsk->zsk", dA_rb, r, F)
+        dk = torch.einsum("zts,ztk,ztsk->zsk", dA_ak, a, E) + torch.einsum("zts,ztk,ztsk->zsk", dA_rk, r, F)
+        dGm = a * da_pair
+        dG = r * dr_pair - (b * db + k * dk)
+    # Direct terms: Â = a e^{Gm}, R̂ = r e^{G}, B̃ = b e^{G_C - G}, K̃ = k e^{G_C - G}, γ = e^{G_C}.
+    da = d_ahat * e_Gm + da_pair
+    dr = d_rhat * e_G + dr_pair
+    dGm = dGm + d_ahat * a_hat
+    dG = dG + d_rhat * r_hat
+    db = db + d_bt * tail
+    dk = dk + d_kt * tail
+    tail_terms = d_bt * b_t + d_kt * k_t
+    dG = dG - tail_terms
+    dG_last = tail_terms.sum(1) + d_gamma * gamma[:, 0, :]
+    # L enters G (inclusive), Gm (exclusive) and G_C (every row): reverse cumulative sums.
+    dL = _reverse_cumsum(dG) + _reverse_cumsum(dGm) - dGm + dG_last[:, None, :]
+    return dr, dL, dk, dv, da, db
+
+
 class ChunkedWKV7(torch.autograd.Function):
     """Equal-length sequences; L is the log-decay (padding steps carry L = 0 and zero vectors,
     which leave the state unchanged). Inputs [B, T, H, *]; state [B, H, K, V] float32."""
@@ -145,10 +226,8 @@ class ChunkedWKV7(torch.autograd.Function):
     def backward(ctx, dO, dS_final):
         r, L, k, v, a, b, starts = ctx.saved_tensors
         scale, chunk, B, T, H, K, V, n = ctx.meta
-        inputs = [x.detach().requires_grad_(True) for x in (r, L, k, v, a, b)]
-        with torch.enable_grad():
-            maps = chunk_maps(*(_to_chunks(x, chunk) for x in inputs), scale)
-        W, U0, Bt, Nt, gamma, P, Q = (x.detach().view(n, B * H, *x.shape[1:]) for x in maps)
+        maps = chunk_maps(*(_to_chunks(x, chunk) for x in (r, L, k, v, a, b)), scale)
+        W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
         if dO is None:
             dO = torch.zeros(B, T, H, V, dtype=W.dtype, device=k.device)
         dQ = _to_chunks(dO, chunk)                                           # [Z, C, V]
@@ -162,14 +241,9 @@ class ChunkedWKV7(torch.autograd.Function):
             dU = Bt[c] @ g
             g = (W[c].transpose(1, 2) @ dU).addcmul_(gamma[c], g)
             g = g.baddbmm_(P[c].transpose(1, 2), dO_c[c])
-        S0, dS1 = starts.view(-1, K, V), d_next.view(-1, K, V)
-        W, U0, Bt, P = (x.reshape(-1, *x.shape[2:]) for x in (W, U0, Bt, P))
-        U = torch.baddbmm(U0, W, S0)
-        dU = Bt @ dS1
-        douts = (dU @ S0.transpose(1, 2), dU, U @ dS1.transpose(1, 2), dS1,
-                 (dS1 * S0).sum(-1, keepdim=True), dQ @ S0.transpose(1, 2), dQ)
-        grads = torch.autograd.grad(maps, inputs, douts, allow_unused=True)
-        grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, inputs)]
+        chunks = [_to_chunks(x, chunk) for x in (r, L, k, v, a, b)]
+        grads = chunk_local_grads(*chunks, starts.view(-1, K, V), d_next.view(-1, K, V), dQ, scale)
+        grads = [_from_chunks(gr, B, H, T).to(x.dtype) for gr, x in zip(grads, (r, L, k, v, a, b))]
         return (*grads, g.view(B, H, K, V), None, None)
 
 
