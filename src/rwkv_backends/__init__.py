@@ -11,6 +11,7 @@ if sys.version_info < (3, 10):  # pragma: no cover
 
 __version__ = "0.1.0"
 
+from . import ops  # noqa: E402,F401  (registers torch.ops.rwkv_backends.wkv7 / wkv7_backward)
 from .api import explain, wkv7  # noqa: E402
 from .reference import wkv7_reference  # noqa: E402
 from .registry import NoBackendError  # noqa: E402

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .device import detect
 from .problem import validate
 from .registry import plan as make_plan
@@ -23,6 +25,21 @@ def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=No
     Returns (o [B, T, H, V] in v's dtype, state_out [N, H, K, V] float32 or None).
     Differentiable with respect to r, w, k, v, a, b and state.
     """
+    if torch.compiler.is_compiling():
+        # One custom-op node for torch.compile, forward and backward (ops.py). Shapes and dtypes
+        # are checked here at trace time; the op re-plans on real tensors.
+        validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
+                 output_final_state=output_final_state)
+        from .ops import wkv7_op
+        o, state_out = wkv7_op(r, w, k, v, a, b, state, cu_seqlens, w_form, float(scale), backend)
+        return o, (state_out if output_final_state else None)
+    return eager_wkv7(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
+                      output_final_state=output_final_state, backend=backend)
+
+
+def eager_wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=None,
+               output_final_state=True, backend=None):
+    """wkv7 without the torch.compile detour: validate, dispatch (cached), run."""
     problem, plan = _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
     o, state_out = plan.variant.run(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
     if o.dtype != v.dtype:

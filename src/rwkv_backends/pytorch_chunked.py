@@ -200,82 +200,122 @@ def chunk_local_grads(r, L, k, v, a, b, S, dS, dO, scale):
     return dr, dL, dk, dv, da, db
 
 
+def chunked_forward(r, L, k, v, a, b, state, scale, chunk):
+    """Equal-length sequences [B, T, H, *], state [B, H, K, V]. Returns o, the final state and every
+    chunk's start state ([n, B*H, K, V], what the backward needs)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    n = max(1, -(-T // chunk))
+    maps = chunk_maps(*(_to_chunks(x, chunk) for x in (r, L, k, v, a, b)), scale)
+    W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
+    S = state.reshape(B * H, K, V).to(W.dtype)
+    starts = torch.empty(n, B * H, K, V, dtype=W.dtype, device=k.device)
+    for c in range(n):
+        starts[c] = S
+        U = torch.baddbmm(U0[c], W[c], S)
+        S = torch.baddbmm(Nt[c], Bt[c].transpose(1, 2), U).addcmul_(gamma[c], S)
+    O = torch.baddbmm(Q.reshape(-1, chunk, V), P.reshape(-1, chunk, K), starts.view(-1, K, V))
+    return _from_chunks(O, B, H, T), S.view(B, H, K, V), starts
+
+
+def chunked_backward(r, L, k, v, a, b, starts, dO, dS_final, scale, chunk):
+    """Gradients (dr, dL, dk, dv, da, db, dstate) from the chunk start states of chunked_forward;
+    dO or dS_final may be None (zero)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    n = starts.shape[0]
+    chunks = [_to_chunks(x, chunk) for x in (r, L, k, v, a, b)]
+    maps = chunk_maps(*chunks, scale)
+    W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
+    if dO is None:
+        dO = torch.zeros(B, T, H, V, dtype=W.dtype, device=k.device)
+    dQ = _to_chunks(dO, chunk)                                           # [Z, C, V]
+    dO_c = dQ.view(n, B * H, chunk, V)
+    # Adjoint scan: dS_c = gamma dS_{c+1} + Wᵀ (Bt dS_{c+1}) + Pᵀ dO_c.
+    g = (torch.zeros(B * H, K, V, dtype=W.dtype, device=k.device) if dS_final is None
+         else dS_final.reshape(B * H, K, V).to(W.dtype))
+    d_next = torch.empty_like(starts)                                    # dS_{c+1} for every chunk
+    for c in range(n - 1, -1, -1):
+        d_next[c] = g
+        dU = Bt[c] @ g
+        g = (W[c].transpose(1, 2) @ dU).addcmul_(gamma[c], g)
+        g = g.baddbmm_(P[c].transpose(1, 2), dO_c[c])
+    grads = chunk_local_grads(*chunks, starts.view(-1, K, V), d_next.view(-1, K, V), dQ, scale)
+    grads = [_from_chunks(gr, B, H, T).to(x.dtype) for gr, x in zip(grads, (r, L, k, v, a, b))]
+    return (*grads, g.view(B, H, K, V))
+
+
 class ChunkedWKV7(torch.autograd.Function):
-    """Equal-length sequences; L is the log-decay (padding steps carry L = 0 and zero vectors,
-    which leave the state unchanged). Inputs [B, T, H, *]; state [B, H, K, V] float32."""
+    """chunked_forward / chunked_backward as an autograd Function. L is the log-decay (padding
+    steps carry L = 0 and zero vectors, which leave the state unchanged)."""
 
     @staticmethod
     def forward(ctx, r, L, k, v, a, b, state, scale, chunk):
-        B, T, H, K = k.shape
-        V = v.shape[-1]
-        n = max(1, -(-T // chunk))
-        maps = chunk_maps(*(_to_chunks(x, chunk) for x in (r, L, k, v, a, b)), scale)
-        W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
-        S = state.reshape(B * H, K, V).to(W.dtype)
-        starts = torch.empty(n, B * H, K, V, dtype=W.dtype, device=k.device)
-        for c in range(n):
-            starts[c] = S
-            U = torch.baddbmm(U0[c], W[c], S)
-            S = torch.baddbmm(Nt[c], Bt[c].transpose(1, 2), U).addcmul_(gamma[c], S)
-        O = torch.baddbmm(Q.reshape(-1, chunk, V), P.reshape(-1, chunk, K), starts.view(-1, K, V))
+        o, final, starts = chunked_forward(r, L, k, v, a, b, state, scale, chunk)
         ctx.save_for_backward(r, L, k, v, a, b, starts)
-        ctx.meta = (scale, chunk, B, T, H, K, V, n)
-        return _from_chunks(O, B, H, T), S.view(B, H, K, V)
+        ctx.meta = (scale, chunk)
+        return o, final
 
     @staticmethod
     def backward(ctx, dO, dS_final):
         r, L, k, v, a, b, starts = ctx.saved_tensors
-        scale, chunk, B, T, H, K, V, n = ctx.meta
-        maps = chunk_maps(*(_to_chunks(x, chunk) for x in (r, L, k, v, a, b)), scale)
-        W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
-        if dO is None:
-            dO = torch.zeros(B, T, H, V, dtype=W.dtype, device=k.device)
-        dQ = _to_chunks(dO, chunk)                                           # [Z, C, V]
-        dO_c = dQ.view(n, B * H, chunk, V)
-        # Adjoint scan: dS_c = gamma dS_{c+1} + Wᵀ (Bt dS_{c+1}) + Pᵀ dO_c.
-        g = (torch.zeros(B * H, K, V, dtype=W.dtype, device=k.device) if dS_final is None
-             else dS_final.reshape(B * H, K, V).to(W.dtype))
-        d_next = torch.empty_like(starts)                                    # dS_{c+1} for every chunk
-        for c in range(n - 1, -1, -1):
-            d_next[c] = g
-            dU = Bt[c] @ g
-            g = (W[c].transpose(1, 2) @ dU).addcmul_(gamma[c], g)
-            g = g.baddbmm_(P[c].transpose(1, 2), dO_c[c])
-        chunks = [_to_chunks(x, chunk) for x in (r, L, k, v, a, b)]
-        grads = chunk_local_grads(*chunks, starts.view(-1, K, V), d_next.view(-1, K, V), dQ, scale)
-        grads = [_from_chunks(gr, B, H, T).to(x.dtype) for gr, x in zip(grads, (r, L, k, v, a, b))]
-        return (*grads, g.view(B, H, K, V), None, None)
+        scale, chunk = ctx.meta
+        return (*chunked_backward(r, L, k, v, a, b, starts, dO, dS_final, scale, chunk), None, None)
+
+
+class _Packing:
+    """Packed sequences (cu_seqlens) as a zero-padded batch [N, Tmax]: padding steps carry L = 0
+    and zero vectors, which leave a state unchanged."""
+
+    def __init__(self, cu_seqlens, device):
+        offsets = cu_seqlens.tolist()
+        lens = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+        self.N, self.Tmax = len(lens), max(lens, default=0)
+        pos = torch.arange(self.Tmax, device=device)
+        first = torch.tensor(offsets[:-1], device=device)
+        self.valid = pos[None, :] < torch.tensor(lens, device=device)[:, None]          # [N, Tmax]
+        self.src = torch.where(self.valid, first[:, None] + pos[None, :], torch.zeros_like(pos)[None, :])
+
+    def gather(self, x):
+        """[1, T, H, D] -> [N, Tmax, H, D] float32, zeros past each sequence's end."""
+        return x[0].float()[self.src] * self.valid[:, :, None, None]
+
+    def scatter(self, y):
+        """[N, Tmax, H, D] -> [1, T, H, D], dropping the padding (each token appears once)."""
+        return y[self.valid].unsqueeze(0)
 
 
 def run_chunked(r, L, k, v, a, b, state, *, scale, cu_seqlens, chunk=DEFAULT_CHUNK):
     """o [B, T, H, V] float32 and the final state [N, H, K, V] float32. L is the log-decay."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    if cu_seqlens is None:
-        if state is None:
-            state = torch.zeros(B, H, K, V, dtype=torch.float32, device=k.device)
-        if T == 0:
-            return v.new_zeros(B, 0, H, V, dtype=torch.float32), state.float().clone()
-        return ChunkedWKV7.apply(r, L, k, v, a, b, state, scale, chunk)
-
-    # Packed sequences: gather into a zero-padded batch [N, Tmax], run, scatter back.
-    offsets = cu_seqlens.tolist()
-    N = len(offsets) - 1
-    lens = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
-    Tmax = max(lens) if lens else 0
+    pack = _Packing(cu_seqlens, k.device) if cu_seqlens is not None else None
+    N = pack.N if pack else B
     if state is None:
         state = torch.zeros(N, H, K, V, dtype=torch.float32, device=k.device)
-    if Tmax == 0:
-        return v.new_zeros(1, T, H, V, dtype=torch.float32), state.float().clone()
-    pos = torch.arange(Tmax, device=k.device)
-    starts = torch.tensor(offsets[:-1], device=k.device)
-    valid = pos[None, :] < torch.tensor(lens, device=k.device)[:, None]         # [N, Tmax]
-    src = torch.where(valid, starts[:, None] + pos[None, :], torch.zeros_like(pos)[None, :])
+    if T == 0 or (pack and pack.Tmax == 0):
+        return v.new_zeros(B, T, H, V, dtype=torch.float32), state.float().clone()
+    if pack is None:
+        return ChunkedWKV7.apply(r, L, k, v, a, b, state, scale, chunk)
+    o_pad, s_out = ChunkedWKV7.apply(*(pack.gather(x) for x in (r, L, k, v, a, b)), state, scale, chunk)
+    return pack.scatter(o_pad), s_out
 
-    def gather(x):
-        g = x[0].float()[src]                                                    # [N, Tmax, H, D]
-        return g * valid[:, :, None, None]
 
-    o_pad, s_out = ChunkedWKV7.apply(*(gather(x) for x in (r, L, k, v, a, b)), state, scale, chunk)
-    o = o_pad[valid]                                                              # [T, H, V] in order
-    return o.unsqueeze(0), s_out
+def run_chunked_backward(r, L, k, v, a, b, state, do, dstate, *, scale, cu_seqlens, chunk=DEFAULT_CHUNK):
+    """Gradients (dr, dL, dk, dv, da, db, dstate) without autograd: the forward runs again for its
+    chunk start states, then chunked_backward. What a custom op's backward calls."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    pack = _Packing(cu_seqlens, k.device) if cu_seqlens is not None else None
+    N = pack.N if pack else B
+    st = state if state is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=k.device)
+    if T == 0 or (pack and pack.Tmax == 0):
+        zeros = [torch.zeros_like(x) for x in (r, L, k, v, a, b)]
+        return (*zeros, dstate.clone() if dstate is not None else torch.zeros_like(st))
+    ins = (r, L, k, v, a, b) if pack is None else tuple(pack.gather(x) for x in (r, L, k, v, a, b))
+    d_o = do if pack is None else pack.gather(do)
+    _, _, starts = chunked_forward(*ins, st, scale, chunk)
+    grads = chunked_backward(*ins, starts, d_o, dstate, scale, chunk)
+    if pack is not None:
+        grads = [pack.scatter(g).to(x.dtype) for g, x in zip(grads[:6], (r, L, k, v, a, b))] + [grads[6]]
+    return tuple(grads)

@@ -30,6 +30,17 @@ def log_decay(w: torch.Tensor, w_form: str) -> torch.Tensor:
     raise ValueError(f"w_form: expected one of {W_FORMS}, got {w_form!r}")
 
 
+def dlog_decay_dw(w: torch.Tensor, L: torch.Tensor, w_form: str) -> torch.Tensor:
+    """dL/dw, elementwise, for the forms of log_decay (L given to save recomputing it)."""
+    if w_form == "log":
+        return torch.ones_like(w)
+    if w_form == "raw":
+        return L                                   # d(-exp(w))/dw = -exp(w) = L
+    if w_form == "clampw":
+        return L * (1.0 - torch.sigmoid(w))        # L = -c sigmoid(w)
+    raise ValueError(f"w_form: expected one of {W_FORMS}, got {w_form!r}")
+
+
 def wkv7_reference(
     r, w, k, v, a, b, state=None, *,
     w_form: str = "log",

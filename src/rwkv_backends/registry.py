@@ -43,6 +43,11 @@ class Variant:
         """Returns (o in float32 or the input dtype, final state float32)."""
         raise NotImplementedError
 
+    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem: Problem, plan: "Plan", cu_seqlens):
+        """Gradients (dr, dw, dk, dv, da, db, dstate or None) without building an autograd graph
+        (what the torch.library op's backward calls). Variants for training implement it."""
+        raise NotImplementedError(f"{self.name} has no backward")
+
 
 def register(variant: Variant) -> Variant:
     if variant.name in _VARIANTS:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..pytorch_chunked import DEFAULT_CHUNK, run_chunked
-from ..reference import log_decay
+from ..pytorch_chunked import DEFAULT_CHUNK, run_chunked, run_chunked_backward
+from ..reference import dlog_decay_dw, log_decay
 from ..registry import Variant, register
 
 
@@ -18,6 +18,15 @@ class PyTorchChunk(Variant):
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
         L = log_decay(w.float(), problem.w_form)
         return run_chunked(r, L, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens, chunk=DEFAULT_CHUNK)
+
+    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
+        w32 = w.float()
+        L = log_decay(w32, problem.w_form)
+        dr, dL, dk, dv, da, db, dst = run_chunked_backward(
+            r, L, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens, chunk=DEFAULT_CHUNK)
+        dw = dL.float() * dlog_decay_dw(w32, L, problem.w_form)
+        grads = [g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), (r, w, k, v, a, b))]
+        return (*grads, dst if state is not None else None)
 
 
 register(PyTorchChunk())

@@ -62,6 +62,12 @@ class TritonChunk(Variant):
                                  w_form=problem.w_form, cfg=cfg_fwd, store_final=problem.output_final_state)
         return o, ht
 
+    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import chunk_backward
+        return chunk_backward(r, w, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens,
+                              w_form=problem.w_form, cfg_fwd=plan.configs["chunk_fwd"],
+                              cfg_bwd=plan.configs["chunk_bwd"])
+
 
 class TritonRecurrent(Variant):
     name = "triton.recurrent"

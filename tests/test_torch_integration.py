@@ -1,0 +1,77 @@
+"""wkv7 as a torch.library op: opcheck, and torch.compile(fullgraph=True) forward and backward."""
+
+import os
+
+import pytest
+import torch
+
+import rwkv_backends as rb
+from _support import HAS_GPU
+from rwkv_backends.conformance import Case, make_inputs, relative_error
+from rwkv_backends.reference import wkv7_reference
+
+NAMES = ("r", "w", "k", "v", "a", "b")
+
+
+def _x(seed=0, **kw):
+    shape = dict(B=2, T=20, H=2, K=16, V=16) | kw
+    return make_inputs(Case("backward", "float32", "realistic", **shape), seed, "cpu")
+
+
+def test_opcheck_with_state():
+    x = _x()
+    args = (*(x[n].requires_grad_(True) for n in NAMES), x["state"].requires_grad_(True), None, "log", 1.0, None)
+    torch.library.opcheck(torch.ops.rwkv_backends.wkv7.default, args)
+
+
+def test_opcheck_without_state_with_cu_seqlens_and_raw_decay():
+    x = _x(B=1, T=24)
+    args = (*(x[n].requires_grad_(True) for n in NAMES), None, torch.tensor([0, 10, 10, 24]), "raw", 0.5, None)
+    torch.library.opcheck(torch.ops.rwkv_backends.wkv7.default, args)
+
+
+def _compiled_matches_reference(x, use_state, **kw):
+    def loss(r, w, k, v, a, b, s):
+        o, st = rb.wkv7(r, w, k, v, a, b, s, **kw)
+        return (o * x["do"]).sum() + (st * x["dstate"]).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    leaves = [x[n].clone().requires_grad_(True) for n in NAMES]
+    st = x["state"].clone().requires_grad_(True) if use_state else None
+    wrt = leaves + ([st] if use_state else [])
+    value = compiled(*leaves, st)
+    grads = torch.autograd.grad(value, wrt)
+    ref_leaves = [x[n].double().requires_grad_(True) for n in NAMES]
+    ref_st = x["state"].double().requires_grad_(True) if use_state else None
+    o_ref, s_ref = wkv7_reference(*ref_leaves, ref_st, **kw)
+    ref_value = (o_ref * x["do"].double()).sum() + (s_ref * x["dstate"].double()).sum()
+    ref_grads = torch.autograd.grad(ref_value, ref_leaves + ([ref_st] if use_state else []))
+    assert abs(value.item() - ref_value.item()) <= 1e-5 * abs(ref_value.item())
+    for g, gr in zip(grads, ref_grads):
+        assert relative_error(g, gr) < 1e-4
+
+
+@pytest.mark.parametrize("use_state", [True, False])
+def test_compile_fullgraph_forward_and_backward_match_the_reference(use_state):
+    torch._dynamo.reset()
+    _compiled_matches_reference(_x(seed=3), use_state)
+
+
+def test_compile_strong_decay_and_clampw():
+    torch._dynamo.reset()
+    x = make_inputs(Case("backward", "float32", "strong", 1, 40, 2, 16, 16, w_form="raw"), 8, "cpu")
+    _compiled_matches_reference(x, True, w_form="raw", scale=0.5)
+
+
+@pytest.mark.skipif(HAS_GPU or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run")
+def test_compile_through_the_triton_plan(simulate):
+    simulate("nvidia:sm90")
+    torch._dynamo.reset()
+    _compiled_matches_reference(_x(seed=5, T=37), True)
+
+
+def test_compiled_graph_has_no_break():
+    torch._dynamo.reset()
+    x = _x()
+    explanation = torch._dynamo.explain(lambda *t: rb.wkv7(*t)[0].sum())(*(x[n] for n in NAMES), x["state"])
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
