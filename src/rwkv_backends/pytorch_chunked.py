@@ -47,14 +47,21 @@ def _unit_lower_inverse(N):
     return T
 
 
-def _intra_exact(r, G, Gm, k, a, b):
-    """The same four matrices with every exp(P_t - Q_s) formed pairwise: [Z, C, C, K] work."""
+def _pair_decays(G, Gm):
+    """E[z,t,s,k] = e^{Gm_t - G_s} for s < t and F = e^{G_t - G_s} for s <= t, zero elsewhere:
+    the exact path's [Z, C, C, K] per-pair decays (never a quotient of cumulative decays)."""
     C = G.shape[1]
     strict = torch.ones(C, C, dtype=torch.bool, device=G.device).tril(-1)
     incl = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
     neg_inf = torch.tensor(float("-inf"), device=G.device, dtype=G.dtype)
     E = torch.exp(torch.where(strict[..., None], Gm[:, :, None, :] - G[:, None, :, :], neg_inf))
     F = torch.exp(torch.where(incl[..., None], G[:, :, None, :] - G[:, None, :, :], neg_inf))
+    return E, F
+
+
+def _intra_exact(r, G, Gm, k, a, b):
+    """The same four matrices with every exp(P_t - Q_s) formed pairwise: [Z, C, C, K] work."""
+    E, F = _pair_decays(G, Gm)
     aE, rF = a[:, :, None, :] * E, r[:, :, None, :] * F
     return (torch.einsum("ztsk,zsk->zts", aE, b), torch.einsum("ztsk,zsk->zts", aE, k),
             torch.einsum("ztsk,zsk->zts", rF, b), torch.einsum("ztsk,zsk->zts", rF, k))
@@ -173,12 +180,7 @@ def chunk_local_grads(r, L, k, v, a, b, S, dS, dO, scale):
         dGm = torch.zeros_like(G)
         da_pair = dr_pair = 0.0
     else:
-        C = G.shape[1]
-        strict = torch.ones(C, C, dtype=torch.bool, device=G.device).tril(-1)
-        incl = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
-        neg_inf = torch.tensor(float("-inf"), device=G.device, dtype=G.dtype)
-        E = torch.exp(torch.where(strict[..., None], Gm[:, :, None, :] - G[:, None, :, :], neg_inf))
-        F = torch.exp(torch.where(incl[..., None], G[:, :, None, :] - G[:, None, :, :], neg_inf))
+        E, F = _pair_decays(G, Gm)
         da_pair = torch.einsum("zts,zsk,ztsk->ztk", dA_ab, b, E) + torch.einsum("zts,zsk,ztsk->ztk", dA_ak, k, E)
         dr_pair = torch.einsum("zts,zsk,ztsk->ztk", dA_rb, b, F) + torch.einsum("zts,zsk,ztsk->ztk", dA_rk, k, F)
         db = torch.einsum("zts,ztk,ztsk->zsk", dA_ab, a, E) + torch.einsum("zts,ztk,ztsk->zsk", dA_rb, r, F)
