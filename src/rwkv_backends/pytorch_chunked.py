@@ -47,6 +47,18 @@ def _unit_lower_inverse(N):
     return T
 
 
+def _factorable(Glast) -> bool:
+    """True when every chunk's decay range is at most SAFE_RANGE, so the factored form is safe."""
+    return bool(((-Glast).amax(dim=(-1, -2)) <= SAFE_RANGE).all())
+
+
+def _intra_factored(a_hat, r_hat, b_f, k_f):
+    """A_ab, A_ak (strictly lower) and A_rb, A_rk (lower) from rows carrying e^{G} and columns
+    e^{-G}: each row x column product is a true in-chunk decay <= 1."""
+    return ((a_hat @ b_f.transpose(1, 2)).tril_(-1), (a_hat @ k_f.transpose(1, 2)).tril_(-1),
+            (r_hat @ b_f.transpose(1, 2)).tril_(), (r_hat @ k_f.transpose(1, 2)).tril_())
+
+
 def _pair_decays(G, Gm):
     """E[z,t,s,k] = e^{Gm_t - G_s} for s < t and F = e^{G_t - G_s} for s <= t, zero elsewhere:
     the exact path's [Z, C, C, K] per-pair decays (never a quotient of cumulative decays)."""
@@ -76,16 +88,11 @@ def chunk_maps(r, L, k, v, a, b, scale):
     e_G = torch.exp(G)
     a_hat = a * torch.exp(G - L)                     # a_t exp(G⁻_t) <= |a_t|
     r_hat = r * e_G                                  # r_t exp(G_t)  <= |r_t|
-    safe = (-Glast).amax(dim=(-1, -2)) <= SAFE_RANGE                                  # [Z]
-    if bool(safe.all()):
-        # Columns carry exp(-G_s) <= exp(SAFE_RANGE); every product row x column is a true
-        # in-chunk decay <= 1, so nothing overflows and nothing is divided.
+    if _factorable(Glast):
+        # Columns carry exp(-G_s) <= exp(SAFE_RANGE): nothing overflows and nothing is divided.
         e_negG = torch.reciprocal(e_G)
         b_f, k_f = b * e_negG, k * e_negG
-        A_ab = (a_hat @ b_f.transpose(1, 2)).tril_(-1)
-        A_ak = (a_hat @ k_f.transpose(1, 2)).tril_(-1)
-        A_rb = (r_hat @ b_f.transpose(1, 2)).tril_()
-        A_rk = (r_hat @ k_f.transpose(1, 2)).tril_()
+        A_ab, A_ak, A_rb, A_rk = _intra_factored(a_hat, r_hat, b_f, k_f)
         Bt = b_f * gamma
         Nt = (k_f.transpose(1, 2) @ v) * gamma.transpose(1, 2)
     else:
@@ -144,14 +151,11 @@ def chunk_local_grads(r, L, k, v, a, b, S, dS, dO, scale):
     a_hat, r_hat = a * e_Gm, r * e_G
     tail = torch.exp(Glast - G)
     b_t, k_t = b * tail, k * tail
-    safe = bool(((-Glast).amax(dim=(-1, -2)) <= SAFE_RANGE).all())
+    safe = _factorable(Glast)
     if safe:
         e_neg = torch.reciprocal(e_G)
         b_f, k_f = b * e_neg, k * e_neg
-        A_ab = (a_hat @ b_f.transpose(1, 2)).tril_(-1)
-        A_ak = (a_hat @ k_f.transpose(1, 2)).tril_(-1)
-        A_rb = (r_hat @ b_f.transpose(1, 2)).tril_()
-        A_rk = (r_hat @ k_f.transpose(1, 2)).tril_()
+        A_ab, A_ak, A_rb, A_rk = _intra_factored(a_hat, r_hat, b_f, k_f)
     else:
         A_ab, A_ak, A_rb, A_rk = _intra_exact(r, G, Gm, k, a, b)
     T = _unit_lower_inverse(A_ab)
