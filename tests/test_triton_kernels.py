@@ -63,8 +63,9 @@ def test_gpu_full_matrix(case):
 
 @requires_gpu
 @pytest.mark.gpu
-def test_gpu_saves_no_more_than_inputs():
-    """Forward saves the inputs and the initial state only (backward recomputes chunk states)."""
+def test_gpu_saves_only_the_chunk_matrices():
+    """Beyond the inputs, forward saves only the chunk matrices: 4 x 16 x 16 float32 per chunk and
+    head, 256 bytes per token and head (backward recomputes the chunk states)."""
     import rwkv_backends as rb
     from rwkv_backends.conformance import Case, make_inputs
     x = make_inputs(Case("backward", "bfloat16", "realistic", 2, 2048, 8, 64, 64), 0, "cuda")
@@ -73,7 +74,7 @@ def test_gpu_saves_no_more_than_inputs():
     before = torch.cuda.memory_allocated()
     o, s = rb.wkv7(*leaves, x["state"])
     saved = torch.cuda.memory_allocated() - before - o.numel() * o.element_size() - s.numel() * 4
-    assert saved <= 0
+    assert saved <= 2 * 2048 * 8 * 256
 
 
 @interpreter

@@ -15,13 +15,13 @@ _TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 def _signature(kernel: str, dtype: str):
     t = "*" + _TYPES[dtype]
     if kernel == "chunk_fwd":
-        names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "states", "chunk_offsets", "cu_seqlens"]
-        ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32",
+        names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "states", "mats", "chunk_offsets", "cu_seqlens"]
+        ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32", "mats": "*fp32",
                                              "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
     elif kernel == "chunk_bwd":
-        names = ["r", "w", "k", "v", "a", "b", "do", "dht", "states", "chunk_offsets", "cu_seqlens",
+        names = ["r", "w", "k", "v", "a", "b", "do", "dht", "states", "mats", "chunk_offsets", "cu_seqlens",
                  "dr", "dw", "dk", "dv", "da", "db", "dh0"]
-        ptr = {n: t for n in names} | {"dht": "*fp32", "states": "*fp32", "chunk_offsets": "*i64",
+        ptr = {n: t for n in names} | {"dht": "*fp32", "states": "*fp32", "mats": "*fp32", "chunk_offsets": "*i64",
                                        "cu_seqlens": "*i32", "dh0": "*fp32"}
     elif kernel == "recurrent_fwd":
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "cu_seqlens"]
@@ -31,15 +31,16 @@ def _signature(kernel: str, dtype: str):
     return ptr | {"scale": "fp32", "T": "i32"}
 
 
-def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str) -> dict:
+def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats: int = 1) -> dict:
     from .launch import _pow2
     BK = _pow2(K)
     BV = min(_pow2(V), cfg.block_v) if kernel != "chunk_bwd" else _pow2(V)
     base = dict(H=1, K=K, V=V, BK=BK, BV=BV, W_FORM=0)
     prec = "ieee" if dtype == "float32" else cfg.dot_precision
     if kernel == "chunk_fwd":
+        # MATS=1 builds and stores the chunk matrices: the training forward, the largest variant.
         return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_STATES=False,
-                           IS_VARLEN=False, DOT_PRECISION=prec)
+                           MATS=mats, IS_VARLEN=False, DOT_PRECISION=prec)
     if kernel == "chunk_bwd":
         return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, DOT_PRECISION=prec)
     return base | dict(HAS_STATE=True, STORE_FINAL=True, IS_VARLEN=False)

@@ -1,8 +1,10 @@
 """Launching the Triton kernels with a `KernelConfig`, and the autograd Function that ties the
 chunked forward to the chunked backward. The torch.library op wraps `TritonWKV7`.
 
-What forward saves for backward: the inputs and the initial state, nothing else. Backward
-recomputes the chunk start states (one more forward pass without outputs) into a temporary buffer.
+What forward saves for backward: the inputs, the initial state and the chunk matrices it built
+(`MATS_STORE`: 4 x 16 x 16 float32 per chunk and head, 256 bytes per token and head). Backward
+recomputes the chunk start states with a lighter forward pass that loads those matrices
+(`MATS_LOAD`: no outputs, no in-chunk products, no inverse) into a temporary buffer.
 """
 
 from __future__ import annotations
@@ -48,9 +50,21 @@ def _chunk_index(cu_seqlens, N, T, BT, device):
     return offsets, triton.cdiv(T, BT) + N            # an upper bound: no host sync
 
 
+def empty_mats(k, cu_seqlens, chunk_size: int):
+    """A buffer for the chunk matrices of a forward with this chunk size."""
+    B, T, H, _ = k.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    _, n_chunks = _chunk_index(cu_seqlens, N, T, chunk_size, k.device)
+    return torch.empty(n_chunks, H, kern.N_MATS.value, chunk_size, chunk_size, dtype=torch.float32, device=k.device)
+
+
+MATS_MODES = {"build": 0, "store": 1, "load": 2}     # kern.MATS_BUILD / MATS_STORE / MATS_LOAD
+
+
 def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig,
-                  store_o=True, store_final=True, store_states=False):
-    """(o, final state, chunk start states or None)."""
+                  store_o=True, store_final=True, store_states=False, mats=None, mats_mode="build"):
+    """(o, final state, chunk start states or None). `mats_mode`: "build" the chunk matrices in the
+    loop, or also "store" them into `mats` (from `empty_mats`), or "load" them from `mats`."""
     r, w, k, v, a, b, h0, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -61,29 +75,37 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else v
     offsets, n_chunks = _chunk_index(cu_seqlens, N, T, BT, k.device)
     states = (torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=k.device) if store_states else v)
+    if (mats is None) != (mats_mode == "build"):
+        raise ValueError(f"mats: mode {mats_mode!r} {'needs' if mats is None else 'takes no'} a buffer")
     grid = (triton.cdiv(V, BV), N * H)
     kern.chunk_fwd_kernel[grid](
-        r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, states,
+        r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, states, mats if mats is not None else v,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
         float(scale), T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
-        STORE_FINAL=store_final, STORE_O=store_o, STORE_STATES=store_states, IS_VARLEN=cu_seqlens is not None,
+        STORE_FINAL=store_final, STORE_O=store_o, STORE_STATES=store_states, MATS=MATS_MODES[mats_mode],
+        IS_VARLEN=cu_seqlens is not None,
         DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
     )
     return (o if store_o else None), (ht if store_final else None), (states if store_states else None)
 
 
 def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
-                   cfg_fwd: KernelConfig, cfg_bwd: KernelConfig):
-    """Gradients (dr, dw, dk, dv, da, db, dh0)."""
+                   cfg_fwd: KernelConfig, cfg_bwd: KernelConfig, mats=None):
+    """Gradients (dr, dw, dk, dv, da, db, dh0). `mats`: the chunk matrices a forward stored at the
+    backward's chunk size, or None to build them here."""
     r, w, k, v, a, b, h0, do, dht, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, do, dht, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     # The backward walks the chunks with the forward's chunk size; one program holds all of V.
     cfg_states = cfg_fwd.with_(chunk_size=cfg_bwd.chunk_size)
+    have = mats is not None and mats.shape[-1] == cfg_bwd.chunk_size
+    if not have:
+        mats = empty_mats(k, cu_seqlens, cfg_bwd.chunk_size)
     _, _, states = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
-                                 cfg=cfg_states, store_o=False, store_final=False, store_states=True)
+                                 cfg=cfg_states, store_o=False, store_final=False, store_states=True, mats=mats,
+                                 mats_mode="load" if have else "store")
     BT, BK, BV = cfg_bwd.chunk_size, _pow2(K), _pow2(V)
     offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
     dr, dk, da, db = (torch.empty_like(x) for x in (r, k, a, b))
@@ -91,7 +113,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     dv = torch.empty_like(v)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
     kern.chunk_bwd_kernel[(N * H,)](
-        r, w, k, v, a, b, do, dht if dht is not None else v, states,
+        r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
         dr, dw, dk, dv, da, db, dh0, float(scale), T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
@@ -121,21 +143,25 @@ def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: K
 
 
 class TritonWKV7(torch.autograd.Function):
-    """Chunked forward and backward. Saves only the inputs and the initial state."""
+    """Chunked forward and backward. Saves the inputs, the initial state and the chunk matrices."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, scale, w_form, cfg_fwd, cfg_bwd):
-        o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_fwd)
-        ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens)
+        mats = None
+        if cfg_bwd.chunk_size == cfg_fwd.chunk_size:
+            mats = empty_mats(k, cu_seqlens, cfg_fwd.chunk_size)
+        o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_fwd,
+                                 mats=mats, mats_mode="build" if mats is None else "store")
+        ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens, mats)
         ctx.opts = (scale, w_form, cfg_fwd, cfg_bwd)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        r, w, k, v, a, b, h0, cu_seqlens = ctx.saved_tensors
+        r, w, k, v, a, b, h0, cu_seqlens, mats = ctx.saved_tensors
         scale, w_form, cfg_fwd, cfg_bwd = ctx.opts
         if do is None:
             do = torch.zeros_like(v)
         grads = chunk_backward(r, w, k, v, a, b, h0, do, dht, scale=scale, cu_seqlens=cu_seqlens,
-                               w_form=w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd)
+                               w_form=w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd, mats=mats)
         return (*grads, None, None, None, None, None)

@@ -13,6 +13,10 @@ Chunk math (C = BT steps, start state S, G inclusive cumulative log-decay, Gm = 
 The four in-chunk matrices come from two products when the chunk's decay range is at most
 SAFE_RANGE (columns carry e^{-G} <= e^{SAFE_RANGE}); otherwise every e^{P_t - Q_s} is formed per
 pair. Nothing divides by a cumulative decay.
+
+The state-independent matrices of a chunk ((I - A_ab)^-1, A_ak, A_rb, A_rk: "mats") are built by
+the forward and can be stored (4 x BT x BT float32 per chunk and head); the backward and the state
+recompute load them instead of rebuilding them, which also keeps the strong-decay path out of both.
 """
 
 from __future__ import annotations
@@ -188,18 +192,49 @@ def _unit_lower_inverse(N, BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _chunk_prepare(r_c, k_c, a_c, b_c, L, BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Everything in a chunk that does not depend on its start state."""
+def _chunk_decays(r_c, a_c, L):
+    """Cumulative decays of a chunk and the decayed rows built from them (elementwise, cheap)."""
     G = tl.cumsum(L, axis=0)
     Gm = G - L
     G_last = tl.sum(L, axis=0)                                       # rows past eos carry L = 0
-    safe = tl.min(G_last, axis=0) >= -SAFE_RANGE
     a_hat = a_c * tl.exp(Gm)
     r_hat = r_c * tl.exp(G)
     tail = tl.exp(G_last[None, :] - G)
+    return G, Gm, G_last, a_hat, r_hat, tail
+
+
+@triton.jit
+def _chunk_prepare(r_c, k_c, a_c, b_c, L, BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Everything in a chunk that does not depend on its start state."""
+    G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
+    safe = tl.min(G_last, axis=0) >= -SAFE_RANGE
     A_ab, A_ak, A_rb, A_rk = _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, safe, BT, DOT_PRECISION)
     Tinv = _unit_lower_inverse(A_ab, BT, DOT_PRECISION)
     return G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv
+
+
+# Stored chunk matrices, in this order per (chunk, head).
+MAT_TINV = tl.constexpr(0)     # (I - A_ab)^-1
+MAT_AK = tl.constexpr(1)
+MAT_RB = tl.constexpr(2)
+MAT_RK = tl.constexpr(3)
+N_MATS = tl.constexpr(4)
+# What the forward does with them (its MATS argument).
+MATS_BUILD = tl.constexpr(0)   # build in the loop, keep nothing (inference)
+MATS_STORE = tl.constexpr(1)   # build in the loop and store them (training: the backward loads them)
+MATS_LOAD = tl.constexpr(2)    # load stored ones (the backward's state recompute)
+
+
+@triton.jit
+def _mat_ptrs(mats, c, i_h, j, H: tl.constexpr, BT: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Pointers to matrix j of global chunk c, head i_h, as [BT, BT]; transposed on request (a
+    transposed load costs nothing, a transposed register tile is a layout conversion)."""
+    rows = tl.arange(0, BT)[:, None]
+    cols = tl.arange(0, BT)[None, :]
+    base = mats + ((c * H + i_h) * N_MATS + j) * BT * BT
+    if TRANSPOSE:
+        return base + cols * BT + rows
+    return base + rows * BT + cols
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,10 +242,10 @@ def _chunk_prepare(r_c, k_c, a_c, b_c, L, BT: tl.constexpr, DOT_PRECISION: tl.co
 
 @triton.jit
 def chunk_fwd_kernel(
-    r, w, k, v, a, b, o, h0, ht, states, chunk_offsets, cu_seqlens, scale, T,
+    r, w, k, v, a, b, o, h0, ht, states, mats, chunk_offsets, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     W_FORM: tl.constexpr, HAS_STATE: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_O: tl.constexpr,
-    STORE_STATES: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_STATES: tl.constexpr, MATS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -236,8 +271,22 @@ def chunk_fwd_kernel(
         m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
         p_v = (o_t[:, None] * H + i_h) * V + o_v[None, :]
         v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv = _chunk_prepare(
-            r_c, k_c, a_c, b_c, L, BT, DOT_PRECISION)
+        c = c0 + i_c
+        if MATS == MATS_LOAD:
+            G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
+            Tinv = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, False))
+            A_ak = tl.load(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, False))
+            A_rb = tl.load(_mat_ptrs(mats, c, i_h, MAT_RB, H, BT, False))
+            A_rk = tl.load(_mat_ptrs(mats, c, i_h, MAT_RK, H, BT, False))
+        else:
+            G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv = _chunk_prepare(
+                r_c, k_c, a_c, b_c, L, BT, DOT_PRECISION)
+            if MATS == MATS_STORE:
+                if i_v == 0:                     # one V block stores them for all
+                    tl.store(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, False), Tinv)
+                    tl.store(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, False), A_ak)
+                    tl.store(_mat_ptrs(mats, c, i_h, MAT_RB, H, BT, False), A_rb)
+                    tl.store(_mat_ptrs(mats, c, i_h, MAT_RK, H, BT, False), A_rk)
         Z = tl.dot(a_hat, S, input_precision=DOT_PRECISION) + tl.dot(A_ak, v_c, input_precision=DOT_PRECISION)
         U = tl.dot(Tinv, Z, input_precision=DOT_PRECISION)                           # U_t = a_tᵀ h_{t-1}
         if STORE_O:
@@ -253,11 +302,12 @@ def chunk_fwd_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Chunked backward: one program per (sequence, head) walks its chunks last to first, carrying the
-# state gradient on chip; chunk start states come from the forward recompute (`states`).
+# state gradient on chip; chunk start states come from the forward recompute (`states`), the chunk
+# matrices from the forward (`mats`).
 
 @triton.jit
 def chunk_bwd_kernel(
-    r, w, k, v, a, b, do, dht, states, chunk_offsets, cu_seqlens,
+    r, w, k, v, a, b, do, dht, states, mats, chunk_offsets, cu_seqlens,
     dr, dw, dk, dv, da, db, dh0, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     W_FORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -290,8 +340,15 @@ def chunk_bwd_kernel(
         p_v = (o_t[:, None] * H + i_h) * V + o_v[None, :]
         v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
         dO = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale
-        G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv = _chunk_prepare(
-            r_c, k_c, a_c, b_c, L, BT, DOT_PRECISION)
+        G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
+        safe = tl.min(G_last, axis=0) >= -SAFE_RANGE
+        c = c0 + i_c
+        Tinv = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, False))
+        Tinv_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, True))
+        A_ak = tl.load(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, False))
+        A_ak_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, True))
+        A_rb_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_RB, H, BT, True))
+        A_rk_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_RK, H, BT, True))
         gamma = tl.exp(G_last)
         b_t = b_c * tail
         k_t = k_c * tail
@@ -299,14 +356,14 @@ def chunk_bwd_kernel(
         U = tl.dot(Tinv, Z, input_precision=DOT_PRECISION)
 
         # Through O = R̂ S + A_rb U + A_rk V and S' = γ S + B̃ᵀ U + K̃ᵀ V, then U = (I - A_ab)^-1 Z.
-        dU = tl.dot(tl.trans(A_rb), dO, input_precision=DOT_PRECISION) + tl.dot(b_t, dS, input_precision=DOT_PRECISION)
-        dZ = tl.dot(tl.trans(Tinv), dU, input_precision=DOT_PRECISION)
+        dU = tl.dot(A_rb_t, dO, input_precision=DOT_PRECISION) + tl.dot(b_t, dS, input_precision=DOT_PRECISION)
+        dZ = tl.dot(Tinv_t, dU, input_precision=DOT_PRECISION)
         dA_ab = tl.where(rows > cols, tl.dot(dZ, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
         dA_ak = tl.where(rows > cols, tl.dot(dZ, tl.trans(v_c), input_precision=DOT_PRECISION), 0.0)
         dA_rb = tl.where(rows >= cols, tl.dot(dO, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
         dA_rk = tl.where(rows >= cols, tl.dot(dO, tl.trans(v_c), input_precision=DOT_PRECISION), 0.0)
-        dv_c = tl.dot(tl.trans(A_ak), dZ, input_precision=DOT_PRECISION) \
-            + tl.dot(tl.trans(A_rk), dO, input_precision=DOT_PRECISION) \
+        dv_c = tl.dot(A_ak_t, dZ, input_precision=DOT_PRECISION) \
+            + tl.dot(A_rk_t, dO, input_precision=DOT_PRECISION) \
             + tl.dot(k_t, dS, input_precision=DOT_PRECISION)
         d_ahat = tl.dot(dZ, tl.trans(S), input_precision=DOT_PRECISION)
         d_rhat = tl.dot(dO, tl.trans(S), input_precision=DOT_PRECISION)
