@@ -1,7 +1,10 @@
 """rwkv_backends beside the peers that import, on the ANCHORS/issue shapes, in one process on one card.
 
     PYTHONPATH=src python benchmarks/bench_wkv7.py [--peers fla,rwkv-fla] [--only train,prefill,...]
-        [--out results.json] [--cold]
+        [--out results.json] [--cold] [--plot speedup.png [--plot-T 1024,2048,4096,8192]]
+
+--plot adds a sweep over T (prefill and training, B8 H32 K64) and draws our speedup over each peer
+against T into a PNG (needs matplotlib; the numbers also go to --out and the printed table).
 
 Peers are looked up on sys.path (install each wheel into its own --target folder and pass
 --peer-path for each: fla-core and rwkv-fla both ship a top-level `fla`). Times are
@@ -30,6 +33,40 @@ SHAPES = {
     "decode_B256": ("decode", 256, 1, 32, 64),
     "decode_B1": ("decode", 1, 1, 32, 64),
 }
+
+
+def sweep_shapes(Ts):
+    """The --plot sweep: prefill and training at B8 H32 K64 for each T."""
+    return {f"{mode}_T{T}": (mode, 8, T, 32, 64) for mode in ("prefill", "train") for T in Ts}
+
+
+def plot_speedups(rows, peers, path, title=""):
+    """Speedup of ours over each peer against T, one line per (mode, peer), log2 T axis."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit(f"--plot: needs matplotlib ({exc}); the numbers are in the table and --out") from exc
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, style in (("prefill", "-o"), ("train", "--s")):
+        for peer in peers:
+            pts = sorted((r["T"], r[peer]["ms"] / r["ours"]["ms"]) for r in rows
+                         if r["mode"] == mode and "ms" in r.get(peer, {}) and "ms" in r["ours"])
+            if pts:
+                ax.plot([t for t, _ in pts], [v for _, v in pts], style, label=f"{mode} vs {peer}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r["T"] for r in rows})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("T (tokens per sequence), B8 H32 K=V=64, bf16")
+    ax.set_ylabel("speedup of rwkv-backends (×)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def make(mode, B, T, H, K, dtype=torch.bfloat16, device="cuda", seed=0):
@@ -131,14 +168,21 @@ def main():
     p.add_argument("--only", default="", help="comma-separated shape names")
     p.add_argument("--out", default="")
     p.add_argument("--cold", action="store_true", help="also measure the first call with an empty Triton cache")
+    p.add_argument("--plot", default="", metavar="PNG", help="also sweep T and plot the speedup against it")
+    p.add_argument("--plot-T", default="1024,2048,4096,8192", help="T values of the --plot sweep")
     args = p.parse_args()
     for path in args.peer_path:
         sys.path.append(path)
     peers = [n for n in args.peers.split(",") if n]
+    shapes = dict(SHAPES)
     names = [n for n in args.only.split(",") if n] or list(SHAPES)
+    if args.plot:
+        swept = sweep_shapes([int(t) for t in args.plot_T.split(",") if t])
+        shapes.update(swept)
+        names += [n for n in swept if n not in names]
     rows = []
     for name in names:
-        mode, B, T, H, K = SHAPES[name]
+        mode, B, T, H, K = shapes[name]
         x = make(mode, B, T, H, K)
         row = {"shape": name, "mode": mode, "B": B, "T": T, "H": H, "K": K}
         for label, fn in [("ours", ours)] + [(n, PEERS[n]) for n in peers]:
@@ -167,6 +211,9 @@ def main():
         cells = [f"{r['ours'].get('ms', float('nan')):>10.3f}"]
         cells += [f"{r[n].get('ms', float('nan')):>14.3f}" for n in peers]
         print(f"{r['shape']:<14}" + "".join(cells) + f"{r.get('speedup_vs_best_peer', float('nan')):>9}")
+    if args.plot:
+        v = result["versions"]
+        plot_speedups(rows, peers, args.plot, f"{v['card']}, torch {v['torch']}, Triton {v['triton']}")
 
 
 if __name__ == "__main__":
