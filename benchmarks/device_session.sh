@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One GPU session's work in one command, for a machine without network access.
+#
+#   bash benchmarks/device_session.sh STEP [STEP ...]      (output files go to $OUT, default ./out)
+#
+# Steps, each under its own time limit so that one slow step cannot eat the others:
+#   gpu-tests    pytest's GPU tests: compat adapters and patch_fla against the peers, the CUDA-graph
+#                decode replay, saved memory (tests marked `gpu`)
+#   conformance  the full conformance tier on the Triton backend (JSON and JUnit reports)
+#   bench        bench_wkv7.py with the peers on the issue's shapes
+#   plot         bench_wkv7.py --plot over T
+#
+# Peers: the wheels in .peers/ (ANCHORS.md says which) go into their own --target folders, since
+# rwkv-fla also ships a top-level `fla`. Their first calls autotune for minutes per shape family
+# (fla keeps the results in the Triton cache), so the cache is restored from .tcache/tc.tar.xz when
+# present and saved to $OUT/tc.tar.xz at the end (compiled binaries and autotune results only):
+# copy it back to .tcache/ and carry .tcache to skip the sweeps next time.
+set -u
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/rwkv-backends-triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .tcache/tc.tar.xz ] && tar -xJf .tcache/tc.tar.xz -C "$TRITON_CACHE_DIR"
+NAMES=()
+if ls .peers/fla_core-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index --target /tmp/peer-fla .peers/fla_core-*.whl .peers/einops-*.whl \
+        && NAMES+=(fla)
+fi
+if ls .peers/rwkv_fla-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index --target /tmp/peer-rwkvfla .peers/rwkv_fla-*.whl .peers/einops-*.whl \
+        && NAMES+=(rwkv-fla)
+fi
+PEERS=(--peer-path /tmp/peer-fla --peer-path /tmp/peer-rwkvfla)
+[ ${#NAMES[@]} -gt 0 ] && PEERS+=(--peers "$(IFS=,; echo "${NAMES[*]}")")
+export PYTHONPATH="src:tests:/tmp/peer-fla:/tmp/peer-rwkvfla${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+T0=$(date +%s)
+for step in "$@"; do
+    echo "=== $step (t=$(( $(date +%s) - T0 ))s)"
+    case $step in
+        gpu-tests)   timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests ;;
+        conformance) timeout 300 python3 -m rwkv_backends.conformance --backend triton \
+                         --report "$OUT/conformance-full.json" --junit "$OUT/conformance-full.xml" | tail -n 3 ;;
+        bench)       timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --out "$OUT/bench.json" | tail -n 12 ;;
+        plot)        timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --only prefill_H32 \
+                         --plot "$OUT/speedup.png" --out "$OUT/bench-plot.json" | tail -n 12 ;;
+        *) echo "unknown step: $step" ;;
+    esac
+done
+echo "=== done (t=$(( $(date +%s) - T0 ))s)"
+( cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.ptx' -o -name '*.ttir' -o -name '*.ttgir' -o -name '*.llir' \
+    -o -name '*.source' \) -delete && tar -cJf "$OUT/tc.tar.xz" . )
