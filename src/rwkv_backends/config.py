@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 KERNELS = {
     "chunk_fwd": {"chained_dots": True, "doc": "chunked forward (training and prefill); stores chunk states on request"},
     "chunk_bwd": {"chained_dots": True, "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state"},
-    "recurrent_fwd": {"chained_dots": False, "doc": "step-by-step forward for decode and short sequences"},
+    "recurrent_fwd": {"chained_dots": False, "chunked": False,
+                      "doc": "step-by-step forward for decode and short sequences"},
 }
 
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")

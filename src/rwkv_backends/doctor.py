@@ -185,6 +185,17 @@ def _self_test(info, simulate):
                   f"wkv7 ({variant}) vs float64 reference, float32 B1 T40 H2 K32: rel. error {err:.1e} (limit 2e-5)")
 
 
+def _config_text(kernel, c):
+    """One kernel's launch config in a few words, only the fields that kernel uses."""
+    from .config import KERNELS
+    chunked = KERNELS.get(kernel, {}).get("chunked", True)       # only chunked kernels use dots
+    words = [f"chunk {c['chunk_size']}"] if chunked else []
+    words += [f"BV {c['block_v']}", f"warps {c['num_warps']}"] + ([c["dot_precision"]] if chunked else [])
+    if c["vendor_options"]:
+        words.append(str(c["vendor_options"]))
+    return f"{kernel}: " + " ".join(words)
+
+
 def render(report: dict) -> str:
     d = report["device"]
     lines = [f"rwkv-backends doctor  (Python {report['python']}, torch {report['packages']['torch']}, "
@@ -196,8 +207,7 @@ def render(report: dict) -> str:
         if "error" in p:
             lines.append(f"  {cls:<9}no backend: {p['error'].splitlines()[0]}")
             continue
-        cfg = "; ".join(f"{k}: chunk {c['chunk_size']} BV {c['block_v']} warps {c['num_warps']}"
-                        + (f" {c['vendor_options']}" if c["vendor_options"] else "") for k, c in p["config"].items())
+        cfg = "; ".join(_config_text(k, c) for k, c in p["config"].items())
         adj = f"  (narrowed by {p['adjusted_by_known_issues']})" if p["adjusted_by_known_issues"] else ""
         lines.append(f"  {cls:<9}{p['variant']:<17}{cfg}{adj}")
     active = [i["id"] for i in report["known_issues"] if i["active"]]
