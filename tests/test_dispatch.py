@@ -162,3 +162,15 @@ def test_doctor_simulated_old_triton_on_hopper(monkeypatch):
         assert all(c["num_warps"] <= 4 for c in p["config"].values())
     report = collect(simulate="nvidia:sm90", triton_version_as="3.6.0", probe=False)
     assert not {i["id"] for i in report["known_issues"] if i["active"]} & {"triton#4492", "triton#5609"}
+
+
+def test_doctor_simulation_does_not_outlive_the_call(monkeypatch):
+    """collect(simulate=...) plans as the profile only while it runs: afterwards the process plans
+    for its real device again (it used to leave RWKV_BACKENDS_SIMULATE set)."""
+    import os
+    monkeypatch.delenv("RWKV_BACKENDS_SIMULATE", raising=False)
+    collect(simulate="nvidia:sm90", probe=False)
+    assert "RWKV_BACKENDS_SIMULATE" not in os.environ
+    monkeypatch.setenv("RWKV_BACKENDS_SIMULATE", "amd:gfx942")
+    collect(simulate="nvidia:sm90", probe=False)
+    assert os.environ["RWKV_BACKENDS_SIMULATE"] == "amd:gfx942"

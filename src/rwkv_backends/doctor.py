@@ -9,6 +9,7 @@ Exit code 0 when no check failed (SPEC §5).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,9 +38,31 @@ def _check(name, status, detail):
     return {"name": name, "status": status, "detail": detail}
 
 
+@contextlib.contextmanager
+def _simulating(profile):
+    """RWKV_BACKENDS_SIMULATE=profile for the duration only: the doctor must not leave later
+    wkv7 calls in the same process planning for a simulated device."""
+    if not profile:
+        yield
+        return
+    before = os.environ.get("RWKV_BACKENDS_SIMULATE")
+    os.environ["RWKV_BACKENDS_SIMULATE"] = profile
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RWKV_BACKENDS_SIMULATE", None)
+        else:
+            os.environ["RWKV_BACKENDS_SIMULATE"] = before
+
+
 def collect(simulate=None, triton_version_as=None, probe=True) -> dict:
-    if simulate:
-        os.environ["RWKV_BACKENDS_SIMULATE"] = simulate
+    """The doctor's report as a dict (SPEC §5), planning as on `simulate` when given."""
+    with _simulating(simulate):
+        return _collect(simulate, triton_version_as, probe)
+
+
+def _collect(simulate, triton_version_as, probe) -> dict:
     from . import known_issues
     from .device import (default_device, detect, interpreter_enabled, python_ok, triton_target,
                          triton_version, versions)
