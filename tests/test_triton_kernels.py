@@ -132,3 +132,28 @@ def test_cuda_graph_decode_replays_like_eager():
         static_state.copy_(s_g)
     assert all(torch.equal(p, q) for p, q in zip(eager, replayed))
     assert torch.equal(static_state, state)
+
+
+@interpreter
+@pytest.mark.parametrize("regime", ["realistic", "strong"])
+def test_stored_chunk_matrices_give_the_same_gradients_as_rebuilt_ones(regime):
+    """The training forward stores the chunk matrices (MATS_STORE) and the backward loads them;
+    without them the backward's state recompute builds and stores its own. Both must agree, with
+    the strong-decay (pairwise) path too, and a mode without its buffer is refused."""
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.conformance import Case, make_inputs
+    from rwkv_backends.kernels import launch
+    x = make_inputs(Case("backward", "float32", regime, 1, 40, 2, 16, 16), 3, "cpu")
+    ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    cfg = KernelConfig()
+    kw = dict(scale=1.0, cu_seqlens=None, w_form="log")
+    mats = launch.empty_mats(x["k"], None, cfg.chunk_size)
+    o_store, _, _ = launch.chunk_forward(*ins, x["state"], **kw, cfg=cfg, mats=mats, mats_mode="store")
+    o_build, _, _ = launch.chunk_forward(*ins, x["state"], **kw, cfg=cfg)
+    assert torch.equal(o_store, o_build)
+    do, dht = torch.randn_like(x["v"]), torch.randn_like(x["state"])
+    g_loaded = launch.chunk_backward(*ins, x["state"], do, dht, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats)
+    g_rebuilt = launch.chunk_backward(*ins, x["state"], do, dht, **kw, cfg_fwd=cfg, cfg_bwd=cfg)
+    assert all(torch.equal(p, q) for p, q in zip(g_loaded, g_rebuilt))
+    with pytest.raises(ValueError, match="mats"):
+        launch.chunk_forward(*ins, x["state"], **kw, cfg=cfg, mats_mode="load")
