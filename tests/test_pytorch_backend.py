@@ -38,3 +38,18 @@ def test_strong_decay_takes_the_exact_path_and_stays_finite():
     assert (-L.sum(1)).max() > SAFE_RANGE
     o, s_out = ChunkedWKV7.apply(*(x.float() for x in (r, L, k, v, a, b, s)), 1.0, 16)
     assert torch.isfinite(o).all() and torch.isfinite(s_out).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 1, 16), (2, 32, 1, 16), (1, 20, 3, 16)])
+def test_forward_never_writes_its_inputs(shape):
+    """The forward overwrites its chunked scratch copies in place; with one head or one chunk
+    those could be views of the caller's tensors."""
+    import rwkv_backends as rb
+    B, T, H, K = shape
+    g = torch.Generator().manual_seed(0)
+    x = {n: torch.randn(B, T, H, K, generator=g) * 0.5 for n in ("r", "k", "v", "a", "b")}
+    x["w"] = -torch.rand(B, T, H, K, generator=g) * 0.6
+    before = {n: t.clone() for n, t in x.items()}
+    with torch.no_grad():
+        rb.wkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], backend="pytorch")
+    assert all(torch.equal(x[n], before[n]) for n in x)

@@ -90,22 +90,28 @@ def _intra_exact(r, G, Gm, k, a, b):
             torch.einsum("ztsk,zsk->zts", rF, b), torch.einsum("ztsk,zsk->zts", rF, k))
 
 
-def chunk_maps(r, L, k, v, a, b, scale):
+def chunk_maps(r, L, k, v, a, b, scale, owned=False):
     """Everything about a chunk that does not depend on its start state S, for chunks [Z, C, *]:
-    U = W S + U0,  S' = gamma * S + Btᵀ U + Nt,  O = P S + Q."""
+    U = W S + U0,  S' = gamma * S + Btᵀ U + Nt,  O = P S + Q. `owned`: r, k, a, b are the
+    caller's scratch copies and may be overwritten (fewer 8 MB allocations, which on a CPU cost
+    page faults as much as arithmetic)."""
     G = L.cumsum(dim=1)
     Glast = G[:, -1:, :]
     gamma = torch.exp(Glast)                                                          # [Z, 1, K]
+    factored = _factorable(Glast)
+    inplace = owned and factored                     # the exact path needs the raw vectors
+    e_Gm = (G - L).exp_()
     e_G = torch.exp(G)
-    a_hat = a * torch.exp(G - L)                     # a_t exp(G⁻_t) <= |a_t|
-    r_hat = r * e_G                                  # r_t exp(G_t)  <= |r_t|
-    if _factorable(Glast):
+    a_hat = a.mul_(e_Gm) if inplace else a * e_Gm    # a_t exp(G⁻_t) <= |a_t|
+    r_hat = r.mul_(e_G) if inplace else r * e_G      # r_t exp(G_t)  <= |r_t|
+    if factored:
         # Columns carry exp(-G_s) <= exp(SAFE_RANGE): nothing overflows and nothing is divided.
-        e_negG = torch.reciprocal(e_G)
-        b_f, k_f = b * e_negG, k * e_negG
+        e_negG = e_G.reciprocal_()
+        b_f = b.mul_(e_negG) if inplace else b * e_negG
+        k_f = k.mul_(e_negG) if inplace else k * e_negG
         A_ab, A_ak, A_rb, A_rk = _intra_factored(a_hat, r_hat, b_f, k_f)
-        Bt = b_f * gamma
-        Nt = (k_f.transpose(1, 2) @ v) * gamma.transpose(1, 2)
+        Nt = (k_f.transpose(1, 2) @ v).mul_(gamma.transpose(1, 2))
+        Bt = b_f.mul_(gamma)                         # b_f is not needed past the products above
     else:
         # Strong decay: form every exp(P_t - Q_s) pairwise. Rare (real RWKV-7 layers keep
         # L > -0.61, a range under 40 for 64 steps), so it is done for all chunks alike.
@@ -123,15 +129,20 @@ def chunk_maps(r, L, k, v, a, b, scale):
     return W, U0, Bt, Nt, gamma.transpose(1, 2), P, Q
 
 
-def _to_chunks(x, C):
+def _to_chunks(x, C, fresh=False):
     """[B, T, H, D] -> [n*B*H, C, D] float32, chunk-major (chunk c of every head is contiguous,
-    which the scan walks), T zero-padded to a multiple of C."""
+    which the scan walks), T zero-padded to a multiple of C. `fresh`: never a view of x (the
+    caller overwrites it; with one head or one chunk the reshape alone can be a view)."""
     B, T, H, D = x.shape
     n = max(1, -(-T // C))
+    src = x
     if n * C != T:
         x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * C - T))
     x = x.view(B, n, C, H, D).permute(1, 0, 3, 2, 4)
-    return x.to(_compute_dtype(x)).reshape(n * B * H, C, D)
+    y = x.to(_compute_dtype(x)).reshape(n * B * H, C, D)
+    if fresh and y.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+        y = y.clone()
+    return y
 
 
 def _compute_dtype(x):
@@ -223,7 +234,7 @@ def chunked_forward(r, L, k, v, a, b, state, scale, chunk):
     B, T, H, K = k.shape
     V = v.shape[-1]
     n = max(1, -(-T // chunk))
-    maps = chunk_maps(*(_to_chunks(x, chunk) for x in (r, L, k, v, a, b)), scale)
+    maps = chunk_maps(*(_to_chunks(x, chunk, fresh=True) for x in (r, L, k, v, a, b)), scale, owned=True)
     W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
     # Each chunk's state is written in place into its slot: no per-step allocation or copy.
     states = torch.empty(n + 1, B * H, K, V, dtype=W.dtype, device=k.device)
