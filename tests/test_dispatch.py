@@ -174,3 +174,11 @@ def test_doctor_simulation_does_not_outlive_the_call(monkeypatch):
     monkeypatch.setenv("RWKV_BACKENDS_SIMULATE", "amd:gfx942")
     collect(simulate="nvidia:sm90", probe=False)
     assert os.environ["RWKV_BACKENDS_SIMULATE"] == "amd:gfx942"
+
+
+def test_tune_sweeps_vendor_only_launch_options_on_that_vendor():
+    from rwkv_backends.tune import candidates
+    nvidia = candidates("chunk_bwd", "nvidia")
+    assert any(dict(c.vendor_options) == {"maxnreg": 128} for c in nvidia)
+    assert len(nvidia) == 2 * len(candidates("chunk_bwd", "amd"))
+    assert all(not c.vendor_options for c in candidates("chunk_bwd", "amd"))

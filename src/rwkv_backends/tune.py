@@ -19,8 +19,14 @@ from .config import KernelConfig, head_bucket
 
 CANDIDATES = {
     "chunk_fwd": dict(chunk_size=(16, 32), block_v=(32, 64), num_warps=(4, 8), dot_precision=("tf32", "ieee")),
-    "chunk_bwd": dict(chunk_size=(16, 32), num_warps=(4, 8), dot_precision=("tf32", "ieee")),
+    "chunk_bwd": dict(chunk_size=(16, 32), num_warps=(4, 8), num_stages=(1, 2), dot_precision=("tf32",)),
     "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
+}
+# Launch options only one vendor's Triton takes, swept as well on that vendor's devices.
+VENDOR_CANDIDATES = {
+    # At 255 registers and 8 warps one backward program fills an SM, so a B8 x H32 grid (256
+    # programs, 132 SMs) runs in two waves; capped at 128 it spills more but fits two per SM.
+    "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128})}},
 }
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
 MAX_BF16_ERROR = 3.0e-3
@@ -38,9 +44,13 @@ def _runner(kernel, cfg, x, with_grad=False):
         return lambda: launch.recurrent_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)
     if kernel == "chunk_fwd":
         return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)[:2]
+    # As in training: the forward has stored the chunk matrices, the backward loads them.
     fwd_cfg = KernelConfig(chunk_size=cfg.chunk_size)
+    mats = launch.empty_mats(x["k"], None, cfg.chunk_size)
+    launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd_cfg, mats=mats,
+                         mats_mode="store")
     return lambda: launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
-                                         w_form="log", cfg_fwd=fwd_cfg, cfg_bwd=cfg)
+                                         w_form="log", cfg_fwd=fwd_cfg, cfg_bwd=cfg, mats=mats)
 
 
 def _error(kernel, cfg, K):
@@ -59,14 +69,18 @@ def _error(kernel, cfg, K):
     return max(relative_error(g, t.grad) for g, t in zip(out[:6], ins))
 
 
-def sweep(kernel, shape, K):
+def candidates(kernel, vendor):
+    """Every config the sweep tries for `kernel` on a `vendor` device."""
+    grid = dict(CANDIDATES[kernel]) | VENDOR_CANDIDATES.get(vendor, {}).get(kernel, {})
+    return [KernelConfig.make(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+
+
+def sweep(kernel, shape, K, vendor):
     from triton.testing import do_bench
     B, T, H = shape
     x = _inputs(B, T, H, K, seed=0)
-    grid = CANDIDATES[kernel]
     results = []
-    for values in itertools.product(*grid.values()):
-        cfg = KernelConfig(**dict(zip(grid, values)))
+    for cfg in candidates(kernel, vendor):
         try:
             err = _error(kernel, cfg, K)
             limit = MAX_BF16_ERROR * (2 if kernel == "chunk_bwd" else 1)
@@ -100,7 +114,7 @@ def main(argv=None) -> int:
     entry = {}
     for kernel in args.kernels.split(","):
         print(f"{kernel} on {info.name} ({info.arch}), B,T,H = {shapes[kernel]}, K = V = {args.K}", flush=True)
-        ranked = sweep(kernel, shapes[kernel], args.K)
+        ranked = sweep(kernel, shapes[kernel], args.K, info.vendor)
         if ranked:
             ms, err, cfg = ranked[0]
             entry[kernel] = {head_bucket(args.K, args.K): cfg.as_dict() | {"_ms": round(ms, 4), "_err": err}}
