@@ -11,14 +11,16 @@
 #   plot         bench_wkv7.py --plot over T
 #
 # Peers: the wheels in .peers/ (ANCHORS.md says which) go into their own --target folders, since
-# rwkv-fla also ships a top-level `fla`. Their first calls autotune for minutes per shape family
-# (fla keeps the results in the Triton cache), so the cache is restored from .tcache/tc.tar.xz when
+# rwkv-fla also ships a top-level `fla`. Their first calls autotune for minutes per shape family,
+# so the Triton cache (autotune results included) is restored from .tcache/tc.tar.xz when
 # present and saved to $OUT/tc.tar.xz at the end (compiled binaries and autotune results only):
 # copy it back to .tcache/ and carry .tcache to skip the sweeps next time.
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/rwkv-backends-triton-cache
+# TRITON_CACHE_AUTOTUNING=1 makes every autotuner keep its results in the cache, rwkv-fla's too
+# (fla-core asks for it itself; rwkv-fla does not).
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/rwkv-backends-triton-cache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 [ -f .tcache/tc.tar.xz ] && tar -xJf .tcache/tc.tar.xz -C "$TRITON_CACHE_DIR"
 NAMES=()
