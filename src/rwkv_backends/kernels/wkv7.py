@@ -63,6 +63,23 @@ def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
     return bos, eos
 
 
+@triton.jit
+def _chunk_base(chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Index of sequence i_n's first chunk in the chunk-state and chunk-matrix buffers."""
+    if IS_VARLEN:
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return c0
+
+
+@triton.jit
+def _v_rows(tok0, eos, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
+    """Offsets and mask of rows [tok0, tok0+BT), columns o_v, of a [tokens, H, V] tensor."""
+    o_t = tok0 + tl.arange(0, BT)
+    return (o_t[:, None] * H + i_h) * V + o_v[None, :], (o_t < eos)[:, None] & (o_v < V)[None, :]
+
+
 # ---------------------------------------------------------------------------------------------
 # Recurrent forward: one step at a time. Decode and short sequences.
 
@@ -204,10 +221,17 @@ def _chunk_decays(r_c, a_c, L):
 
 
 @triton.jit
+def _factorable(G_last):
+    """True when the chunk's decay range is at most SAFE_RANGE, so the factored e^{G} / e^{-G}
+    form is safe; otherwise the exact pairwise path runs."""
+    return tl.min(G_last, axis=0) >= -SAFE_RANGE
+
+
+@triton.jit
 def _chunk_prepare(r_c, k_c, a_c, b_c, L, BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Everything in a chunk that does not depend on its start state."""
     G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
-    safe = tl.min(G_last, axis=0) >= -SAFE_RANGE
+    safe = _factorable(G_last)
     A_ab, A_ak, A_rb, A_rk = _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, safe, BT, DOT_PRECISION)
     Tinv = _unit_lower_inverse(A_ab, BT, DOT_PRECISION)
     return G, Gm, G_last, safe, a_hat, r_hat, tail, A_ab, A_ak, A_rb, A_rk, Tinv
@@ -257,19 +281,14 @@ def chunk_fwd_kernel(
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_STATE:
         S += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
-    if IS_VARLEN:
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
     for i_c in range(0, n_chunks):
         tok0 = bos + i_c * BT
         if STORE_STATES:
             tl.store(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, S, mask=m_kv)
         r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM)
-        o_t = tok0 + tl.arange(0, BT)
-        m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
-        p_v = (o_t[:, None] * H + i_h) * V + o_v[None, :]
+        p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
         v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
         c = c0 + i_c
         if MATS == MATS_LOAD:
@@ -325,23 +344,18 @@ def chunk_bwd_kernel(
     dS = tl.zeros([BK, BV], dtype=tl.float32)                       # gradient of the chunk's end state
     if HAS_DHT:
         dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
-    if IS_VARLEN:
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
     for j in range(0, n_chunks):
         i_c = n_chunks - 1 - j
         tok0 = bos + i_c * BT
         S = tl.load(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, mask=m_kv, other=0.0)
         r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM)
-        o_t = tok0 + tl.arange(0, BT)
-        m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
-        p_v = (o_t[:, None] * H + i_h) * V + o_v[None, :]
+        p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
         v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
         dO = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale
         G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
-        safe = tl.min(G_last, axis=0) >= -SAFE_RANGE
+        safe = _factorable(G_last)
         c = c0 + i_c
         Tinv = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, False))
         Tinv_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, True))
