@@ -118,13 +118,16 @@ def _w_from_log_decay(L: torch.Tensor, w_form: str) -> torch.Tensor:
     raise ValueError(w_form)
 
 
+def _dtype_regime_matrix(forward_shape, backward_shape) -> list:
+    """A forward and a backward case, each (B, T, H, K, V), for every dtype and decay regime."""
+    return [Case(kind, dtype, regime, *shape)
+            for dtype in ("float32", "bfloat16", "float16") for regime in REGIMES
+            for kind, shape in (("forward", forward_shape), ("backward", backward_shape))]
+
+
 def quick_cases() -> list:
     """Small shapes: minutes under the Triton interpreter on a 2-core CPU."""
-    cases = []
-    for dtype in ("float32", "bfloat16", "float16"):
-        for regime in REGIMES:
-            cases.append(Case("forward", dtype, regime, 2, 37, 2, 16, 24))
-            cases.append(Case("backward", dtype, regime, 1, 21, 2, 16, 16))
+    cases = _dtype_regime_matrix((2, 37, 2, 16, 24), (1, 21, 2, 16, 16))
     cases += [
         Case("forward", "float32", "realistic", 3, 1, 2, 32, 32),                       # T = 1
         Case("forward", "float32", "realistic", 1, 19, 1, 24, 40, has_state=False),     # K not a power of two, K != V
@@ -144,11 +147,7 @@ def quick_cases() -> list:
 
 def full_cases() -> list:
     """Real sizes for hardware runs (about ten minutes on an H100 with the float64 reference)."""
-    cases = []
-    for dtype in ("float32", "bfloat16", "float16"):
-        for regime in REGIMES:
-            cases.append(Case("forward", dtype, regime, 2, 512, 4, 64, 64))
-            cases.append(Case("backward", dtype, regime, 2, 300, 4, 64, 64))
+    cases = _dtype_regime_matrix((2, 512, 4, 64, 64), (2, 300, 4, 64, 64))
     cases += [
         Case("forward", "bfloat16", "realistic", 2, 4096, 8, 64, 64),                   # long T
         Case("backward", "bfloat16", "realistic", 1, 4100, 4, 64, 64),                  # long T, ragged

@@ -39,6 +39,11 @@ def _contiguous(*tensors):
     return [x if x is None or x.is_contiguous() else x.contiguous() for x in tensors]
 
 
+def _num_sequences(B, cu_seqlens):
+    """Sequences in the call: the batch, or the packed sequences of cu_seqlens."""
+    return B if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
 def _chunk_index(cu_seqlens, N, T, BT, device):
     """Per-sequence offset into the chunk-state buffer, and the buffer's chunk count."""
     if cu_seqlens is None:
@@ -53,7 +58,7 @@ def _chunk_index(cu_seqlens, N, T, BT, device):
 def empty_mats(k, cu_seqlens, chunk_size: int):
     """A buffer for the chunk matrices of a forward with this chunk size."""
     B, T, H, _ = k.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = _num_sequences(B, cu_seqlens)
     _, n_chunks = _chunk_index(cu_seqlens, N, T, chunk_size, k.device)
     return torch.empty(n_chunks, H, kern.N_MATS.value, chunk_size, chunk_size, dtype=torch.float32, device=k.device)
 
@@ -68,7 +73,7 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
     r, w, k, v, a, b, h0, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = _num_sequences(B, cu_seqlens)
     BT, BK = cfg.chunk_size, _pow2(K)
     BV = min(_pow2(V), cfg.block_v)
     o = torch.empty_like(v) if store_o else v
@@ -97,7 +102,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     r, w, k, v, a, b, h0, do, dht, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, do, dht, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = _num_sequences(B, cu_seqlens)
     # The backward walks the chunks with the forward's chunk size; one program holds all of V.
     cfg_states = cfg_fwd.with_(chunk_size=cfg_bwd.chunk_size)
     have = mats is not None and mats.shape[-1] == cfg_bwd.chunk_size
@@ -127,7 +132,7 @@ def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: K
     r, w, k, v, a, b, h0, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = _num_sequences(B, cu_seqlens)
     BK = _pow2(K)
     BV = min(_pow2(V), cfg.block_v)
     o = torch.empty_like(v)
