@@ -1,7 +1,10 @@
 """rwkv_backends beside the peers that import, on the ANCHORS/issue shapes, in one process on one card.
 
     PYTHONPATH=src python benchmarks/bench_wkv7.py [--peers fla,rwkv-fla] [--only train,prefill,...]
-        [--out results.json] [--cold] [--plot speedup.png [--plot-T 1024,2048,4096,8192]]
+        [--out results.json] [--cold] [--dispatch] [--plot speedup.png [--plot-T 1024,2048,4096,8192]]
+
+--dispatch adds the host cost of one B=1 decode call: `wkv7` (validation, cached plan, launch), the
+bare kernel launch under it, each peer, and one step of a captured CUDA graph.
 
 --plot adds a sweep over T (prefill and training, B8 H32 K64) and draws our speedup over each peer
 against T into a PNG (needs matplotlib; the numbers also go to --out and the printed table).
@@ -155,6 +158,45 @@ def cold_start(timeout=600):
     return {"first_forward_s": round(fwd, 2), "first_forward_backward_s": round(total, 2)}
 
 
+def host_us_per_call(fn, calls=2000):
+    """Wall time per call of back-to-back calls, synchronised at the end: at B=1 decode the GPU
+    work is a few microseconds, so this is what the host spends dispatching and launching."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def dispatch_overhead(peers):
+    """Host microseconds per B1 H32 decode call (see --dispatch)."""
+    import rwkv_backends as rb
+    from rwkv_backends.api import _plan
+    from rwkv_backends.kernels import launch
+    x = make("decode", 1, 1, 32, 64)
+    args = [x[n] for n in ("r", "w_log", "k", "v", "a", "b")]
+    _, plan = _plan(*args, x["h0"], "log", 1.0, None, True, None)
+    cfg = plan.configs["recurrent_fwd"]
+    fns = {
+        "wkv7": lambda: rb.wkv7(*args, x["h0"]),
+        "bare launch": lambda: launch.recurrent_forward(*args, x["h0"], scale=1.0, cu_seqlens=None, w_form="log",
+                                                        cfg=cfg),
+    }
+    fns.update({n: PEERS[n](x, "decode") for n in peers})
+    out = {name: round(host_us_per_call(fn), 1) for name, fn in fns.items()}
+    out["plan"] = plan.variant.name
+    graph = torch.cuda.CUDAGraph()
+    fns["wkv7"]()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        rb.wkv7(*args, x["h0"])
+    out["wkv7 in a CUDA graph (per replay)"] = round(host_us_per_call(graph.replay), 1)
+    return out
+
+
 def versions():
     import triton
     return {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -168,6 +210,7 @@ def main():
     p.add_argument("--only", default="", help="comma-separated shape names")
     p.add_argument("--out", default="")
     p.add_argument("--cold", action="store_true", help="also measure the first call with an empty Triton cache")
+    p.add_argument("--dispatch", action="store_true", help="also measure host cost per B=1 decode call")
     p.add_argument("--plot", default="", metavar="PNG", help="also sweep T and plot the speedup against it")
     p.add_argument("--plot-T", default="1024,2048,4096,8192", help="T values of the --plot sweep")
     args = p.parse_args()
@@ -202,6 +245,8 @@ def main():
     result = {"versions": versions(), "rows": rows}
     if args.cold:
         result["cold_start"] = cold_start()
+    if args.dispatch:
+        result["dispatch_us"] = dispatch_overhead(peers)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

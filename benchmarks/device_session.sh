@@ -40,7 +40,7 @@ T0=$(date +%s)
 for step in "$@"; do
     echo "=== $step (t=$(( $(date +%s) - T0 ))s)"
     case $step in
-        gpu-tests)   timeout 300 python3 -m pytest -q -rs -m gpu -k "not full_matrix" -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests ;;
+        gpu-tests)   timeout 420 python3 -m pytest -q -rs -m gpu -k "not full_matrix" -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests ;;
         conformance) timeout 300 python3 -m rwkv_backends.conformance --backend triton \
                          --report "$OUT/conformance-full.json" --junit "$OUT/conformance-full.xml" | tail -n 3 ;;
         bench)       timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --out "$OUT/bench.json" | tail -n 12 ;;
