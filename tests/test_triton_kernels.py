@@ -23,6 +23,44 @@ def test_interpreted_plan(simulate, profile, case):
     assert res["variant"].startswith("triton.")
 
 
+_PREFILL_CASES = [c for c in quick_cases() if c.kind in ("forward", "varlen") and c.T > 16][:6]
+
+
+@interpreter
+@pytest.mark.parametrize("variant", ["triton.chunk", "triton.chunk_twopass"])
+@pytest.mark.parametrize("case", _PREFILL_CASES, ids=lambda c: c.id)
+def test_both_prefill_forwards_match_the_reference(simulate, variant, case):
+    """Small prefills plan the two-pass forward on sm90; the one-pass forward (what a full device
+    gets) is forced here so that both stay covered."""
+    simulate("nvidia:sm90")
+    res = run_case(case, backend=variant, device="cpu", base_seed=3)
+    assert res["status"] == "passed", res.get("detail")
+    assert res["variant"] == variant
+
+
+@interpreter
+@pytest.mark.parametrize("regime, varlen, block_k, per_sequence", [
+    ("realistic", False, 16, 3), ("strong", True, 16, 2), ("strong", False, 32, 1), ("unit", True, 32, 5)])
+def test_chunk_prepare_matches_the_in_loop_build(regime, varlen, block_k, per_sequence):
+    """Pass 1 of the two-pass forward (matrices built K-block by K-block, every per_sequence-th
+    chunk per program) gives the outputs of the one-pass forward, strong decay and an empty
+    sequence included."""
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.conformance import Case, make_inputs, relative_error
+    from rwkv_backends.kernels import launch
+    x = make_inputs(Case("forward", "float32", regime, 1 if varlen else 2, 50, 2, 24, 32), 4, "cpu")
+    cu = torch.tensor([0, 17, 17, 50]) if varlen else None
+    state = torch.randn(3, 2, 24, 32) if varlen else x["state"]
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    cfg = KernelConfig(chunk_size=16, block_v=32, block_k=block_k)
+    kw = dict(scale=0.7, cu_seqlens=cu, w_form="log", cfg=cfg)
+    o_one, s_one, _ = launch.chunk_forward(*args, state, **kw)
+    mats = launch.chunk_prepare(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=cu, w_form="log", cfg=cfg,
+                                programs_per_sequence=per_sequence)
+    o_two, s_two, _ = launch.chunk_forward(*args, state, mats=mats, mats_mode="load", **kw)
+    assert relative_error(o_two, o_one) < 1e-6 and relative_error(s_two, s_one) < 1e-6
+
+
 @interpreter
 def test_an_injected_wrong_kernel_fails_the_suite(simulate, monkeypatch):
     """The suite must be able to fail: perturb the chunked kernel's output and expect failures."""
@@ -46,10 +84,11 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.kernels.aot import compile_in_subprocess
     jobs = [("chunk_fwd", KernelConfig()), ("chunk_bwd", KernelConfig()),
+            ("chunk_prep", KernelConfig(chunk_size=32, block_k=32)), ("chunk_fwd_loaded", KernelConfig(block_v=16)),
             ("recurrent_fwd", KernelConfig(block_v=16, num_warps=2))]
     rc, results, stderr = compile_in_subprocess(jobs, arch=90)
     assert rc == 0, stderr[-2000:]
-    assert [r["kernel"] for r in results] == ["chunk_fwd", "chunk_bwd", "recurrent_fwd"]
+    assert [r["kernel"] for r in results] == [k for k, _ in jobs]
     assert all(0 < r["shared_bytes"] <= 232448 for r in results)
 
 

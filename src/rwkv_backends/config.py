@@ -11,11 +11,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 # Kernels the tables tune. "chained_dots" marks kernels whose results of one tl.dot feed another
-# (triton#4492 concerns those).
+# (triton#4492 concerns those); "uses" names the KernelConfig fields the kernel reads.
+_CHUNK_FIELDS = ("chunk_size", "block_v", "num_warps", "num_stages", "dot_precision")
 KERNELS = {
-    "chunk_fwd": {"chained_dots": True, "doc": "chunked forward (training and prefill); stores chunk states on request"},
-    "chunk_bwd": {"chained_dots": True, "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state"},
-    "recurrent_fwd": {"chained_dots": False, "chunked": False,
+    "chunk_fwd": {"chained_dots": True, "uses": _CHUNK_FIELDS,
+                  "doc": "chunked forward (training and prefill); builds the chunk matrices in its loop"},
+    "chunk_bwd": {"chained_dots": True, "uses": _CHUNK_FIELDS,
+                  "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state"},
+    "chunk_prep": {"chained_dots": True, "uses": ("chunk_size", "block_k", "num_warps", "num_stages", "dot_precision"),
+                   "doc": "every chunk's matrices in one launch, all chunks in parallel (two-pass prefill)"},
+    "chunk_fwd_loaded": {"chained_dots": True, "uses": _CHUNK_FIELDS,
+                         "doc": "chunked forward that loads chunk_prep's matrices (its chunk size must be chunk_prep's)"},
+    "recurrent_fwd": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages"),
                       "doc": "step-by-step forward for decode and short sequences"},
 }
 
@@ -28,6 +35,7 @@ class KernelConfig:
 
     chunk_size: int = 16          # time steps per chunk (chunked kernels); 16 is tl.dot's minimum
     block_v: int = 64             # columns of the state (V) one program owns
+    block_k: int = 64             # columns of K one step of the chunk-matrix build takes (chunk_prep)
     num_warps: int = 4
     num_stages: int = 1
     # Precision of tl.dot on float32 operands inside the kernel. Float32 *inputs* always get "ieee"
@@ -43,6 +51,8 @@ class KernelConfig:
             raise ValueError(f"chunk_size: expected a power of two >= 16, got {self.chunk_size}")
         if self.block_v < 16 or self.block_v & (self.block_v - 1):
             raise ValueError(f"block_v: expected a power of two >= 16, got {self.block_v}")
+        if self.block_k < 16 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_k: expected a power of two >= 16, got {self.block_k}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.dot_precision not in DOT_PRECISIONS:

@@ -208,12 +208,15 @@ def _self_test(info, simulate):
                   f"wkv7 ({variant}) vs float64 reference, float32 B1 T40 H2 K32: rel. error {err:.1e} (limit 2e-5)")
 
 
+_FIELD_WORDS = {"chunk_size": "chunk {}", "block_v": "BV {}", "block_k": "BK {}", "num_warps": "warps {}",
+                "num_stages": "stages {}", "dot_precision": "{}"}
+
+
 def _config_text(kernel, c):
     """One kernel's launch config in a few words, only the fields that kernel uses."""
     from .config import KERNELS
-    chunked = KERNELS.get(kernel, {}).get("chunked", True)       # only chunked kernels use dots
-    words = [f"chunk {c['chunk_size']}"] if chunked else []
-    words += [f"BV {c['block_v']}", f"warps {c['num_warps']}"] + ([c["dot_precision"]] if chunked else [])
+    uses = KERNELS.get(kernel, {}).get("uses", tuple(_FIELD_WORDS))
+    words = [_FIELD_WORDS[f].format(c[f]) for f in uses if f in c and not (f == "num_stages" and c[f] == 1)]
     if c["vendor_options"]:
         words.append(str(c["vendor_options"]))
     return f"{kernel}: " + " ".join(words)

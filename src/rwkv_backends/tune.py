@@ -20,6 +20,9 @@ from .config import KernelConfig, head_bucket
 CANDIDATES = {
     "chunk_fwd": dict(chunk_size=(16, 32), block_v=(32, 64), num_warps=(4, 8), dot_precision=("tf32", "ieee")),
     "chunk_bwd": dict(chunk_size=(16, 32), num_warps=(4, 8), num_stages=(1, 2), dot_precision=("tf32",)),
+    "chunk_prep": dict(chunk_size=(16, 32), block_k=(16, 32), num_warps=(2, 4), dot_precision=("tf32",)),
+    # Timed on the matrices of chunk_prep's table entry at the same chunk size.
+    "chunk_fwd_loaded": dict(chunk_size=(16, 32), block_v=(16, 32, 64), num_warps=(4,), dot_precision=("tf32",)),
     "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
 }
 # Launch options only one vendor's Triton takes, swept as well on that vendor's devices.
@@ -37,9 +40,34 @@ def _inputs(B, T, H, K, seed):
     return make_inputs(Case("forward", "bfloat16", "realistic", B, T, H, K, K), seed, "cuda")
 
 
-def _runner(kernel, cfg, x, with_grad=False):
+def _prep_config(chunk_size, K):
+    """chunk_prep's table entry on this device, at `chunk_size` (what chunk_fwd_loaded loads)."""
+    from types import SimpleNamespace
+
+    from .device import detect
+    from .tuning import lookup
+    cfg, _ = lookup(detect("cuda"), "chunk_prep", SimpleNamespace(K=K, V=K))
+    return cfg.with_(chunk_size=chunk_size)
+
+
+def _runner(kernel, cfg, x, for_error_check=False):
     from .kernels import launch
     args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    prep_args = [x[n] for n in ("r", "w", "k", "a", "b")]
+    if kernel == "chunk_prep":
+        prep = lambda: launch.chunk_prepare(*prep_args, cu_seqlens=None, w_form="log", cfg=cfg,  # noqa: E731
+                                            programs_per_sequence=16)
+        if not for_error_check:
+            return prep
+        # For the error check: the loaded forward's output on these matrices.
+        fwd = KernelConfig(chunk_size=cfg.chunk_size, block_v=64, dot_precision=cfg.dot_precision)
+        return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd,
+                                            mats=prep(), mats_mode="load")[:2]
+    if kernel == "chunk_fwd_loaded":
+        prep_cfg = _prep_config(cfg.chunk_size, x["k"].shape[-1])
+        mats = launch.chunk_prepare(*prep_args, cu_seqlens=None, w_form="log", cfg=prep_cfg, programs_per_sequence=16)
+        return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg,
+                                            mats=mats, mats_mode="load")[:2]
     if kernel == "recurrent_fwd":
         return lambda: launch.recurrent_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)
     if kernel == "chunk_fwd":
@@ -62,7 +90,7 @@ def _error(kernel, cfg, K):
     ins = [x[n].double().requires_grad_(kernel == "chunk_bwd") for n in ("r", "w", "k", "v", "a", "b")]
     st = x["state"].double().requires_grad_(kernel == "chunk_bwd")
     o_ref, s_ref = wkv7_reference(*ins, st)
-    out = _runner(kernel, cfg, x)()
+    out = _runner(kernel, cfg, x, for_error_check=True)()
     if kernel != "chunk_bwd":
         return relative_error(out[0], o_ref)
     (o_ref * x["do"].double()).sum().add((s_ref * x["dstate"]).sum()).backward()
@@ -108,7 +136,9 @@ def main(argv=None) -> int:
         return 2
     from .device import detect, versions
     info = detect("cuda")
-    shapes = {"chunk_fwd": (8, 4096, 32), "chunk_bwd": (8, 4096, 32), "recurrent_fwd": (256, 1, 32)}
+    shapes = {"chunk_fwd": (8, 4096, 32), "chunk_bwd": (8, 4096, 32), "recurrent_fwd": (256, 1, 32),
+              # the two-pass prefill serves few (sequence, head) pairs: one long sequence
+              "chunk_prep": (1, 16384, 32), "chunk_fwd_loaded": (1, 16384, 32)}
     if args.K > 64:
         shapes = {k: (max(1, b // 2), t, max(1, h // 2)) for k, (b, t, h) in shapes.items()}
     entry = {}

@@ -69,6 +69,42 @@ class TritonChunk(Variant):
                               cfg_bwd=plan.configs["chunk_bwd"])
 
 
+class TritonChunkTwoPass(Variant):
+    """Prefill of few sequences x heads: one program per (sequence, head) would leave most of the
+    device idle while it walks its chunks. Pass 1 builds every chunk's matrices with all chunks in
+    parallel (chunk_prep); pass 2 walks the chunks, loading them, with V split finely enough to
+    give the device more programs (chunk_fwd_loaded). benchmarks/NOTES.md, change 10."""
+
+    name = "triton.chunk_twopass"
+    backend = "triton"
+    kernels = ("chunk_prep", "chunk_fwd_loaded")
+
+    def reasons(self, problem, device, runtime=True):
+        reasons = common_reasons(problem, device, runtime)
+        if problem.needs_grad:
+            reasons.append("forward only: training runs triton.chunk forward and backward")
+        pairs = problem.N * problem.H
+        if not device.multiprocessors:
+            reasons.append("the device's multiprocessor count is unknown, so the fill rule cannot apply")
+        elif pairs >= device.multiprocessors:
+            reasons.append(f"{pairs} (sequence, head) pairs fill the {device.multiprocessors} multiprocessors: "
+                           "the one-pass forward of triton.chunk is faster there")
+        return reasons
+
+    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import chunk_forward, chunk_prepare
+        cfg_prep = plan.configs["chunk_prep"]
+        cfg_fwd = plan.configs["chunk_fwd_loaded"].with_(chunk_size=cfg_prep.chunk_size)
+        # A few programs per multiprocessor in pass 1: each walks every P-th chunk of its sequence.
+        per_sequence = -(-4 * plan.device.multiprocessors // (problem.N * problem.H))
+        mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=problem.w_form, cfg=cfg_prep,
+                             programs_per_sequence=per_sequence)
+        o, ht, _ = chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
+                                 w_form=problem.w_form, cfg=cfg_fwd, store_final=problem.output_final_state,
+                                 mats=mats, mats_mode="load")
+        return o, ht
+
+
 class TritonRecurrent(Variant):
     name = "triton.recurrent"
     backend = "triton"
@@ -88,4 +124,5 @@ class TritonRecurrent(Variant):
 
 
 register(TritonChunk())
+register(TritonChunkTwoPass())
 register(TritonRecurrent())

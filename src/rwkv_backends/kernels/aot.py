@@ -14,7 +14,11 @@ _TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def _signature(kernel: str, dtype: str):
     t = "*" + _TYPES[dtype]
-    if kernel == "chunk_fwd":
+    if kernel == "chunk_prep":
+        ptr = {n: t for n in ("r", "w", "k", "a", "b")} | {"mats": "*fp32", "chunk_offsets": "*i64",
+                                                             "cu_seqlens": "*i32"}
+        return ptr | {"T": "i32"}
+    if kernel in ("chunk_fwd", "chunk_fwd_loaded"):
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "states", "mats", "chunk_offsets", "cu_seqlens"]
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32", "mats": "*fp32",
                                              "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
@@ -37,10 +41,14 @@ def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats
     BV = min(_pow2(V), cfg.block_v) if kernel != "chunk_bwd" else _pow2(V)
     base = dict(H=1, K=K, V=V, BK=BK, BV=BV, W_FORM=0)
     prec = "ieee" if dtype == "float32" else cfg.dot_precision
-    if kernel == "chunk_fwd":
-        # MATS=1 builds and stores the chunk matrices: the training forward, the largest variant.
+    if kernel == "chunk_prep":
+        return dict(H=1, K=K, BT=cfg.chunk_size, BKK=min(BK, cfg.block_k), W_FORM=0, IS_VARLEN=False,
+                    DOT_PRECISION=prec)
+    if kernel in ("chunk_fwd", "chunk_fwd_loaded"):
+        # chunk_fwd: MATS=1 builds and stores the chunk matrices (the training forward, the largest
+        # variant); chunk_fwd_loaded: MATS=2 loads them.
         return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_STATES=False,
-                           MATS=mats, IS_VARLEN=False, DOT_PRECISION=prec)
+                           MATS=mats if kernel == "chunk_fwd" else 2, IS_VARLEN=False, DOT_PRECISION=prec)
     if kernel == "chunk_bwd":
         return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, DOT_PRECISION=prec)
     return base | dict(HAS_STATE=True, STORE_FINAL=True, IS_VARLEN=False)
@@ -54,7 +62,8 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
     from triton.compiler import ASTSource
 
     from . import wkv7 as kern
-    fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_bwd": kern.chunk_bwd_kernel,
+    fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_fwd_loaded": kern.chunk_fwd_kernel,
+          "chunk_bwd": kern.chunk_bwd_kernel, "chunk_prep": kern.chunk_prep_kernel,
           "recurrent_fwd": kern.recurrent_fwd_kernel}[kernel]
     const = _constexprs(kernel, cfg, K, V, dtype)
     sig = _signature(kernel, dtype) | {n: "constexpr" for n in const}

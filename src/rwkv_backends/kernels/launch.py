@@ -95,6 +95,25 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
     return (o if store_o else None), (ht if store_final else None), (states if store_states else None)
 
 
+def chunk_prepare(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, programs_per_sequence: int = 1):
+    """The chunk matrices of every chunk, in one launch over (chunk group, sequence x head): for a
+    forward that then loads them (mats_mode="load"). Each program walks every
+    `programs_per_sequence`-th chunk of its sequence."""
+    r, w, k, a, b, cu_seqlens = _contiguous(r, w, k, a, b, cu_seqlens)
+    B, T, H, K = k.shape
+    N = _num_sequences(B, cu_seqlens)
+    BT = cfg.chunk_size
+    mats = empty_mats(k, cu_seqlens, BT)
+    offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
+    P = max(1, min(programs_per_sequence, triton.cdiv(T, BT)))
+    kern.chunk_prep_kernel[(P, N * H)](
+        r, w, k, a, b, mats, offsets if offsets is not None else k, cu_seqlens if cu_seqlens is not None else k, T,
+        H=H, K=K, BT=BT, BKK=min(_pow2(K), cfg.block_k), W_FORM=W_FORM_CODES[w_form], IS_VARLEN=cu_seqlens is not None,
+        DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
+    )
+    return mats
+
+
 def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                    cfg_fwd: KernelConfig, cfg_bwd: KernelConfig, mats=None):
     """Gradients (dr, dw, dk, dv, da, db, dh0). `mats`: the chunk matrices a forward stored at the

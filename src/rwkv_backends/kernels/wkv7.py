@@ -123,11 +123,12 @@ def recurrent_fwd_kernel(
 
 @triton.jit
 def _load_chunk(r, w, k, a, b, tok0, eos, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, W_FORM: tl.constexpr):
-    """Rows [tok0, tok0+BT) of r, w, k, a, b as float32 [BT, BK]; L = 0 and zeros outside."""
+                BK: tl.constexpr, W_FORM: tl.constexpr, n_cols):
+    """Rows [tok0, tok0+BT) of r, w, k, a, b as float32 [BT, BK]; L = 0 and zeros outside. The
+    first `n_cols` columns are read (K, or fewer for a column block)."""
     o_t = tok0 + tl.arange(0, BT)
     o_k = tl.arange(0, BK)
-    m = (o_t < eos)[:, None] & (o_k < K)[None, :]
+    m = (o_t < eos)[:, None] & (o_k < n_cols)[None, :]
     p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
     r_c = tl.load(r + p, mask=m, other=0.0).to(tl.float32)
     w_c = tl.load(w + p, mask=m, other=0.0).to(tl.float32)
@@ -262,6 +263,47 @@ def _mat_ptrs(mats, c, i_h, j, H: tl.constexpr, BT: tl.constexpr, TRANSPOSE: tl.
 
 
 # ---------------------------------------------------------------------------------------------
+# Chunk matrices for every chunk at once (prefill): nothing here depends on the state, so the
+# chunks of a sequence need not wait for each other. Program (i_p, i_nh) takes chunks i_p,
+# i_p + P, i_p + 2P, ... of sequence i_nh // H (P = the grid's first size).
+
+@triton.jit
+def chunk_prep_kernel(
+    r, w, k, a, b, mats, chunk_offsets, cu_seqlens, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKK: tl.constexpr,
+    W_FORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The in-chunk products are sums over K, and every decay is per K column, so they are built
+    BKK columns at a time: small live tiles, many programs per SM. The factored or the exact path
+    is chosen per column block."""
+    i_p, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    for i_c in range(i_p, tl.cdiv(eos - bos, BT), tl.num_programs(0)):
+        A_ab = tl.zeros([BT, BT], dtype=tl.float32)
+        A_ak = tl.zeros([BT, BT], dtype=tl.float32)
+        A_rb = tl.zeros([BT, BT], dtype=tl.float32)
+        A_rk = tl.zeros([BT, BT], dtype=tl.float32)
+        for k0 in range(0, K, BKK):
+            r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r + k0, w + k0, k + k0, a + k0, b + k0,
+                                                              bos + i_c * BT, eos, i_h, H, K, BT, BKK, W_FORM,
+                                                              K - k0)
+            G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
+            d_ab, d_ak, d_rb, d_rk = _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, _factorable(G_last), BT,
+                                            DOT_PRECISION)
+            A_ab += d_ab
+            A_ak += d_ak
+            A_rb += d_rb
+            A_rk += d_rk
+        c = c0 + i_c
+        tl.store(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, False), _unit_lower_inverse(A_ab, BT, DOT_PRECISION))
+        tl.store(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, False), A_ak)
+        tl.store(_mat_ptrs(mats, c, i_h, MAT_RB, H, BT, False), A_rb)
+        tl.store(_mat_ptrs(mats, c, i_h, MAT_RK, H, BT, False), A_rk)
+
+
+# ---------------------------------------------------------------------------------------------
 # Chunked forward: one program walks the chunks of one (sequence, head, V block), state on chip.
 
 @triton.jit
@@ -287,7 +329,7 @@ def chunk_fwd_kernel(
         tok0 = bos + i_c * BT
         if STORE_STATES:
             tl.store(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, S, mask=m_kv)
-        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM)
+        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM, K)
         p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
         v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
         c = c0 + i_c
@@ -350,7 +392,7 @@ def chunk_bwd_kernel(
         i_c = n_chunks - 1 - j
         tok0 = bos + i_c * BT
         S = tl.load(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, mask=m_kv, other=0.0)
-        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM)
+        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM, K)
         p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
         v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
         dO = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale

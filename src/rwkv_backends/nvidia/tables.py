@@ -9,6 +9,8 @@ from ..config import KernelConfig as C
 _DEFAULT = {
     "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
     "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
+    "chunk_prep": {"64": C(chunk_size=16, block_k=32, num_warps=2), "128": C(chunk_size=16, block_k=32, num_warps=2)},
+    "chunk_fwd_loaded": {"64": C(block_v=16, num_warps=4), "128": C(block_v=32, num_warps=4)},
     "recurrent_fwd": {"64": C(block_v=16, num_warps=2), "128": C(block_v=32, num_warps=4)},
 }
 
@@ -20,6 +22,13 @@ _SM90 = {
     "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32"), "128": _DEFAULT["chunk_fwd"]["128"]},
     "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32"), "128": _DEFAULT["chunk_bwd"]["128"]},
     "recurrent_fwd": {"64": C(block_v=32, num_warps=4), "128": _DEFAULT["recurrent_fwd"]["128"]},
+    # Two-pass prefill (few sequences x heads), measured side by side on an H100 at B1 T16384 H32
+    # (benchmarks/NOTES.md, change 10): chunk 32, prep 0.59 ms + loaded forward 2.00 ms, against
+    # 5.17 ms for the one-pass forward.
+    "chunk_prep": {"64": C(chunk_size=32, block_k=32, num_warps=4, dot_precision="tf32"),
+                   "128": _DEFAULT["chunk_prep"]["128"]},
+    "chunk_fwd_loaded": {"64": C(chunk_size=32, block_v=16, num_warps=4, dot_precision="tf32"),
+                         "128": _DEFAULT["chunk_fwd_loaded"]["128"]},
 }
 
 TABLES = {
