@@ -6,7 +6,8 @@
 # Steps, each under its own time limit so that one slow step cannot eat the others:
 #   gpu-tests    pytest's GPU tests: compat adapters and patch_fla against the peers, the CUDA-graph
 #                decode replay, saved memory (tests marked `gpu`; the full matrix is the next step)
-#   conformance  the full conformance tier on the Triton backend (JSON and JUnit reports)
+#   conformance  the full conformance tier on the Triton backend as planned, then forced to the one-pass
+#                triton.chunk variant (JSON and JUnit reports)
 #   bench        bench_wkv7.py with the peers on the shapes
 #   plot         bench_wkv7.py --plot over T
 #
@@ -42,7 +43,10 @@ for step in "$@"; do
     case $step in
         gpu-tests)   timeout 420 python3 -m pytest -q -rs -m gpu -k "not full_matrix" -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests ;;
         conformance) timeout 300 python3 -m rwkv_backends.conformance --backend triton \
-                         --report "$OUT/conformance-full.json" --junit "$OUT/conformance-full.xml" | tail -n 3 ;;
+                         --report "$OUT/conformance-full.json" --junit "$OUT/conformance-full.xml" | tail -n 3
+                     # small cases plan the two-pass variant: check the one-pass kernels as well
+                     timeout 300 python3 -m rwkv_backends.conformance --backend triton.chunk \
+                         --report "$OUT/conformance-onepass.json" --junit "$OUT/conformance-onepass.xml" | tail -n 3 ;;
         bench)       timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --out "$OUT/bench.json" | tail -n 12 ;;
         plot)        timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --only prefill_H32 \
                          --plot "$OUT/speedup.png" --out "$OUT/bench-plot.json" | tail -n 12 ;;

@@ -87,18 +87,19 @@ def test_every_profile_plans_training_prefill_decode(profile):
         assert p.configs, (profile, cls)
 
 
-def test_prefill_of_few_sequence_head_pairs_takes_the_two_pass_forward():
-    """Fewer (sequence, head) pairs than multiprocessors: the two-pass prefill; otherwise the
-    one-pass forward, and the two-pass variant says why it was passed over."""
+def test_few_sequence_head_pairs_take_the_two_pass_variant():
+    """Fewer (sequence, head) pairs than multiprocessors: the two-pass variant, for prefill and
+    training; otherwise the one-pass kernels, and the two-pass variant says why it was passed over."""
     info = dev.profile("nvidia:sm90")
-    few = plan(_problem(info.device_type, B=1, T=16384, H=32, K=64, V=64, needs_grad=False), info, runtime=False)
-    assert few.variant.name == "triton.chunk_twopass"
-    assert set(few.configs) == {"chunk_prep", "chunk_fwd_loaded"}
-    many = plan(_problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=False), info, runtime=False)
-    assert many.variant.name == "triton.chunk"
-    assert any("fill the 132 multiprocessors" in r for r in many.rejected["triton.chunk_twopass"])
-    train = plan(_problem(info.device_type, B=1, T=16384, H=32, K=64, V=64, needs_grad=True), info, runtime=False)
-    assert train.variant.name == "triton.chunk"
+    for needs_grad in (False, True):
+        few = plan(_problem(info.device_type, B=1, T=16384, H=32, K=64, V=64, needs_grad=needs_grad), info,
+                   runtime=False)
+        assert few.variant.name == "triton.chunk_twopass"
+        assert set(few.configs) == {"chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split"}
+        many = plan(_problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=needs_grad), info,
+                    runtime=False)
+        assert many.variant.name == "triton.chunk"
+        assert any("fill the 132 multiprocessors" in r for r in many.rejected["triton.chunk_twopass"])
 
 
 @pytest.mark.parametrize("vendor", ["nvidia", "amd", "intel", "musa", "metax"])

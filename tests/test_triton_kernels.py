@@ -23,15 +23,16 @@ def test_interpreted_plan(simulate, profile, case):
     assert res["variant"].startswith("triton.")
 
 
-_PREFILL_CASES = [c for c in quick_cases() if c.kind in ("forward", "varlen") and c.T > 16][:6]
+_VARIANT_CASES = ([c for c in quick_cases() if c.kind in ("forward", "varlen") and c.T > 16][:5]
+                  + [c for c in quick_cases() if c.kind == "backward"][:4])
 
 
 @interpreter
 @pytest.mark.parametrize("variant", ["triton.chunk", "triton.chunk_twopass"])
-@pytest.mark.parametrize("case", _PREFILL_CASES, ids=lambda c: c.id)
-def test_both_prefill_forwards_match_the_reference(simulate, variant, case):
-    """Small prefills plan the two-pass forward on sm90; the one-pass forward (what a full device
-    gets) is forced here so that both stay covered."""
+@pytest.mark.parametrize("case", _VARIANT_CASES, ids=lambda c: c.id)
+def test_both_chunk_variants_match_the_reference(simulate, variant, case):
+    """Small problems plan the two-pass variant on sm90; the one-pass kernels (what a full device
+    gets) are forced here so that both stay covered, forward and backward."""
     simulate("nvidia:sm90")
     res = run_case(case, backend=variant, device="cpu", base_seed=3)
     assert res["status"] == "passed", res.get("detail")
@@ -59,6 +60,29 @@ def test_chunk_prepare_matches_the_in_loop_build(regime, varlen, block_k, per_se
                                 programs_per_sequence=per_sequence)
     o_two, s_two, _ = launch.chunk_forward(*args, state, mats=mats, mats_mode="load", **kw)
     assert relative_error(o_two, o_one) < 1e-6 and relative_error(s_two, s_one) < 1e-6
+
+
+@interpreter
+@pytest.mark.parametrize("regime, varlen, V", [("realistic", False, 40), ("strong", True, 32)])
+def test_backward_split_by_v_blocks_matches_one_block(regime, varlen, V):
+    """Each V block's program gives exact v and state gradients for its columns and a share of the
+    r, w, k, a, b gradients; the shares add up to the one-block backward."""
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.conformance import Case, make_inputs, relative_error
+    from rwkv_backends.kernels import launch
+    x = make_inputs(Case("backward", "float32", regime, 1 if varlen else 2, 37, 2, 24, V), 6, "cpu")
+    cu = torch.tensor([0, 20, 20, 37]) if varlen else None
+    N = 3 if varlen else 2
+    state = torch.randn(N, 2, 24, V)
+    dstate = torch.randn(N, 2, 24, V)
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    fwd = KernelConfig(chunk_size=16, block_v=64)
+    kw = dict(scale=0.9, cu_seqlens=cu, w_form="log", cfg_fwd=fwd)
+    whole = launch.chunk_backward(*args, state, x["do"], dstate, cfg_bwd=KernelConfig(chunk_size=16, block_v=64), **kw)
+    split = launch.chunk_backward(*args, state, x["do"], dstate, cfg_bwd=KernelConfig(chunk_size=16, block_v=16), **kw)
+    for name, g1, g2 in zip(("r", "w", "k", "v", "a", "b", "state"), whole, split):
+        assert g2.dtype == g1.dtype and g2.shape == g1.shape, name
+        assert relative_error(g2, g1) < 1e-5, name          # the shares add in another order
 
 
 @interpreter

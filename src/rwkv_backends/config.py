@@ -22,6 +22,9 @@ KERNELS = {
                    "doc": "every chunk's matrices in one launch, all chunks in parallel (two-pass prefill)"},
     "chunk_fwd_loaded": {"chained_dots": True, "uses": _CHUNK_FIELDS,
                          "doc": "chunked forward that loads chunk_prep's matrices (its chunk size must be chunk_prep's)"},
+    "chunk_bwd_split": {"chained_dots": True, "uses": _CHUNK_FIELDS,
+                        "doc": "chunked backward, V split over programs, for few (sequence, head) pairs (two-pass "
+                               "training; its chunk size rules the prep and forward there)"},
     "recurrent_fwd": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages"),
                       "doc": "step-by-step forward for decode and short sequences"},
 }

@@ -70,39 +70,54 @@ class TritonChunk(Variant):
 
 
 class TritonChunkTwoPass(Variant):
-    """Prefill of few sequences x heads: one program per (sequence, head) would leave most of the
-    device idle while it walks its chunks. Pass 1 builds every chunk's matrices with all chunks in
-    parallel (chunk_prep); pass 2 walks the chunks, loading them, with V split finely enough to
-    give the device more programs (chunk_fwd_loaded). benchmarks/NOTES.md, change 10."""
+    """Few (sequence, head) pairs: one program per pair would leave most of the device idle while it
+    walks its chunks. Pass 1 builds every chunk's matrices with all chunks in parallel (chunk_prep);
+    pass 2 walks the chunks, loading them, with V split over more programs (chunk_fwd_loaded, and
+    chunk_bwd_split for the gradients). Prefill uses chunk_prep's chunk size; training uses
+    chunk_bwd_split's for all three. benchmarks/NOTES.md, changes 10 and 11."""
 
     name = "triton.chunk_twopass"
     backend = "triton"
-    kernels = ("chunk_prep", "chunk_fwd_loaded")
+    kernels = ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split")
 
     def reasons(self, problem, device, runtime=True):
         reasons = common_reasons(problem, device, runtime)
-        if problem.needs_grad:
-            reasons.append("forward only: training runs triton.chunk forward and backward")
         pairs = problem.N * problem.H
         if not device.multiprocessors:
             reasons.append("the device's multiprocessor count is unknown, so the fill rule cannot apply")
         elif pairs >= device.multiprocessors:
             reasons.append(f"{pairs} (sequence, head) pairs fill the {device.multiprocessors} multiprocessors: "
-                           "the one-pass forward of triton.chunk is faster there")
+                           "the one-pass kernels of triton.chunk are faster there")
         return reasons
 
-    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import chunk_forward, chunk_prepare
-        cfg_prep = plan.configs["chunk_prep"]
-        cfg_fwd = plan.configs["chunk_fwd_loaded"].with_(chunk_size=cfg_prep.chunk_size)
+    @staticmethod
+    def _prep_programs(problem, plan):
         # A few programs per multiprocessor in pass 1: each walks every P-th chunk of its sequence.
-        per_sequence = -(-4 * plan.device.multiprocessors // (problem.N * problem.H))
+        return -(-4 * plan.device.multiprocessors // (problem.N * problem.H))
+
+    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import TritonWKV7, chunk_forward, chunk_prepare
+        cfg_prep, cfg_fwd = plan.configs["chunk_prep"], plan.configs["chunk_fwd_loaded"]
+        per_sequence = self._prep_programs(problem, plan)
+        if problem.needs_grad:
+            return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
+                                    cfg_fwd, plan.configs["chunk_bwd_split"], cfg_prep, per_sequence)
         mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=problem.w_form, cfg=cfg_prep,
                              programs_per_sequence=per_sequence)
         o, ht, _ = chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
-                                 w_form=problem.w_form, cfg=cfg_fwd, store_final=problem.output_final_state,
-                                 mats=mats, mats_mode="load")
+                                 w_form=problem.w_form, cfg=cfg_fwd.with_(chunk_size=cfg_prep.chunk_size),
+                                 store_final=problem.output_final_state, mats=mats, mats_mode="load")
         return o, ht
+
+    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import chunk_backward, chunk_prepare
+        cfg_bwd = plan.configs["chunk_bwd_split"]
+        mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=problem.w_form,
+                             cfg=plan.configs["chunk_prep"].with_(chunk_size=cfg_bwd.chunk_size),
+                             programs_per_sequence=self._prep_programs(problem, plan))
+        return chunk_backward(r, w, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens,
+                              w_form=problem.w_form, cfg_fwd=plan.configs["chunk_fwd_loaded"], cfg_bwd=cfg_bwd,
+                              mats=mats)
 
 
 class TritonRecurrent(Variant):

@@ -22,7 +22,7 @@ def _signature(kernel: str, dtype: str):
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "states", "mats", "chunk_offsets", "cu_seqlens"]
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32", "mats": "*fp32",
                                              "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
-    elif kernel == "chunk_bwd":
+    elif kernel in ("chunk_bwd", "chunk_bwd_split"):
         names = ["r", "w", "k", "v", "a", "b", "do", "dht", "states", "mats", "chunk_offsets", "cu_seqlens",
                  "dr", "dw", "dk", "dv", "da", "db", "dh0"]
         ptr = {n: t for n in names} | {"dht": "*fp32", "states": "*fp32", "mats": "*fp32", "chunk_offsets": "*i64",
@@ -32,13 +32,14 @@ def _signature(kernel: str, dtype: str):
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "cu_seqlens": "*i32"}
     else:
         raise ValueError(f"kernel: unknown kernel {kernel!r}")
-    return ptr | {"scale": "fp32", "T": "i32"}
+    extra = {"part_stride": "i64"} if kernel in ("chunk_bwd", "chunk_bwd_split") else {}
+    return ptr | {"scale": "fp32", "T": "i32"} | extra
 
 
 def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats: int = 1) -> dict:
     from .launch import _pow2
     BK = _pow2(K)
-    BV = min(_pow2(V), cfg.block_v) if kernel != "chunk_bwd" else _pow2(V)
+    BV = min(_pow2(V), cfg.block_v)
     base = dict(H=1, K=K, V=V, BK=BK, BV=BV, W_FORM=0)
     prec = "ieee" if dtype == "float32" else cfg.dot_precision
     if kernel == "chunk_prep":
@@ -49,8 +50,9 @@ def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats
         # variant); chunk_fwd_loaded: MATS=2 loads them.
         return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_STATES=False,
                            MATS=mats if kernel == "chunk_fwd" else 2, IS_VARLEN=False, DOT_PRECISION=prec)
-    if kernel == "chunk_bwd":
-        return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, DOT_PRECISION=prec)
+    if kernel in ("chunk_bwd", "chunk_bwd_split"):
+        return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, SPLIT_V=BV < V,
+                           DOT_PRECISION=prec)
     return base | dict(HAS_STATE=True, STORE_FINAL=True, IS_VARLEN=False)
 
 
@@ -63,7 +65,8 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
 
     from . import wkv7 as kern
     fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_fwd_loaded": kern.chunk_fwd_kernel,
-          "chunk_bwd": kern.chunk_bwd_kernel, "chunk_prep": kern.chunk_prep_kernel,
+          "chunk_bwd": kern.chunk_bwd_kernel, "chunk_bwd_split": kern.chunk_bwd_kernel,
+          "chunk_prep": kern.chunk_prep_kernel,
           "recurrent_fwd": kern.recurrent_fwd_kernel}[kernel]
     const = _constexprs(kernel, cfg, K, V, dtype)
     sig = _signature(kernel, dtype) | {n: "constexpr" for n in const}

@@ -122,7 +122,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = _num_sequences(B, cu_seqlens)
-    # The backward walks the chunks with the forward's chunk size; one program holds all of V.
+    # The backward walks the chunks with the forward's chunk size.
     cfg_states = cfg_fwd.with_(chunk_size=cfg_bwd.chunk_size)
     have = mats is not None and mats.shape[-1] == cfg_bwd.chunk_size
     if not have:
@@ -130,20 +130,26 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     _, _, states = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
                                  cfg=cfg_states, store_o=False, store_final=False, store_states=True, mats=mats,
                                  mats_mode="load" if have else "store")
-    BT, BK, BV = cfg_bwd.chunk_size, _pow2(K), _pow2(V)
+    BT, BK = cfg_bwd.chunk_size, _pow2(K)
+    BV = min(_pow2(V), cfg_bwd.block_v)
+    NV = triton.cdiv(V, BV)
     offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
-    dr, dk, da, db = (torch.empty_like(x) for x in (r, k, a, b))
-    dw = torch.empty_like(w)
+    if NV == 1:
+        dr, dw, dk, da, db = (torch.empty_like(x) for x in (r, w, k, a, b))
+    else:   # each V block's share of the r, w, k, a, b gradients, added below in a fixed order
+        dr, dw, dk, da, db = (torch.empty(NV, *x.shape, dtype=torch.float32, device=x.device) for x in (r, w, k, a, b))
     dv = torch.empty_like(v)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
-    kern.chunk_bwd_kernel[(N * H,)](
+    kern.chunk_bwd_kernel[(NV, N * H)](
         r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
-        dr, dw, dk, dv, da, db, dh0, float(scale), T,
+        dr, dw, dk, dv, da, db, dh0, float(scale), T, 0 if NV == 1 else r.numel(),
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
-        STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
+        STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None, SPLIT_V=NV > 1,
         DOT_PRECISION=_dot_precision(cfg_bwd, k.dtype), **_launch_options(cfg_bwd),
     )
+    if NV > 1:
+        dr, dw, dk, da, db = (g.sum(0).to(x.dtype) for g, x in zip((dr, dw, dk, da, db), (r, w, k, a, b)))
     return dr, dw, dk, dv, da, db, (dh0 if h0 is not None else None)
 
 
@@ -170,12 +176,22 @@ class TritonWKV7(torch.autograd.Function):
     """Chunked forward and backward. Saves the inputs, the initial state and the chunk matrices."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, scale, w_form, cfg_fwd, cfg_bwd):
+    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, scale, w_form, cfg_fwd, cfg_bwd, cfg_prep=None,
+                prep_programs=1):
+        """With `cfg_prep`, the two-pass forward: chunk_prepare builds every chunk's matrices at the
+        backward's chunk size (`prep_programs` programs per sequence), and the forward loads them."""
         mats = None
-        if cfg_bwd.chunk_size == cfg_fwd.chunk_size:
-            mats = empty_mats(k, cu_seqlens, cfg_fwd.chunk_size)
-        o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_fwd,
-                                 mats=mats, mats_mode="build" if mats is None else "store")
+        if cfg_prep is not None:
+            C = cfg_bwd.chunk_size
+            mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=w_form,
+                                 cfg=cfg_prep.with_(chunk_size=C), programs_per_sequence=prep_programs)
+            o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
+                                     cfg=cfg_fwd.with_(chunk_size=C), mats=mats, mats_mode="load")
+        else:
+            if cfg_bwd.chunk_size == cfg_fwd.chunk_size:
+                mats = empty_mats(k, cu_seqlens, cfg_fwd.chunk_size)
+            o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
+                                     cfg=cfg_fwd, mats=mats, mats_mode="build" if mats is None else "store")
         ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens, mats)
         ctx.opts = (scale, w_form, cfg_fwd, cfg_bwd)
         return o, ht
@@ -188,4 +204,4 @@ class TritonWKV7(torch.autograd.Function):
             do = torch.zeros_like(v)
         grads = chunk_backward(r, w, k, v, a, b, h0, do, dht, scale=scale, cu_seqlens=cu_seqlens,
                                w_form=w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd, mats=mats)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)

@@ -362,23 +362,32 @@ def chunk_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Chunked backward: one program per (sequence, head) walks its chunks last to first, carrying the
-# state gradient on chip; chunk start states come from the forward recompute (`states`), the chunk
-# matrices from the forward (`mats`).
+# Chunked backward: one program per (V block, sequence, head) walks its chunks last to first,
+# carrying its columns of the state gradient on chip; chunk start states come from the forward
+# recompute (`states`), the chunk matrices from the forward (`mats`). The gradients of v and of
+# the initial state split by V columns exactly; those of r, w, k, a, b are sums over V, so with
+# several V blocks each program writes its share at offset i_v * part_stride of a float32 buffer
+# and the launcher adds the shares in a fixed order (no atomics: results stay bitwise repeatable).
 
 @triton.jit
 def chunk_bwd_kernel(
     r, w, k, v, a, b, do, dht, states, mats, chunk_offsets, cu_seqlens,
-    dr, dw, dk, dv, da, db, dh0, scale, T,
+    dr, dw, dk, dv, da, db, dh0, scale, T, part_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     W_FORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SPLIT_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    i_nh = tl.program_id(0)
+    i_nh = tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    if SPLIT_V:
+        i_v = tl.program_id(0)
+        part = i_v.to(tl.int64) * part_stride
+    else:                       # one block: constants, so the offsets and masks fold away
+        i_v = 0
+        part = 0
     o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
+    o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     s_tile = o_k[:, None] * V + o_v[None, :]
     rows = tl.arange(0, BT)[:, None]
@@ -486,11 +495,11 @@ def chunk_bwd_kernel(
         dL = (tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG) \
             + (tl.sum(dGm, axis=0)[None, :] - tl.cumsum(dGm, axis=0)) + dG_last[None, :]
         dw_c = _dlog_decay(dL, w_c, L, W_FORM)
-        tl.store(dr + p_k, dr_c.to(dr.dtype.element_ty), mask=m_k)
-        tl.store(dw + p_k, dw_c.to(dw.dtype.element_ty), mask=m_k)
-        tl.store(dk + p_k, dk_c.to(dk.dtype.element_ty), mask=m_k)
-        tl.store(da + p_k, da_c.to(da.dtype.element_ty), mask=m_k)
-        tl.store(db + p_k, db_c.to(db.dtype.element_ty), mask=m_k)
+        tl.store(dr + part + p_k, dr_c.to(dr.dtype.element_ty), mask=m_k)
+        tl.store(dw + part + p_k, dw_c.to(dw.dtype.element_ty), mask=m_k)
+        tl.store(dk + part + p_k, dk_c.to(dk.dtype.element_ty), mask=m_k)
+        tl.store(da + part + p_k, da_c.to(da.dtype.element_ty), mask=m_k)
+        tl.store(db + part + p_k, db_c.to(db.dtype.element_ty), mask=m_k)
         tl.store(dv + p_v, dv_c.to(dv.dtype.element_ty), mask=m_tv)
         dS = dS_prev
     if STORE_DH0:

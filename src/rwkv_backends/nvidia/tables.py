@@ -11,24 +11,32 @@ _DEFAULT = {
     "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
     "chunk_prep": {"64": C(chunk_size=16, block_k=32, num_warps=2), "128": C(chunk_size=16, block_k=32, num_warps=2)},
     "chunk_fwd_loaded": {"64": C(block_v=16, num_warps=4), "128": C(block_v=32, num_warps=4)},
+    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=32, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
     "recurrent_fwd": {"64": C(block_v=16, num_warps=2), "128": C(block_v=32, num_warps=4)},
 }
 
-# sm90 K/V <= 64: `python -m rwkv_backends.tune` on an H100 80GB HBM3, torch 2.11.0+cu130,
-# Triton 3.6.0, 2026-11-27 (benchmarks/tune-sm90-2026-11-27.json; chunk_bwd from
-# tune-sm90-2026-11-27c.json: num_stages 2, 9.79 -> 8.86 ms for recompute + backward on an H100).
-# tf32 applies to 16-bit inputs only; float32 inputs always get "ieee". The 128 bucket is not tuned yet.
+# sm90, measured on an H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27. tf32 applies to
+# 16-bit inputs only; float32 inputs always get "ieee".
+# - K/V <= 64, one-pass kernels: `python -m rwkv_backends.tune` (benchmarks/tune-sm90-2026-11-27.json;
+#   chunk_bwd from tune-sm90-2026-11-27c.json: num_stages 2, 9.79 -> 8.86 ms for recompute + backward).
+# - Two-pass kernels (few sequence x head pairs) and the K/V <= 128 bucket: side-by-side sweeps of
+#   .exp-style scripts recorded in benchmarks/NOTES.md, changes 10-12 (B1 T16384 H32 K64 and
+#   B4 T4096 H16 K128). recurrent_fwd's 128 entry is untuned.
 _SM90 = {
-    "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32"), "128": _DEFAULT["chunk_fwd"]["128"]},
-    "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32"), "128": _DEFAULT["chunk_bwd"]["128"]},
+    "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32"),
+                  "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
+    "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32"),
+                  "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32")},
     "recurrent_fwd": {"64": C(block_v=32, num_warps=4), "128": _DEFAULT["recurrent_fwd"]["128"]},
-    # Two-pass prefill (few sequences x heads), measured side by side on an H100 at B1 T16384 H32
-    # (benchmarks/NOTES.md, change 10): chunk 32, prep 0.59 ms + loaded forward 2.00 ms, against
-    # 5.17 ms for the one-pass forward.
+    # Prefill at B1 T16384 H32: chunk 32, prep 0.59 ms + loaded forward 2.00 ms, against 5.17 ms
+    # for the one-pass forward.
     "chunk_prep": {"64": C(chunk_size=32, block_k=32, num_warps=4, dot_precision="tf32"),
-                   "128": _DEFAULT["chunk_prep"]["128"]},
+                   "128": C(chunk_size=16, block_k=32, num_warps=2, dot_precision="tf32")},
     "chunk_fwd_loaded": {"64": C(chunk_size=32, block_v=16, num_warps=4, dot_precision="tf32"),
-                         "128": _DEFAULT["chunk_fwd_loaded"]["128"]},
+                         "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
+    # Training: recompute + backward 16.6 ms at BV 64 (one program per pair), 14.8 ms at BV 32.
+    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=32, num_warps=8, num_stages=2, dot_precision="tf32"),
+                        "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32")},
 }
 
 TABLES = {
@@ -37,7 +45,7 @@ TABLES = {
 }
 
 PROVENANCE = {
-    "sm90": "K,V <= 64 tuned on an H100 80GB HBM3 (torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27); "
-            "K,V <= 128 untuned",
+    "sm90": "measured on an H100 80GB HBM3 (torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27); "
+            "recurrent_fwd at K,V <= 128 untuned",
     "default": "untuned starting point, not measured",
 }
