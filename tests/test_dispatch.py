@@ -102,6 +102,17 @@ def test_few_sequence_head_pairs_take_the_two_pass_variant():
         assert any("fill the 132 multiprocessors" in r for r in many.rejected["triton.chunk_twopass"])
 
 
+def test_float32_inputs_get_chunks_of_at_most_16():
+    """Chunks of 32 miss the float32 bar in the strong regime; the lookup caps them for float32."""
+    import dataclasses
+    info = dev.profile("nvidia:sm90")
+    bf16 = _problem(info.device_type, B=1, T=16384, H=32, K=64, V=64, needs_grad=False)
+    f32 = dataclasses.replace(bf16, dtype=torch.float32, w_dtype=torch.float32)
+    assert plan(bf16, info, runtime=False).configs["chunk_prep"].chunk_size == 32
+    p = plan(f32, info, runtime=False)
+    assert p.configs["chunk_prep"].chunk_size == 16 and "float32" in p.config_sources["chunk_prep"]
+
+
 @pytest.mark.parametrize("vendor", ["nvidia", "amd", "intel", "musa", "metax"])
 def test_tables_keep_the_two_pass_chunk_sizes_equal(vendor):
     """chunk_fwd_loaded loads what chunk_prep built: one chunk size for both in every table."""
