@@ -240,6 +240,9 @@ def main():
         if best and "ms" in row["ours"]:
             row["speedup_vs_best_peer"] = round(best / row["ours"]["ms"], 2)
         rows.append(row)
+        if args.out:                                        # kept row by row: a run cut short keeps its rows
+            with open(args.out, "w") as f:
+                json.dump({"versions": versions(), "rows": rows, "partial": True}, f, indent=1)
         del x
         torch.cuda.empty_cache()
     result = {"versions": versions(), "rows": rows}
