@@ -220,3 +220,18 @@ def test_stored_chunk_matrices_give_the_same_gradients_as_rebuilt_ones(regime):
     assert all(torch.equal(p, q) for p, q in zip(g_loaded, g_rebuilt))
     with pytest.raises(ValueError, match="mats"):
         launch.chunk_forward(*ins, x["state"], **kw, cfg=cfg, mats_mode="load")
+
+
+@interpreter
+@pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_bwd", "chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split",
+                                    "recurrent_fwd"])
+def test_tune_checks_each_kernels_candidates_against_the_reference(simulate, monkeypatch, kernel):
+    """The tune tool's accuracy gate, run on the CPU through the interpreter: every kernel it sweeps
+    has a runner, and its first candidate stays within SPEC's bf16 ceilings on a small problem (the
+    tool's own, tighter gate is set for K = 64 on the card)."""
+    from rwkv_backends import tune
+    simulate("nvidia:sm90")
+    monkeypatch.setattr(tune, "DEVICE", "cpu")
+    torch.manual_seed(0)
+    cfg = tune.candidates(kernel, "nvidia")[0]
+    assert tune._error(kernel, cfg, 16) <= (2e-2 if kernel in tune.BACKWARD_KERNELS else 1e-2)

@@ -23,6 +23,8 @@ CANDIDATES = {
     "chunk_prep": dict(chunk_size=(16, 32), block_k=(16, 32), num_warps=(2, 4), dot_precision=("tf32",)),
     # Timed on the matrices of chunk_prep's table entry at the same chunk size.
     "chunk_fwd_loaded": dict(chunk_size=(16, 32), block_v=(16, 32, 64), num_warps=(4,), dot_precision=("tf32",)),
+    "chunk_bwd_split": dict(chunk_size=(16,), block_v=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2),
+                            dot_precision=("tf32",)),
     "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
 }
 # Launch options only one vendor's Triton takes, swept as well on that vendor's devices.
@@ -31,13 +33,18 @@ VENDOR_CANDIDATES = {
     # programs, 132 SMs) runs in two waves; capped at 128 it spills more but fits two per SM.
     "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128})}},
 }
+BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split")
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
 MAX_BF16_ERROR = 3.0e-3
 
 
+# Where the sweep runs (a test points it at the CPU and the interpreter).
+DEVICE = "cuda"
+
+
 def _inputs(B, T, H, K, seed):
     from .conformance.cases import Case, make_inputs
-    return make_inputs(Case("forward", "bfloat16", "realistic", B, T, H, K, K), seed, "cuda")
+    return make_inputs(Case("forward", "bfloat16", "realistic", B, T, H, K, K), seed, DEVICE)
 
 
 def _prep_config(chunk_size, K):
@@ -46,7 +53,7 @@ def _prep_config(chunk_size, K):
 
     from .device import detect
     from .tuning import lookup
-    cfg, _ = lookup(detect("cuda"), "chunk_prep", SimpleNamespace(K=K, V=K))
+    cfg, _ = lookup(detect(DEVICE), "chunk_prep", SimpleNamespace(K=K, V=K))
     return cfg.with_(chunk_size=chunk_size)
 
 
@@ -72,7 +79,8 @@ def _runner(kernel, cfg, x, for_error_check=False):
         return lambda: launch.recurrent_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)
     if kernel == "chunk_fwd":
         return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)[:2]
-    # As in training: the forward has stored the chunk matrices, the backward loads them.
+    # chunk_bwd and chunk_bwd_split, as in training: the forward has stored the chunk matrices,
+    # the backward loads them.
     fwd_cfg = KernelConfig(chunk_size=cfg.chunk_size)
     mats = launch.empty_mats(x["k"], None, cfg.chunk_size)
     launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd_cfg, mats=mats,
@@ -87,11 +95,12 @@ def _error(kernel, cfg, K):
     from .reference import wkv7_reference
     T = 4 if kernel == "recurrent_fwd" else 200
     x = _inputs(2, T, 2, K, seed=torch.randint(0, 2 ** 30, ()).item())
-    ins = [x[n].double().requires_grad_(kernel == "chunk_bwd") for n in ("r", "w", "k", "v", "a", "b")]
-    st = x["state"].double().requires_grad_(kernel == "chunk_bwd")
+    backward = kernel in BACKWARD_KERNELS
+    ins = [x[n].double().requires_grad_(backward) for n in ("r", "w", "k", "v", "a", "b")]
+    st = x["state"].double().requires_grad_(backward)
     o_ref, s_ref = wkv7_reference(*ins, st)
     out = _runner(kernel, cfg, x, for_error_check=True)()
-    if kernel != "chunk_bwd":
+    if not backward:
         return relative_error(out[0], o_ref)
     (o_ref * x["do"].double()).sum().add((s_ref * x["dstate"]).sum()).backward()
     return max(relative_error(g, t.grad) for g, t in zip(out[:6], ins))
@@ -111,7 +120,7 @@ def sweep(kernel, shape, K, vendor):
     for cfg in candidates(kernel, vendor):
         try:
             err = _error(kernel, cfg, K)
-            limit = MAX_BF16_ERROR * (2 if kernel == "chunk_bwd" else 1)
+            limit = MAX_BF16_ERROR * (2 if kernel in BACKWARD_KERNELS else 1)
             if not err <= limit:
                 print(f"  drop {cfg}: error {err:.2e} > {limit:.1e}", flush=True)
                 continue
@@ -127,7 +136,7 @@ def sweep(kernel, shape, K, vendor):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwkv_backends.tune", description=__doc__)
-    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,recurrent_fwd")
+    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,chunk_prep,chunk_fwd_loaded,chunk_bwd_split,recurrent_fwd")
     p.add_argument("--K", type=int, default=64, help="head size to tune (table bucket 64 or 128)")
     p.add_argument("--out", default="", help="write the table entry as JSON here")
     args = p.parse_args(argv)
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
     info = detect("cuda")
     shapes = {"chunk_fwd": (8, 4096, 32), "chunk_bwd": (8, 4096, 32), "recurrent_fwd": (256, 1, 32),
               # the two-pass prefill serves few (sequence, head) pairs: one long sequence
-              "chunk_prep": (1, 16384, 32), "chunk_fwd_loaded": (1, 16384, 32)}
+              "chunk_prep": (1, 16384, 32), "chunk_fwd_loaded": (1, 16384, 32), "chunk_bwd_split": (1, 16384, 32)}
     if args.K > 64:
         shapes = {k: (max(1, b // 2), t, max(1, h // 2)) for k, (b, t, h) in shapes.items()}
     entry = {}
