@@ -1,7 +1,9 @@
 """The compat adapters against the float64 reference (always) and the peers themselves (on a GPU
 when they import; skipped otherwise)."""
 
+import importlib
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -207,3 +209,26 @@ def test_rwkv_fla_adapters_match_rwkv_fla_on_gpu():
     o_p, s_p = peer.fused_recurrent_rwkv7(**kwd, scale=1.0)
     assert relative_error(o, o_p.float()) < 1e-2 and relative_error(s, s_p.float()) < 1e-2
 
+
+
+def _rwkvlm_peer():
+    """RWKV-LM ships no package: its CUDA kernel is built from the repository's sources by its own
+    training script. Point RWKV_LM_OP at the built op as "module:function" (for example a module
+    that loads wkv7_cuda.cu with HEAD_SIZE=64 and defines RUN_CUDA_RWKV7g) to run this check."""
+    spec = os.environ.get("RWKV_LM_OP", "")
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name or "RUN_CUDA_RWKV7g")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU or not os.environ.get("RWKV_LM_OP"),
+                    reason="needs a GPU and RWKV-LM's built op in RWKV_LM_OP=module:function")
+def test_rwkvlm_adapter_matches_rwkv_lm_on_gpu():
+    theirs = _rwkvlm_peer()
+    x = _x("raw", B=2, T=128, H=4, K=64, V=64, device="cuda", dtype="bfloat16")
+    flat = [x[n].reshape(2, 128, -1).contiguous() for n in NAMES]
+    o = rwkvlm.RUN_CUDA_RWKV7g(*flat, head_size=64)
+    o_peer = theirs(*flat)
+    assert relative_error(o.float(), o_peer.float()) < 1e-2
