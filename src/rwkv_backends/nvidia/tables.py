@@ -19,9 +19,11 @@ _DEFAULT = {
 # 16-bit inputs only; float32 inputs always get "ieee".
 # - K/V <= 64, one-pass kernels: `python -m rwkv_backends.tune` (benchmarks/tune-sm90-2026-11-27.json;
 #   chunk_bwd from tune-sm90-2026-11-27c.json: num_stages 2, 9.79 -> 8.86 ms for recompute + backward).
-# - Two-pass kernels (few sequence x head pairs) and the K/V <= 128 bucket: side-by-side sweeps of
-#   .exp-style scripts recorded in benchmarks/NOTES.md, changes 10-12 (B1 T16384 H32 K64 and
-#   B4 T4096 H16 K128). recurrent_fwd's 128 entry is untuned.
+# - Two-pass kernels (few sequence x head pairs) and the K/V <= 128 bucket: hand-run side-by-side
+#   sweeps at B1 T16384 H32 K64 and B4 T4096 H16 K128, recorded in benchmarks/NOTES.md (changes
+#   11-15), made before the tune tool learnt these kernels. Regenerate them with
+#   `python -m rwkv_backends.tune --kernels chunk_prep,chunk_fwd_loaded,chunk_bwd_split` (and --K 128).
+#   recurrent_fwd's 128 entry is untuned.
 _SM90 = {
     "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32"),
                   "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
