@@ -5,6 +5,7 @@ import torch
 
 import rwkv_backends as rb
 from rwkv_backends.conformance import Case, make_inputs, relative_error
+from rwkv_backends.reference import wkv7_reference
 
 NAMES = ("r", "w", "k", "v", "a", "b")
 
@@ -139,3 +140,45 @@ def test_backend_forced_through_environment(monkeypatch):
     monkeypatch.setenv("RWKV_BACKENDS_BACKEND", "nope")
     with pytest.raises(ValueError, match="RWKV_BACKENDS_BACKEND"):
         _call(_x())
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("profile", [None, "nvidia:sm90"])
+def test_a_16_bit_decode_state_stays_16_bit(simulate, profile, state_dtype):
+    """Opt-in 16-bit state: decode keeps it in its dtype, and each step is the float32 step on the
+    upcast state, rounded once (pytorch.chunk on the CPU, triton.recurrent through the interpreter)."""
+    import os
+    if profile is not None:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("interpreter run")
+        simulate(profile)
+    x = make_inputs(Case("forward", "bfloat16", "realistic", 2, 1, 4, 32, 32), 3, "cpu")
+    state = x["state"].to(state_dtype)
+    o, s = rb.wkv7(*(x[n] for n in NAMES), state)
+    assert s.dtype == state_dtype and o.dtype == torch.bfloat16
+    o_ref, s_ref = wkv7_reference(*(x[n].double() for n in NAMES), state.double())
+    assert relative_error(o, o_ref) < 1e-2 and relative_error(s, s_ref) < 1e-2
+    assert rb.explain(*(x[n] for n in NAMES), state)["variant"] == ("pytorch.chunk" if profile is None
+                                                                     else "triton.recurrent")
+
+
+def test_a_16_bit_state_is_refused_by_the_chunk_variants_with_a_reason(simulate):
+    simulate("nvidia:sm90")
+    x = make_inputs(Case("forward", "bfloat16", "realistic", 1, 40, 2, 32, 32), 3, "cpu")
+    leaves = [x[n].requires_grad_(True) for n in NAMES]
+    state = x["state"].bfloat16().requires_grad_(True)
+    e = rb.explain(*leaves, state)
+    assert e["variant"] == "pytorch.chunk"
+    assert any("bfloat16 state" in r for r in e["rejected"]["triton.chunk"])
+
+
+def test_gradients_reach_a_16_bit_state():
+    x = make_inputs(Case("forward", "float32", "realistic", 1, 20, 2, 16, 16), 4, "cpu")
+    state = x["state"].bfloat16().requires_grad_(True)
+    o, s = rb.wkv7(*(x[n] for n in NAMES), state, backend="pytorch")
+    assert s.dtype == torch.bfloat16
+    (o.sum() + s.float().sum()).backward()
+    ref = state.detach().double().requires_grad_(True)
+    o_ref, s_ref = wkv7_reference(*(x[n].double() for n in NAMES), ref)
+    (o_ref.sum() + s_ref.sum()).backward()
+    assert state.grad.dtype == torch.bfloat16 and relative_error(state.grad, ref.grad) < 1e-2

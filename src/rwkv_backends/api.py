@@ -21,8 +21,9 @@ def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=No
          output_final_state=True, backend=None):
     """RWKV-7's WKV7 recurrence (SPEC §1).
 
-    r, w, k, a, b: [B, T, H, K]; v: [B, T, H, V]; state: [N, H, K, V] float32 or None.
-    Returns (o [B, T, H, V] in v's dtype, state_out [N, H, K, V] float32 or None).
+    r, w, k, a, b: [B, T, H, K]; v: [B, T, H, V]; state: [N, H, K, V] float32 or None (bfloat16 or
+    float16 opts into a 16-bit decode state). Returns (o [B, T, H, V] in v's dtype, state_out
+    [N, H, K, V] in the state's dtype, float32 without a state; or None).
     Differentiable with respect to r, w, k, v, a, b and state.
     """
     if torch.compiler.is_compiling():
@@ -44,6 +45,8 @@ def eager_wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seql
     o, state_out = plan.variant.run(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
     if o.dtype != v.dtype:
         o = o.to(v.dtype)
+    if state_out is not None and state_out.dtype != problem.state_dtype:
+        state_out = state_out.to(problem.state_dtype)
     return o, (state_out if output_final_state else None)
 
 

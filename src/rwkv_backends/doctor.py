@@ -31,7 +31,7 @@ def _problem(device_type, B, T, H, K, V, needs_grad):
     from .problem import Problem
     return Problem(B=B, T=T, H=H, K=K, V=V, N=B, dtype=torch.bfloat16, w_dtype=torch.bfloat16,
                    device_type=device_type, w_form="log", scale=1.0, varlen=False, has_state=True,
-                   output_final_state=True, needs_grad=needs_grad)
+                   output_final_state=True, needs_grad=needs_grad, state_dtype=torch.float32)
 
 
 def _check(name, status, detail):

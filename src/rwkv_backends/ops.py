@@ -37,7 +37,8 @@ def wkv7_op(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, st
 def _(r, w, k, v, a, b, state, cu_seqlens, w_form, scale, backend):
     B, T, H, K = k.shape
     N = _n_sequences(k, state, cu_seqlens)
-    return v.new_empty(B, T, H, v.shape[-1]), k.new_empty(N, H, K, v.shape[-1], dtype=torch.float32)
+    state_dtype = state.dtype if state is not None else torch.float32
+    return v.new_empty(B, T, H, v.shape[-1]), k.new_empty(N, H, K, v.shape[-1], dtype=state_dtype)
 
 
 @torch.library.custom_op("rwkv_backends::wkv7_backward", mutates_args=())
@@ -55,7 +56,7 @@ def wkv7_backward_op(do: Tensor, dstate: Tensor, r: Tensor, w: Tensor, k: Tensor
     grads = plan.variant.backward(r, w, k, v, a, b, state, do, dstate, problem=problem, plan=plan,
                                   cu_seqlens=cu_seqlens)
     out = [g.contiguous() for g in grads[:6]]
-    out.append(grads[6] if state is not None else k.new_empty(0, dtype=torch.float32))
+    out.append(grads[6].to(state.dtype) if state is not None else k.new_empty(0, dtype=torch.float32))
     return out
 
 
@@ -78,7 +79,7 @@ def _backward(ctx, do, dstate):
         do = torch.zeros_like(v)
     if dstate is None:
         dstate = k.new_zeros(_n_sequences(k, state, cu_seqlens), k.shape[2], k.shape[3], v.shape[-1],
-                             dtype=torch.float32)
+                             dtype=state.dtype if state is not None else torch.float32)
     grads = wkv7_backward_op(do, dstate, r, w, k, v, a, b, state, cu_seqlens, *ctx.opts)
     return (*grads[:6], grads[6] if state is not None else None, None, None, None, None)
 

@@ -13,6 +13,10 @@ import torch
 from .reference import W_FORMS
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The state is float32 (SPEC §1). A 16-bit state is an opt-in for decode: it halves the bytes a
+# decode step moves, at the accuracy measured in benchmarks/RESULTS.md; variants that cannot keep
+# one say so (registry reasons).
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Up to this many tokens per sequence, a call without gradients counts as decode.
 DECODE_MAX_TOKENS = 16
 
@@ -35,6 +39,7 @@ class Problem:
     varlen: bool
     has_state: bool
     output_final_state: bool
+    state_dtype: torch.dtype   # float32 unless the caller passes a 16-bit state
     needs_grad: bool
 
     @property
@@ -120,8 +125,9 @@ def validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final
         _check_tensor("state", state)
         if tuple(state.shape) != (N, H, K, V):
             raise ValueError(f"state: expected shape [N, H, K, V] = {(N, H, K, V)}, got {tuple(state.shape)}")
-        if state.dtype != torch.float32:
-            raise TypeError(f"state: expected dtype float32, got {state.dtype}")
+        if state.dtype not in STATE_DTYPES:
+            raise TypeError(f"state: expected dtype float32 (or bfloat16/float16 for a 16-bit decode state), "
+                            f"got {state.dtype}")
         if state.device != device:
             raise ValueError(f"state: expected a tensor on {device} (the device of k), got one on {state.device}")
 
@@ -131,6 +137,7 @@ def validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final
         B=B, T=T, H=H, K=K, V=V, N=N, dtype=dtype, w_dtype=w.dtype, device_type=device.type,
         w_form=w_form, scale=float(scale), varlen=cu_seqlens is not None, has_state=state is not None,
         output_final_state=output_final_state, needs_grad=needs_grad,
+        state_dtype=state.dtype if state is not None else torch.float32,
     )
 
 

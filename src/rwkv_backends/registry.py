@@ -33,6 +33,7 @@ class Variant:
     name: str = ""
     backend: str = ""
     kernels: tuple = ()            # table keys of the kernels it launches (see config.KERNELS)
+    state_dtypes: tuple = ("float32",)   # state dtypes it keeps (problem.STATE_DTYPES lists the options)
 
     def reasons(self, problem: Problem, device: DeviceInfo, runtime: bool = True) -> list:
         """Why this variant cannot take `problem` on `device` (empty: it can). With runtime=False
@@ -124,6 +125,9 @@ def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: s
             rejected[name] = [f"not the forced backend {forced!r}"]
             continue
         reasons = list(variant.reasons(problem, device, runtime))
+        state_dtype = str(problem.state_dtype).replace("torch.", "")
+        if state_dtype not in variant.state_dtypes:
+            reasons.append(f"{state_dtype} state: keeps only a {'/'.join(variant.state_dtypes)} state")
         if variant.backend == "triton":
             reasons += [f"{i.id}: {i.summary}" for i in issues if i.refuses]
         if reasons:

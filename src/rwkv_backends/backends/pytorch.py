@@ -11,22 +11,24 @@ class PyTorchChunk(Variant):
     name = "pytorch.chunk"
     backend = "pytorch"
     kernels = ()
+    state_dtypes = ("float32", "bfloat16", "float16")   # computes in float32; wkv7 casts the state back
 
     def reasons(self, problem, device, runtime=True):
         return []
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
         L = log_decay(w.float(), problem.w_form)
+        state = state.float() if state is not None else None
         return run_chunked(r, L, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens, chunk=DEFAULT_CHUNK)
 
     def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
         w32 = w.float()
         L = log_decay(w32, problem.w_form)
         dr, dL, dk, dv, da, db, dst = run_chunked_backward(
-            r, L, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens, chunk=DEFAULT_CHUNK)
+            r, L, k, v, a, b, state.float() if state is not None else None, do, dstate.float(), scale=problem.scale, cu_seqlens=cu_seqlens, chunk=DEFAULT_CHUNK)
         dw = dL.float() * dlog_decay_dw(w32, L, problem.w_form)
         grads = [g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), (r, w, k, v, a, b))]
-        return (*grads, dst if state is not None else None)
+        return (*grads, dst.to(state.dtype) if state is not None else None)
 
 
 register(PyTorchChunk())

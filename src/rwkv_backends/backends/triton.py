@@ -124,6 +124,7 @@ class TritonRecurrent(Variant):
     name = "triton.recurrent"
     backend = "triton"
     kernels = ("recurrent_fwd",)
+    state_dtypes = ("float32", "bfloat16", "float16")   # loads and stores it as given, computes in float32
 
     def reasons(self, problem, device, runtime=True):
         reasons = common_reasons(problem, device, runtime)

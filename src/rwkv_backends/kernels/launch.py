@@ -161,7 +161,8 @@ def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: K
     BK = _pow2(K)
     BV = min(_pow2(V), cfg.block_v)
     o = torch.empty_like(v)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else v
+    state_dtype = h0.dtype if h0 is not None else torch.float32          # a 16-bit state stays 16-bit
+    ht = torch.empty(N, H, K, V, dtype=state_dtype, device=k.device) if store_final else v
     grid = (triton.cdiv(V, BV), N * H)
     kern.recurrent_fwd_kernel[grid](
         r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, cu_seqlens if cu_seqlens is not None else v,

@@ -99,7 +99,7 @@ def recurrent_fwd_kernel(
     s_off = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_STATE:
-        S += tl.load(h0 + s_off, mask=m_kv, other=0.0)
+        S += tl.load(h0 + s_off, mask=m_kv, other=0.0).to(tl.float32)       # float32, or a 16-bit state
     for t in range(bos, eos):
         p_k = (t * H + i_h) * K + o_k
         p_v = (t * H + i_h) * V + o_v
@@ -115,7 +115,7 @@ def recurrent_fwd_kernel(
         o_t = tl.sum(S * r_t[:, None], axis=0) * scale
         tl.store(o + p_v, o_t.to(o.dtype.element_ty), mask=m_v)
     if STORE_FINAL:
-        tl.store(ht + s_off, S, mask=m_kv)
+        tl.store(ht + s_off, S.to(ht.dtype.element_ty), mask=m_kv)
 
 
 # ---------------------------------------------------------------------------------------------
