@@ -67,9 +67,9 @@ def _runner(kernel, cfg, x, for_error_check=False):
         if not for_error_check:
             return prep
         # For the error check: the loaded forward's output on these matrices.
-        fwd = KernelConfig(chunk_size=cfg.chunk_size, block_v=64, dot_precision=cfg.dot_precision)
-        return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd,
-                                            mats=prep(), mats_mode="load")[:2]
+        fwd = KernelConfig(block_v=64, dot_precision=cfg.dot_precision)
+        return lambda: launch.twopass_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
+                                              cfg_prep=cfg, cfg_fwd=fwd, programs_per_sequence=16)[:2]
     if kernel == "chunk_fwd_loaded":
         prep_cfg = _prep_config(cfg.chunk_size, x["k"].shape[-1])
         mats = launch.chunk_prepare(*prep_args, cu_seqlens=None, w_form="log", cfg=prep_cfg, programs_per_sequence=16)

@@ -24,8 +24,10 @@ class PyTorchChunk(Variant):
     def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
         w32 = w.float()
         L = log_decay(w32, problem.w_form)
+        state32 = state.float() if state is not None else None
         dr, dL, dk, dv, da, db, dst = run_chunked_backward(
-            r, L, k, v, a, b, state.float() if state is not None else None, do, dstate.float(), scale=problem.scale, cu_seqlens=cu_seqlens, chunk=DEFAULT_CHUNK)
+            r, L, k, v, a, b, state32, do, dstate.float(), scale=problem.scale, cu_seqlens=cu_seqlens,
+            chunk=DEFAULT_CHUNK)
         dw = dL.float() * dlog_decay_dw(w32, L, problem.w_form)
         grads = [g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), (r, w, k, v, a, b))]
         return (*grads, dst.to(state.dtype) if state is not None else None)

@@ -96,17 +96,15 @@ class TritonChunkTwoPass(Variant):
         return -(-4 * plan.device.multiprocessors // (problem.N * problem.H))
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import TritonWKV7, chunk_forward, chunk_prepare
+        from ..kernels.launch import TritonWKV7, twopass_forward
         cfg_prep, cfg_fwd = plan.configs["chunk_prep"], plan.configs["chunk_fwd_loaded"]
         per_sequence = self._prep_programs(problem, plan)
         if problem.needs_grad:
             return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
                                     cfg_fwd, plan.configs["chunk_bwd_split"], cfg_prep, per_sequence)
-        mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=problem.w_form, cfg=cfg_prep,
-                             programs_per_sequence=per_sequence)
-        o, ht, _ = chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
-                                 w_form=problem.w_form, cfg=cfg_fwd.with_(chunk_size=cfg_prep.chunk_size),
-                                 store_final=problem.output_final_state, mats=mats, mats_mode="load")
+        o, ht, _ = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
+                                   w_form=problem.w_form, cfg_prep=cfg_prep, cfg_fwd=cfg_fwd,
+                                   programs_per_sequence=per_sequence, store_final=problem.output_final_state)
         return o, ht
 
     def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):

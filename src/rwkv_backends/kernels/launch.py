@@ -114,6 +114,18 @@ def chunk_prepare(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, progr
     return mats
 
 
+def twopass_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_prep: KernelConfig,
+                    cfg_fwd: KernelConfig, programs_per_sequence: int, store_final=True):
+    """Pass 1 builds every chunk's matrices (chunk_prepare), pass 2 walks the chunks loading them,
+    both at cfg_prep's chunk size. Returns (o, final state or None, the chunk matrices)."""
+    mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_prep,
+                         programs_per_sequence=programs_per_sequence)
+    o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
+                             cfg=cfg_fwd.with_(chunk_size=cfg_prep.chunk_size), store_final=store_final,
+                             mats=mats, mats_mode="load")
+    return o, ht, mats
+
+
 def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                    cfg_fwd: KernelConfig, cfg_bwd: KernelConfig, mats=None):
     """Gradients (dr, dw, dk, dv, da, db, dh0). `mats`: the chunk matrices a forward stored at the
@@ -183,11 +195,9 @@ class TritonWKV7(torch.autograd.Function):
         backward's chunk size (`prep_programs` programs per sequence), and the forward loads them."""
         mats = None
         if cfg_prep is not None:
-            C = cfg_bwd.chunk_size
-            mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=w_form,
-                                 cfg=cfg_prep.with_(chunk_size=C), programs_per_sequence=prep_programs)
-            o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
-                                     cfg=cfg_fwd.with_(chunk_size=C), mats=mats, mats_mode="load")
+            o, ht, mats = twopass_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
+                                          cfg_prep=cfg_prep.with_(chunk_size=cfg_bwd.chunk_size), cfg_fwd=cfg_fwd,
+                                          programs_per_sequence=prep_programs)
         else:
             if cfg_bwd.chunk_size == cfg_fwd.chunk_size:
                 mats = empty_mats(k, cu_seqlens, cfg_fwd.chunk_size)
