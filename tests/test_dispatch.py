@@ -217,3 +217,23 @@ def test_tune_sweeps_vendor_only_launch_options_on_that_vendor():
     assert any(dict(c.vendor_options) == {"maxnreg": 128} for c in nvidia)
     assert len(nvidia) == 2 * len(candidates("chunk_bwd", "amd"))
     assert all(not c.vendor_options for c in candidates("chunk_bwd", "amd"))
+
+
+def test_tune_gives_the_prep_and_the_loaded_forward_one_chunk_size():
+    """Fastest alone, the prep is at chunk 16 and the loaded forward at 32; they must share one, the
+    one with the least summed time (these numbers are the H100's sweep of 2026-11-27)."""
+    from rwkv_backends.tune import pick
+    ranked = {
+        "chunk_prep": [(0.355, 0.0, KernelConfig(chunk_size=16, block_k=32, num_warps=2)),
+                       (0.416, 0.0, KernelConfig(chunk_size=32, block_k=32, num_warps=2)),
+                       (0.602, 0.0, KernelConfig(chunk_size=32, block_k=32, num_warps=4))],
+        "chunk_fwd_loaded": [(1.980, 0.0, KernelConfig(chunk_size=32, block_v=16)),
+                             (2.998, 0.0, KernelConfig(chunk_size=16, block_v=16))],
+        "chunk_bwd_split": [(17.8, 0.0, KernelConfig(chunk_size=16, block_v=16))],
+    }
+    best = pick(ranked)
+    assert best["chunk_prep"][2] == KernelConfig(chunk_size=32, block_k=32, num_warps=2)
+    assert best["chunk_fwd_loaded"][2] == KernelConfig(chunk_size=32, block_v=16)
+    assert best["chunk_bwd_split"] is ranked["chunk_bwd_split"][0]
+    # Swept alone, a kernel keeps its fastest config.
+    assert pick({"chunk_prep": ranked["chunk_prep"]})["chunk_prep"][0] == 0.355
