@@ -16,28 +16,34 @@ _DEFAULT = {
 }
 
 # sm90, measured on an H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27. tf32 applies to
-# 16-bit inputs only; float32 inputs always get "ieee".
-# - K/V <= 64, one-pass kernels: `python -m rwkv_backends.tune` (benchmarks/tune-sm90-2026-11-27.json;
-#   chunk_bwd from tune-sm90-2026-11-27c.json: num_stages 2, 9.79 -> 8.86 ms for recompute + backward).
-# - Two-pass kernels (few sequence x head pairs) and the K/V <= 128 bucket: hand-run side-by-side
-#   sweeps at B1 T16384 H32 K64 and B4 T4096 H16 K128, recorded in benchmarks/NOTES.md (changes
-#   11-15), made before the tune tool learnt these kernels. Regenerate them with
-#   `python -m rwkv_backends.tune --kernels chunk_prep,chunk_fwd_loaded,chunk_bwd_split` (and --K 128).
-#   recurrent_fwd's 128 entry is untuned.
+# 16-bit inputs only; float32 inputs always get "ieee". Every entry comes from
+# `python -m rwkv_backends.tune` on that card:
+# - chunk_fwd and chunk_bwd, K/V <= 64: benchmarks/tune-sm90-2026-11-27.json; chunk_bwd from
+#   tune-sm90-2026-11-27c.json (num_stages 2: 9.79 -> 8.86 ms for recompute + backward).
+# - the two-pass kernels and recurrent_fwd at K/V <= 64: tune-sm90-2026-11-27-twopass64.json, at
+#   B1 T16384 H32 (the prep and the loaded forward share the chunk size with the least summed time).
+# - the two-pass kernels at K/V <= 128: tune-sm90-2026-11-27-twopass128b.json, at the issue's
+#   B4 T4096 H16 (chunk_prep and recurrent_fwd from -twopass128.json, at B1 T16384 H16 and B128 T1 H16).
+# - chunk_fwd and chunk_bwd at K/V <= 128 reuse the 64 bucket's launch shapes: not swept at 128.
 _SM90 = {
     "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32"),
                   "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
     "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32"),
                   "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32")},
-    "recurrent_fwd": {"64": C(block_v=32, num_warps=4), "128": _DEFAULT["recurrent_fwd"]["128"]},
-    # Prefill at B1 T16384 H32: chunk 32, prep 0.59 ms + loaded forward 2.00 ms, against 5.17 ms
-    # for the one-pass forward.
-    "chunk_prep": {"64": C(chunk_size=32, block_k=32, num_warps=4, dot_precision="tf32"),
+    # fp32 state: BV 32 and BV 64 tie (98.2 and 98.3 us at B256 H32, interleaved); a 16-bit state
+    # runs 72 us at BV 32 and 65 us at BV 64, so 64.
+    "recurrent_fwd": {"64": C(block_v=64, num_warps=4), "128": C(block_v=32, num_warps=2)},
+    # Prefill at B1 T16384 H32: chunk 32, prep 0.42 ms + loaded forward 1.98 ms (chunk 16: 0.35 + 3.00).
+    # At K = V = 128, the B4 T4096 H16 (64 pairs): chunk 16, prep 0.51 ms + loaded forward
+    # 1.15 ms (chunk 32: 0.51 + 1.31).
+    "chunk_prep": {"64": C(chunk_size=32, block_k=32, num_warps=2, dot_precision="tf32"),
                    "128": C(chunk_size=16, block_k=32, num_warps=2, dot_precision="tf32")},
     "chunk_fwd_loaded": {"64": C(chunk_size=32, block_v=16, num_warps=4, dot_precision="tf32"),
                          "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
-    # Training: recompute + backward 16.6 ms at BV 64 (one program per pair), 14.8 ms at BV 32.
-    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=32, num_warps=8, num_stages=2, dot_precision="tf32"),
+    # Training at B1 T16384 H32, recompute + backward: BV 16 17.8 ms, BV 32 18.2, BV 64 20.2. The best
+    # V split depends on the pair count: at K = V = 128, B4 T4096 H16, BV 64 12.2 ms and BV 16
+    # 19.3 (four waves of programs), while 16 pairs (B1 T16384 H16) preferred BV 16.
+    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=16, num_warps=4, num_stages=2, dot_precision="tf32"),
                         "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32")},
 }
 
@@ -48,6 +54,6 @@ TABLES = {
 
 PROVENANCE = {
     "sm90": "measured on an H100 80GB HBM3 (torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27); "
-            "recurrent_fwd at K,V <= 128 untuned",
+            "chunk_fwd and chunk_bwd at K,V <= 128 not swept (the 64 bucket's shapes)",
     "default": "untuned starting point, not measured",
 }
