@@ -164,6 +164,43 @@ def test_expanded_gradients_and_transposed_state(simulate):
 
 @requires_gpu
 @pytest.mark.gpu
+def test_cached_decode_launch_matches_the_jit_launch(monkeypatch):
+    """launch_cached reuses the compiled decode kernel. Inputs that differ in what Triton
+    specializes on (views off 16-byte alignment, another dtype, T = 1, 5 or 16) must get a kernel of
+    their own: every call matches Triton's own launch bit for bit."""
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.conformance import Case, make_inputs
+    from rwkv_backends.kernels import launch
+
+    def misaligned(t):                   # same values, contiguous, data pointer 1 element past 16 bytes
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    def calls():
+        out = []
+        for dtype, T in (("bfloat16", 1), ("float32", 1), ("bfloat16", 5), ("bfloat16", 16)):
+            x = make_inputs(Case("forward", dtype, "realistic", 2, T, 4, 64, 64), T, "cuda")
+            ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+            for shift in (False, True, False):
+                args = [misaligned(t) for t in ins] if shift else ins
+                state = misaligned(x["state"]) if shift else x["state"]
+                assert shift == (args[0].data_ptr() % 16 != 0)
+                out.append(launch.recurrent_forward(*args, state, scale=0.5, cu_seqlens=None, w_form="log",
+                                                    cfg=KernelConfig(block_v=32)))
+        return out
+
+    cached = calls() + calls()           # the second round takes the cached kernels only
+    monkeypatch.setattr(launch, "FAST_LAUNCH_TRITON", ())
+    jit = calls() + calls()
+    assert len(cached) == len(jit) == 24
+    for (o1, s1), (o2, s2) in zip(cached, jit):
+        assert torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
+@requires_gpu
+@pytest.mark.gpu
 def test_cuda_graph_decode_replays_like_eager():
     """100 decode steps, the state carried from step to step, captured as one CUDA graph: replayed
     from two different start states, it matches eager bit for bit (no host sync, no allocation)."""
