@@ -4,7 +4,9 @@
         [--out results.json] [--cold] [--dispatch] [--plot speedup.png [--plot-T 1024,2048,4096,8192]]
 
 --dispatch adds the host cost of one B=1 decode call: `wkv7` (validation, cached plan, launch), the
-bare kernel launch under it, each peer, and one step of a captured CUDA graph.
+bare kernel launch under it (through our cached compiled kernel, and through Triton's JIT
+dispatch), each peer, and one step of a captured CUDA graph; and the GPU time per decode step of
+each implementation with the host out of the way (32 steps captured in one CUDA graph).
 
 --plot adds a sweep over T (prefill and training, B8 H32 K64) and draws our speedup over each peer
 against T into a PNG (needs matplotlib; the numbers also go to --out and the printed table).
@@ -187,6 +189,14 @@ def dispatch_overhead(peers):
     }
     fns.update({n: PEERS[n](x, "decode") for n in peers})
     out = {name: round(host_us_per_call(fn), 1) for name, fn in fns.items()}
+    cached = launch.FAST_LAUNCH_TRITON
+    launch.FAST_LAUNCH_TRITON = ()                       # the same launch through Triton's JIT dispatch
+    try:
+        out["bare launch, Triton's JIT dispatch"] = round(host_us_per_call(fns["bare launch"]), 1)
+        out["wkv7, Triton's JIT dispatch"] = round(host_us_per_call(fns["wkv7"]), 1)
+    finally:
+        launch.FAST_LAUNCH_TRITON = cached
+    out["wkv7 again"] = round(host_us_per_call(fns["wkv7"]), 1)
     out["plan"] = plan.variant.name
     graph = torch.cuda.CUDAGraph()
     fns["wkv7"]()
@@ -194,7 +204,33 @@ def dispatch_overhead(peers):
     with torch.cuda.graph(graph):
         rb.wkv7(*args, x["h0"])
     out["wkv7 in a CUDA graph (per replay)"] = round(host_us_per_call(graph.replay), 1)
+    for name in ["wkv7"] + list(peers):
+        try:
+            out[f"GPU us per step, 32 steps in one CUDA graph: {name}"] = round(graph_step_us(fns[name]), 2)
+        except Exception as exc:  # a peer that cannot be captured is reported, not fatal
+            out[f"GPU us per step, 32 steps in one CUDA graph: {name}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
+
+
+def graph_step_us(fn, steps=32, replays=200):
+    """GPU time per call with the host out of the way: `steps` calls captured in one CUDA graph,
+    replayed back to back between two events. At B=1 this is the kernels' own time, which is what
+    a server that replays graphs pays per token."""
+    fn()                                            # compile / autotune before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            fn()
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * steps)
 
 
 def versions():
