@@ -49,6 +49,24 @@ def test_bad_options_name_the_argument(kw, exc, name):
         _call(_x(), **kw)
 
 
+def test_cached_validation_still_rejects_after_a_good_call():
+    """validate() keeps the Problem of metadata it has accepted. Look-alike arguments that hash the
+    same (scale=True after scale=1.0, output_final_state=1 after True) are still rejected, and a
+    change of requires_grad or of grad mode is a new problem."""
+    x = _x()
+    _call(x, scale=1.0)
+    with pytest.raises(TypeError, match="scale"):
+        _call(x, scale=True)
+    with pytest.raises(TypeError, match="output_final_state"):
+        _call(x, output_final_state=1)
+    for n in ("r", "w", "k", "v", "a", "b"):
+        x[n].requires_grad_(True)
+    problem = rb.explain(*(x[n] for n in NAMES), x["state"])["problem"]
+    assert "training" in problem
+    with torch.no_grad():
+        assert "training" not in rb.explain(*(x[n] for n in NAMES), x["state"])["problem"]
+
+
 @pytest.mark.parametrize("cu, msg", [
     ([0, 5, 3, 20], "non-decreasing"), ([1, 20], "start at 0"), ([0, 19], "end at T"),
 ])
