@@ -170,9 +170,9 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
 # runner, and decode at small batch is host-bound. So the decode kernel's launches reuse the
 # compiled kernel under a key covering what Triton specializes a kernel on: each tensor's dtype and
 # 16-byte alignment; each integer's width, whether it is 1 (compiled in as a constant: T = 1 for
-# decode) and whether 16 divides it; the constexprs, the launch options, the device. Only on Triton
-# versions this was checked against (bitwise equal to the JIT launch, tests/test_triton_kernels.py);
-# others, and the interpreter, take the JIT launch.
+# decode) and whether 16 divides it; the constexprs, the launch options, the device. Only where this
+# was checked (bitwise equal to the JIT launch, tests/test_triton_kernels.py): NVIDIA devices and
+# these Triton versions. Other vendors, other versions and the interpreter take the JIT launch.
 FAST_LAUNCH_TRITON = ("3.6.",)
 _COMPILED: dict = {}
 _COMPILED_MAX = 512
@@ -188,9 +188,12 @@ def _arg_class(x):
 
 def launch_cached(kernel, grid, args, constexprs: dict, options: dict):
     """kernel[grid](*args, **constexprs, **options), through the cached compiled kernel when allowed."""
-    if interpreter_enabled() or not triton.__version__.startswith(FAST_LAUNCH_TRITON):
+    device = args[0].device
+    if (device.type != "cuda" or torch.version.hip is not None or interpreter_enabled()
+            or not triton.__version__.startswith(FAST_LAUNCH_TRITON)):
         kernel[grid](*args, **constexprs, **options)
         return
+    # Triton launches on the current device, whatever the tensors' device: key on that one.
     key = (kernel, tuple(map(_arg_class, args)), tuple(constexprs.items()), tuple(options.items()),
            torch.cuda.current_device())
     compiled = _COMPILED.get(key)
