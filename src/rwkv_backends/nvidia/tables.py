@@ -24,9 +24,13 @@ _DEFAULT = {
 #   B1 T16384 H32 (the prep and the loaded forward share the chunk size with the least summed time).
 # - the two-pass kernels at K/V <= 128: tune-sm90-2026-11-27-twopass128b.json, at the issue's
 #   B4 T4096 H16 (chunk_prep and recurrent_fwd from -twopass128.json, at B1 T16384 H16 and B128 T1 H16).
-# - chunk_fwd and chunk_bwd at K/V <= 128 reuse the 64 bucket's launch shapes: not swept at 128.
+# - chunk_fwd and chunk_bwd at K/V <= 128 reuse the 64 bucket's launch shapes (chunk_fwd at one
+#   stage): not swept at 128.
 _SM90 = {
-    "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32"),
+    # num_stages 3 (hand-run sweep, benchmarks/results-h100-2026-11-27d.json; the tool now sweeps
+    # stages): prefill B8 T4096 H32 1.62 -> 1.48 ms, H64 3.16 -> 2.94 ms, the same errors to the bit
+    # (2 stages: 1.59 and 3.17 ms). The loads of the next chunk no longer wait for this one's dots.
+    "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, num_stages=3, dot_precision="tf32"),
                   "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
     "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32"),
                   "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32")},
