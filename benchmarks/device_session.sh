@@ -10,8 +10,9 @@
 #                triton.chunk variant (JSON and JUnit reports)
 #   bench        bench_wkv7.py with the peers on the shapes
 #   plot         bench_wkv7.py --plot over T
-#   tune         the tune tool over every kernel at K = V = 64, then the two-pass kernels and decode at
-#                128 (tune-64.json, tune-128.json; paste the entries into nvidia/tables.py by hand)
+#   tune         the tune tool, one run per kernel group (tune-*.json; paste the entries into
+#                nvidia/tables.py by hand). All seven groups take up to 28 minutes, more than one call:
+#                choose some with TUNE_GROUPS="64:chunk_fwd 128:chunk_bwd_split" (K:kernels).
 #
 # Peers: the wheels in .peers/ (ANCHORS.md says which) go into their own --target folders, since
 # rwkv-fla also ships a top-level `fla`. Their first calls autotune for minutes per shape family,
@@ -52,11 +53,15 @@ for step in "$@"; do
         bench)       timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --out "$OUT/bench.json" | tail -n 12 ;;
         plot)        timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --only prefill_H32 \
                          --plot "$OUT/speedup.png" --out "$OUT/bench-plot.json" | tail -n 12 ;;
-        tune)        timeout 480 python3 -m rwkv_backends.tune --out "$OUT/tune-64.json" > "$OUT/tune-64.log" 2>&1
-                     timeout 300 python3 -m rwkv_backends.tune --K 128 \
-                         --kernels chunk_prep,chunk_fwd_loaded,chunk_bwd_split,recurrent_fwd \
-                         --out "$OUT/tune-128.json" > "$OUT/tune-128.log" 2>&1
-                     tail -n 3 "$OUT/tune-64.log" "$OUT/tune-128.log" ;;
+        tune)        # one tool run per kernel group ("K:kernels"), each with its own limit and JSON; the prep and
+                     # the loaded forward share a run, since the tool picks their chunk size jointly
+                     for group in ${TUNE_GROUPS:-64:chunk_fwd 64:chunk_bwd 64:chunk_prep,chunk_fwd_loaded \
+                                  64:chunk_bwd_split 64:recurrent_fwd 128:chunk_prep,chunk_fwd_loaded 128:chunk_bwd_split}; do
+                         name="tune-${group/:/-}"; name="${name//,/+}"
+                         timeout 240 python3 -m rwkv_backends.tune --K "${group%%:*}" --kernels "${group#*:}" \
+                             --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+                         echo "$name: rc $?"
+                     done ;;
         *) echo "unknown step: $step" ;;
     esac
 done
