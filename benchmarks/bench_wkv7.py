@@ -130,13 +130,9 @@ def timed(make_fn, x, mode):
         def run():
             with torch.no_grad():
                 fwd()
+    from rwkv_backends.tune import peak_mib
     run()                                                   # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    peak = peak_mib(run)
     ms = do_bench(run, warmup=100, rep=400, return_mode="median")
     return ms, peak
 

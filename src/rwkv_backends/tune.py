@@ -117,6 +117,17 @@ def candidates(kernel, vendor):
     return [KernelConfig.make(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
 
 
+def peak_mib(fn) -> float:
+    """How far one call of `fn` lifts the device allocator's peak above what was allocated before
+    it, in MiB (benchmarks/bench_wkv7.py reports peak memory the same way)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
 def sweep(kernel, shape, K, vendor):
     from triton.testing import do_bench
     B, T, H = shape
@@ -130,18 +141,13 @@ def sweep(kernel, shape, K, vendor):
                 print(f"  drop {cfg}: error {err:.2e} > {limit:.1e}", flush=True)
                 continue
             run = _runner(kernel, cfg, x)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            run()
-            torch.cuda.synchronize()
-            peak_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            peak = peak_mib(run)
             ms = do_bench(run, warmup=25, rep=100, return_mode="median")
         except Exception as exc:
             print(f"  drop {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             continue
-        results.append((ms, err, cfg, peak_mib))
-        print(f"  {ms:8.3f} ms  err {err:.2e}  peak {peak_mib:8.1f} MiB  {cfg}", flush=True)
+        results.append((ms, err, cfg, peak))
+        print(f"  {ms:8.3f} ms  err {err:.2e}  peak {peak:8.1f} MiB  {cfg}", flush=True)
     results.sort(key=lambda r: r[0])
     return results
 
