@@ -229,13 +229,14 @@ def render(report: dict) -> str:
              f"device : {d['name']}  [{d['vendor']} {d['arch']}, triton backend {d['triton_backend']}]"
              + (f"  SIMULATED {d['simulated']}" if d.get("simulated") else ""),
              f"backend: {report['backend']}   tables: {report['tables']}", "plan   :"]
+    width = max((len(p["variant"]) for p in report["plan"].values() if "variant" in p), default=0) + 2
     for cls, p in report["plan"].items():
         if "error" in p:
             lines.append(f"  {cls:<9}no backend: {p['error'].splitlines()[0]}")
             continue
         cfg = "; ".join(_config_text(k, c) for k, c in p["config"].items())
         adj = f"  (narrowed by {p['adjusted_by_known_issues']})" if p["adjusted_by_known_issues"] else ""
-        lines.append(f"  {cls:<9}{p['variant']:<17}{cfg}{adj}")
+        lines.append(f"  {cls:<9}{p['variant']:<{width}}{cfg}{adj}")
     active = [i["id"] for i in report["known_issues"] if i["active"]]
     lines.append(f"known issues active: {', '.join(active) or 'none'} (of {len(report['known_issues'])} catalogued)")
     lines.append("checks :")
