@@ -86,6 +86,50 @@ def test_backward_split_by_v_blocks_matches_one_block(regime, varlen, V):
 
 
 @interpreter
+@pytest.mark.parametrize("regime, varlen, seg_chunks, V, with_state", [
+    ("realistic", False, 2, 32, True), ("strong", True, 1, 32, True), ("realistic", True, 3, 16, False),
+    ("unit", False, 5, 32, True)])
+def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, seg_chunks, V, with_state):
+    """Two-pass training stores each segment's start state in the forward; the backward recomputes
+    the chunk states and the gradients of all segments at once, from the state gradients a sweep
+    stored at the segments' ends. It must give the one-walk backward's gradients (an empty sequence,
+    a segment longer than its sequence, a partial last segment and strong decay included) and the
+    float64 reference's; the forward's outputs must not change."""
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.conformance import Case, make_inputs, relative_error
+    from rwkv_backends.kernels import launch
+    from rwkv_backends.reference import wkv7_reference
+    x = make_inputs(Case("backward", "float32", regime, 1 if varlen else 2, 70, 2, 16, V), 8, "cpu")
+    cu = torch.tensor([0, 0, 21, 70]) if varlen else None
+    N = 3 if varlen else 2
+    state = torch.randn(N, 2, 16, V) if with_state else None
+    dstate = torch.randn(N, 2, 16, V)
+    ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    cfg = KernelConfig(chunk_size=16, block_v=16)
+    kw = dict(scale=0.8, cu_seqlens=cu, w_form="log")
+    seg = launch.empty_segment_states(x["k"], x["v"], cu, 16, seg_chunks)
+    o, s, mats = launch.twopass_forward(*ins, state, **kw, cfg_prep=cfg, cfg_fwd=cfg, programs_per_sequence=2,
+                                        seg_states=seg, seg_chunks=seg_chunks)
+    o_plain, s_plain, _ = launch.twopass_forward(*ins, state, **kw, cfg_prep=cfg, cfg_fwd=cfg,
+                                                 programs_per_sequence=2)
+    assert torch.equal(o, o_plain) and torch.equal(s, s_plain)
+    g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats,
+                                  seg_states=seg, seg_chunks=seg_chunks)
+    g_one = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats)
+    ref_ins = [t.double().requires_grad_(True) for t in ins]
+    ref_state = state.double().requires_grad_(True) if with_state else None
+    o_ref, s_ref = wkv7_reference(*ref_ins, ref_state, scale=0.8, cu_seqlens=cu)
+    torch.autograd.backward((o_ref, s_ref), (x["do"].double(), dstate.double()))
+    want = [t.grad for t in ref_ins] + [ref_state.grad if with_state else None]
+    for name, got, same, ref in zip(("r", "w", "k", "v", "a", "b", "state"), g_seg, g_one, want):
+        if ref is None:
+            assert got is None and same is None
+            continue
+        assert relative_error(got, same) < 1e-6, name
+        assert relative_error(got, ref) < 1e-4, name
+
+
+@interpreter
 def test_strong_decay_raw_w_gradient_keeps_its_margin(simulate):
     """As the PyTorch backend's test of the same name: the backward's s = t pairs stay out of dL.
     Before, dw's error was 5.0e-5 over these 8 seeds (and 1e-4 is the ceiling); now 1.3e-5."""
@@ -119,6 +163,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     from rwkv_backends.kernels.aot import compile_in_subprocess
     jobs = [("chunk_fwd", KernelConfig()), ("chunk_bwd", KernelConfig()),
             ("chunk_prep", KernelConfig(chunk_size=32, block_k=32)), ("chunk_fwd_loaded", KernelConfig(block_v=16)),
+            ("chunk_bwd_split", KernelConfig(block_v=32, num_warps=8)), ("chunk_dstate", KernelConfig(block_v=16)),
             ("recurrent_fwd", KernelConfig(block_v=16, num_warps=2))]
     rc, results, stderr = compile_in_subprocess(jobs, arch=90)
     assert rc == 0, stderr[-2000:]
@@ -147,7 +192,14 @@ def test_gpu_saves_only_the_chunk_matrices():
     before = torch.cuda.memory_allocated()
     o, s = rb.wkv7(*leaves, x["state"])
     saved = torch.cuda.memory_allocated() - before - o.numel() * o.element_size() - s.numel() * 4
-    assert saved <= 2 * 2048 * 8 * 256
+    # 16 (sequence, head) pairs plan the two-pass variant, which also keeps each segment's start
+    # state: at most one per chunk group of SEGMENT_FILL programs per multiprocessor.
+    from rwkv_backends.backends.triton import SEGMENT_FILL
+    plan = rb.explain(*leaves, x["state"])
+    assert plan["variant"] == "triton.chunk_twopass"
+    n_v = -(-64 // plan["config"]["chunk_bwd_split"]["block_v"])
+    segments = -(-SEGMENT_FILL * plan["device"]["multiprocessors"] // (2 * 8 * n_v))
+    assert saved <= 2 * 2048 * 8 * 256 + 2 * 8 * segments * 64 * 64 * 4
 
 
 @interpreter

@@ -8,6 +8,9 @@ from ..device import interpreter_enabled, triton_target
 from ..registry import Variant, register
 
 MAX_HEAD = 128
+# Gradient programs per multiprocessor that the two-pass variant's segments aim for. At one program
+# per multiprocessor (255 registers, 8 warps), 4 to 8 waves measured within 1% (NOTES change 24).
+SEGMENT_FILL = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,27 +98,43 @@ class TritonChunkTwoPass(Variant):
         # A few programs per multiprocessor in pass 1: each walks every P-th chunk of its sequence.
         return -(-4 * plan.device.multiprocessors // (problem.N * problem.H))
 
+    @staticmethod
+    def _segments(problem, plan):
+        # Training splits each sequence into segments that the backward runs in parallel: enough
+        # for SEGMENT_FILL gradient programs per multiprocessor (NOTES change 24).
+        n_v = -(-problem.V // plan.configs["chunk_bwd_split"].block_v)
+        return -(-SEGMENT_FILL * plan.device.multiprocessors // (problem.N * problem.H * n_v))
+
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
         from ..kernels.launch import TritonWKV7, twopass_forward
         cfg_prep, cfg_fwd = plan.configs["chunk_prep"], plan.configs["chunk_fwd_loaded"]
         per_sequence = self._prep_programs(problem, plan)
         if problem.needs_grad:
             return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
-                                    cfg_fwd, plan.configs["chunk_bwd_split"], cfg_prep, per_sequence)
+                                    cfg_fwd, plan.configs["chunk_bwd_split"], cfg_prep, per_sequence,
+                                    self._segments(problem, plan))
         o, ht, _ = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                    w_form=problem.w_form, cfg_prep=cfg_prep, cfg_fwd=cfg_fwd,
                                    programs_per_sequence=per_sequence, store_final=problem.output_final_state)
         return o, ht
 
     def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import chunk_backward, chunk_prepare
-        cfg_bwd = plan.configs["chunk_bwd_split"]
+        # The torch.library op's backward (torch.compile) starts from the inputs alone: it rebuilds
+        # the chunk matrices and the segments' start states, then runs the segmented backward.
+        from ..kernels.launch import (chunk_backward, chunk_forward, chunk_prepare, empty_segment_states,
+                                      segment_chunks)
+        cfg_bwd, cfg_fwd = plan.configs["chunk_bwd_split"], plan.configs["chunk_fwd_loaded"]
         mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=problem.w_form,
                              cfg=plan.configs["chunk_prep"].with_(chunk_size=cfg_bwd.chunk_size),
                              programs_per_sequence=self._prep_programs(problem, plan))
+        seg_chunks = segment_chunks(k.shape[1], cfg_bwd.chunk_size, self._segments(problem, plan))
+        seg_states = empty_segment_states(k, v, cu_seqlens, cfg_bwd.chunk_size, seg_chunks)
+        chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens, w_form=problem.w_form,
+                      cfg=cfg_fwd.with_(chunk_size=cfg_bwd.chunk_size), store_o=False, store_final=False,
+                      mats=mats, mats_mode="load", seg_states=seg_states, seg_chunks=seg_chunks, seg_mode="store")
         return chunk_backward(r, w, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens,
-                              w_form=problem.w_form, cfg_fwd=plan.configs["chunk_fwd_loaded"], cfg_bwd=cfg_bwd,
-                              mats=mats)
+                              w_form=problem.w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd, mats=mats,
+                              seg_states=seg_states, seg_chunks=seg_chunks)
 
 
 class TritonRecurrent(Variant):

@@ -18,21 +18,27 @@ def _signature(kernel: str, dtype: str):
         ptr = {n: t for n in ("r", "w", "k", "a", "b")} | {"mats": "*fp32", "chunk_offsets": "*i64",
                                                              "cu_seqlens": "*i32"}
         return ptr | {"T": "i32"}
+    segs = {"seg_offsets": "*i64"}
     if kernel in ("chunk_fwd", "chunk_fwd_loaded"):
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "states", "mats", "chunk_offsets", "cu_seqlens"]
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32", "mats": "*fp32",
-                                             "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
+                                             "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": "*fp32"} | segs
     elif kernel in ("chunk_bwd", "chunk_bwd_split"):
-        names = ["r", "w", "k", "v", "a", "b", "do", "dht", "states", "mats", "chunk_offsets", "cu_seqlens",
-                 "dr", "dw", "dk", "dv", "da", "db", "dh0"]
-        ptr = {n: t for n in names} | {"dht": "*fp32", "states": "*fp32", "mats": "*fp32", "chunk_offsets": "*i64",
-                                       "cu_seqlens": "*i32", "dh0": "*fp32"}
+        names = ["r", "w", "k", "v", "a", "b", "do", "dht", "states", "mats", "chunk_offsets", "cu_seqlens"]
+        ptr = ({n: t for n in names} | {"dht": "*fp32", "states": "*fp32", "mats": "*fp32", "chunk_offsets": "*i64",
+                                        "cu_seqlens": "*i32", "seg_ds": "*fp32"} | segs
+               | {n: t for n in ("dr", "dw", "dk", "dv", "da", "db")} | {"dh0": "*fp32"})
+    elif kernel == "chunk_dstate":
+        ptr = ({n: t for n in ("r", "w", "a", "b", "do")} | {"dht": "*fp32", "mats": "*fp32", "seg_ds": "*fp32",
+               "dh0": "*fp32", "chunk_offsets": "*i64"} | segs | {"cu_seqlens": "*i32"})
+        return ptr | {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
     elif kernel == "recurrent_fwd":
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "cu_seqlens"]
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "cu_seqlens": "*i32"}
     else:
         raise ValueError(f"kernel: unknown kernel {kernel!r}")
     extra = {"part_stride": "i64"} if kernel in ("chunk_bwd", "chunk_bwd_split") else {}
+    extra |= {"seg_chunks": "i32"} if kernel != "recurrent_fwd" else {}
     return ptr | {"scale": "fp32", "T": "i32"} | extra
 
 
@@ -47,12 +53,18 @@ def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats
                     DOT_PRECISION=prec)
     if kernel in ("chunk_fwd", "chunk_fwd_loaded"):
         # chunk_fwd: MATS=1 builds and stores the chunk matrices (the training forward, the largest
-        # variant); chunk_fwd_loaded: MATS=2 loads them.
+        # variant); chunk_fwd_loaded: MATS=2 loads them and stores the segments' start states
+        # (SEGMENTS=1, the two-pass training forward).
+        loaded = kernel == "chunk_fwd_loaded"
         return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_STATES=False,
-                           MATS=mats if kernel == "chunk_fwd" else 2, IS_VARLEN=False, DOT_PRECISION=prec)
-    if kernel in ("chunk_bwd", "chunk_bwd_split"):
-        return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, SPLIT_V=BV < V,
+                           MATS=2 if loaded else mats, SEGMENTS=1 if loaded else 0, IS_VARLEN=False,
                            DOT_PRECISION=prec)
+    if kernel in ("chunk_bwd", "chunk_bwd_split"):
+        # chunk_bwd_split runs segments in parallel (SEGMENTS=2), as two-pass training does.
+        return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, SPLIT_V=BV < V,
+                           SEGMENTS=2 if kernel == "chunk_bwd_split" else 0, DOT_PRECISION=prec)
+    if kernel == "chunk_dstate":
+        return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, DOT_PRECISION=prec)
     return base | dict(HAS_STATE=True, STORE_FINAL=True, IS_VARLEN=False)
 
 
@@ -66,7 +78,7 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
     from . import wkv7 as kern
     fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_fwd_loaded": kern.chunk_fwd_kernel,
           "chunk_bwd": kern.chunk_bwd_kernel, "chunk_bwd_split": kern.chunk_bwd_kernel,
-          "chunk_prep": kern.chunk_prep_kernel,
+          "chunk_prep": kern.chunk_prep_kernel, "chunk_dstate": kern.chunk_dstate_kernel,
           "recurrent_fwd": kern.recurrent_fwd_kernel}[kernel]
     const = _constexprs(kernel, cfg, K, V, dtype)
     sig = _signature(kernel, dtype) | {n: "constexpr" for n in const}

@@ -74,6 +74,19 @@ def _chunk_base(chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr
 
 
 @triton.jit
+def _segment_range(seg_offsets, i_n, i_seg, T, n_chunks, seg_chunks, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Segment i_seg of sequence i_n: its index in the segment buffers and its chunks [begin, end)
+    (empty past the sequence's end). A segment is `seg_chunks` consecutive chunks."""
+    if IS_VARLEN:
+        s0 = tl.load(seg_offsets + i_n).to(tl.int64)
+    else:
+        seg_tokens = BT * seg_chunks
+        s0 = i_n.to(tl.int64) * ((T + seg_tokens - 1) // seg_tokens)
+    begin = i_seg * seg_chunks
+    return s0 + i_seg, begin, tl.minimum(begin + seg_chunks, n_chunks)
+
+
+@triton.jit
 def _v_rows(tok0, eos, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
     """Offsets and mask of rows [tok0, tok0+BT), columns o_v, of a [tokens, H, V] tensor."""
     o_t = tok0 + tl.arange(0, BT)
@@ -248,6 +261,13 @@ N_MATS = tl.constexpr(4)
 MATS_BUILD = tl.constexpr(0)   # build in the loop, keep nothing (inference)
 MATS_STORE = tl.constexpr(1)   # build in the loop and store them (training: the backward loads them)
 MATS_LOAD = tl.constexpr(2)    # load stored ones (the backward's state recompute)
+# Segments: runs of `seg_chunks` chunks of a sequence. The training forward stores each segment's
+# start state (SEG_STORE); the backward's recompute then walks every segment at once (SEG_WALK),
+# and the gradient kernel walks every segment at once from the state gradient at its end, which
+# a light sweep (chunk_dstate_kernel) stored. For few (sequence, head) pairs: parallel over time.
+SEG_NONE = tl.constexpr(0)
+SEG_STORE = tl.constexpr(1)
+SEG_WALK = tl.constexpr(2)
 
 
 @triton.jit
@@ -308,10 +328,12 @@ def chunk_prep_kernel(
 
 @triton.jit
 def chunk_fwd_kernel(
-    r, w, k, v, a, b, o, h0, ht, states, mats, chunk_offsets, cu_seqlens, scale, T,
+    r, w, k, v, a, b, o, h0, ht, states, mats, chunk_offsets, cu_seqlens, seg_states, seg_offsets, scale, T,
+    seg_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     W_FORM: tl.constexpr, HAS_STATE: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_O: tl.constexpr,
-    STORE_STATES: tl.constexpr, MATS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_STATES: tl.constexpr, MATS: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -320,15 +342,27 @@ def chunk_fwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     s_tile = o_k[:, None] * V + o_v[None, :]
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_STATE:
-        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
     c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
-    for i_c in range(0, n_chunks):
+    if SEGMENTS == SEG_WALK:                 # one segment, from the start state the forward stored
+        i_s, c_begin, c_end = _segment_range(seg_offsets, i_n, tl.program_id(2), T, n_chunks, seg_chunks, BT,
+                                             IS_VARLEN)
+        S = tl.load(seg_states + (i_s * H + i_h) * K * V + s_tile, mask=m_kv & (c_begin < c_end), other=0.0)
+    else:
+        c_begin = 0
+        c_end = n_chunks
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_STATE:
+            S += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+        if SEGMENTS == SEG_STORE:
+            s0, _, _ = _segment_range(seg_offsets, i_n, 0, T, n_chunks, seg_chunks, BT, IS_VARLEN)
+    for i_c in range(c_begin, c_end):
         tok0 = bos + i_c * BT
         if STORE_STATES:
             tl.store(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, S, mask=m_kv)
+        if SEGMENTS == SEG_STORE:
+            if i_c % seg_chunks == 0:
+                tl.store(seg_states + ((s0 + i_c // seg_chunks) * H + i_h) * K * V + s_tile, S, mask=m_kv)
         r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM, K)
         p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
         v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
@@ -371,12 +405,14 @@ def chunk_fwd_kernel(
 
 @triton.jit
 def chunk_bwd_kernel(
-    r, w, k, v, a, b, do, dht, states, mats, chunk_offsets, cu_seqlens,
-    dr, dw, dk, dv, da, db, dh0, scale, T, part_stride,
+    r, w, k, v, a, b, do, dht, states, mats, chunk_offsets, cu_seqlens, seg_ds, seg_offsets,
+    dr, dw, dk, dv, da, db, dh0, scale, T, part_stride, seg_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     W_FORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    SPLIT_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_V: tl.constexpr, SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """With SEGMENTS == SEG_WALK, program (i_v, i_nh, i_seg) walks segment i_seg only, from the
+    state gradient chunk_dstate_kernel stored at its end; that sweep also writes dh0."""
     i_nh = tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
@@ -392,13 +428,20 @@ def chunk_bwd_kernel(
     s_tile = o_k[:, None] * V + o_v[None, :]
     rows = tl.arange(0, BT)[:, None]
     cols = tl.arange(0, BT)[None, :]
-    dS = tl.zeros([BK, BV], dtype=tl.float32)                       # gradient of the chunk's end state
-    if HAS_DHT:
-        dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
     c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
-    for j in range(0, n_chunks):
-        i_c = n_chunks - 1 - j
+    if SEGMENTS == SEG_WALK:
+        i_s, c_begin, c_end = _segment_range(seg_offsets, i_n, tl.program_id(2), T, n_chunks, seg_chunks, BT,
+                                             IS_VARLEN)
+        dS = tl.load(seg_ds + (i_s * H + i_h) * K * V + s_tile, mask=m_kv & (c_begin < c_end), other=0.0)
+    else:
+        c_begin = 0
+        c_end = n_chunks
+        dS = tl.zeros([BK, BV], dtype=tl.float32)                   # gradient of the chunk's end state
+        if HAS_DHT:
+            dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    for j in range(0, c_end - c_begin):
+        i_c = c_end - 1 - j
         tok0 = bos + i_c * BT
         S = tl.load(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, mask=m_kv, other=0.0)
         r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM, K)
@@ -512,5 +555,52 @@ def chunk_bwd_kernel(
         tl.store(db + part + p_k, db_c.to(db.dtype.element_ty), mask=m_k)
         tl.store(dv + p_v, dv_c.to(dv.dtype.element_ty), mask=m_tv)
         dS = dS_prev
+    if STORE_DH0 and SEGMENTS != SEG_WALK:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_tile, dS, mask=m_kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# State-gradient sweep for the segmented backward: one program per (V block, sequence, head) walks
+# the chunks last to first carrying only dS (no S, no U, no input gradients), and stores dS at the
+# end of every segment; the gradient kernel then runs all segments at once. Per chunk:
+#     dU = A_rbᵀ dO + B̃ dS,  dZ = Tinvᵀ dU,  dS_prev = R̂ᵀ dO + γ ⊙ dS + Âᵀ dZ.
+
+@triton.jit
+def chunk_dstate_kernel(
+    r, w, a, b, do, dht, mats, seg_ds, dh0, chunk_offsets, seg_offsets, cu_seqlens, scale, T, seg_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    W_FORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    s_tile = o_k[:, None] * V + o_v[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    s0, _, _ = _segment_range(seg_offsets, i_n, 0, T, n_chunks, seg_chunks, BT, IS_VARLEN)
+    for j in range(0, n_chunks):
+        i_c = n_chunks - 1 - j
+        if ((i_c + 1) % seg_chunks == 0) | (j == 0):                 # the last chunk of its segment
+            tl.store(seg_ds + ((s0 + i_c // seg_chunks) * H + i_h) * K * V + s_tile, dS, mask=m_kv)
+        tok0 = bos + i_c * BT
+        # k is not needed: b stands in for it (the load of the unused copy is dropped).
+        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, b, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM, K)
+        p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
+        dO = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale
+        G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
+        c = c0 + i_c
+        Tinv_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, True))
+        A_rb_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_RB, H, BT, True))
+        dU = tl.dot(A_rb_t, dO, input_precision=DOT_PRECISION) + tl.dot(b_c * tail, dS, input_precision=DOT_PRECISION)
+        dZ = tl.dot(Tinv_t, dU, input_precision=DOT_PRECISION)
+        dS = tl.dot(tl.trans(r_hat), dO, input_precision=DOT_PRECISION) + tl.exp(G_last)[:, None] * dS \
+            + tl.dot(tl.trans(a_hat), dZ, input_precision=DOT_PRECISION)
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_tile, dS, mask=m_kv)

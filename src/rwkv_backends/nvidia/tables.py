@@ -44,13 +44,12 @@ _SM90 = {
                    "128": C(chunk_size=16, block_k=32, num_warps=2, dot_precision="tf32")},
     "chunk_fwd_loaded": {"64": C(chunk_size=32, block_v=16, num_warps=4, dot_precision="tf32"),
                          "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
-    # Training at B1 T16384 H32, recompute + backward: BV 16 17.8 ms, BV 32 18.2, BV 64 20.2. BV 16
-    # held 1.3 GB more float32 gradient shares (training peak 3.78 GB against fla-core's 2.49;
-    # BV 32: 2.50), so BV 32, the least memory within 5% of the fastest (the tool's rule now). The
-    # best V split depends on the pair count: at K = V = 128, B4 T4096 H16, BV 64 12.2 ms and BV 16
-    # 19.3 (four waves of programs), while 16 pairs (B1 T16384 H16) preferred BV 16.
-    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=32, num_warps=8, num_stages=2, dot_precision="tf32"),
-                        "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32")},
+    # The segmented backward (NOTES change 24) gets its programs from segments of the sequence, so
+    # one V block wins: training B1 T16384 H32 10.72 ms at BV 64 (BV 32: 12.63 at 4 warps, 14.01 at
+    # 8), peak 1.12 GB against 2.53 GB at BV 32; K = V = 128, B4 T4096 H16: 12.51 ms at BV 128
+    # against 14.62 at BV 64. Hand-run sweep, benchmarks/results-h100-2026-11-27e-segments.json.
+    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32"),
+                        "128": C(chunk_size=16, block_v=128, num_warps=8, num_stages=2, dot_precision="tf32")},
 }
 
 TABLES = {
