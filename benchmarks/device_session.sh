@@ -11,7 +11,7 @@
 #   bench        bench_wkv7.py with the peers on the shapes
 #   plot         bench_wkv7.py --plot over T
 #   tune         the tune tool, one run per kernel group (tune-*.json; paste the entries into
-#                nvidia/tables.py by hand). All seven groups take up to 28 minutes, more than one call:
+#                nvidia/tables.py by hand). All nine groups take up to 36 minutes, more than one call:
 #                choose some with TUNE_GROUPS="64:chunk_fwd 128:chunk_bwd_split" (K:kernels).
 #
 # Peers: the wheels in .peers/ (ANCHORS.md says which) go into their own --target folders, since
@@ -56,7 +56,8 @@ for step in "$@"; do
         tune)        # one tool run per kernel group ("K:kernels"), each with its own limit and JSON; the prep and
                      # the loaded forward share a run, since the tool picks their chunk size jointly
                      for group in ${TUNE_GROUPS:-64:chunk_fwd 64:chunk_bwd 64:chunk_prep,chunk_fwd_loaded \
-                                  64:chunk_bwd_split 64:recurrent_fwd 128:chunk_prep,chunk_fwd_loaded 128:chunk_bwd_split}; do
+                                  64:chunk_bwd_split 64:chunk_recompute 64:recurrent_fwd 128:chunk_prep,chunk_fwd_loaded \
+                                  128:chunk_bwd_split 128:chunk_recompute}; do
                          name="tune-${group/:/-}"; name="${name//,/+}"
                          timeout 240 python3 -m rwkv_backends.tune --K "${group%%:*}" --kernels "${group#*:}" \
                              --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1

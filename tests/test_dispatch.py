@@ -95,7 +95,7 @@ def test_few_sequence_head_pairs_take_the_two_pass_variant():
         few = plan(_problem(info.device_type, B=1, T=16384, H=32, K=64, V=64, needs_grad=needs_grad), info,
                    runtime=False)
         assert few.variant.name == "triton.chunk_twopass"
-        assert set(few.configs) == {"chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split"}
+        assert set(few.configs) == {"chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute"}
         many = plan(_problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=needs_grad), info,
                     runtime=False)
         assert many.variant.name == "triton.chunk"

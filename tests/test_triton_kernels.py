@@ -86,15 +86,16 @@ def test_backward_split_by_v_blocks_matches_one_block(regime, varlen, V):
 
 
 @interpreter
-@pytest.mark.parametrize("regime, varlen, seg_chunks, V, with_state", [
-    ("realistic", False, 2, 32, True), ("strong", True, 1, 32, True), ("realistic", True, 3, 16, False),
-    ("unit", False, 5, 32, True)])
-def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, seg_chunks, V, with_state):
+@pytest.mark.parametrize("regime, varlen, seg_len, V, with_state, fwd_chunk", [
+    ("realistic", False, 32, 32, True, 16), ("strong", True, 16, 32, True, 16), ("realistic", True, 64, 16, False, 32),
+    ("unit", False, 96, 32, True, 32)])
+def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, seg_len, V, with_state, fwd_chunk):
     """Two-pass training stores each segment's start state in the forward; the backward recomputes
     the chunk states and the gradients of all segments at once, from the state gradients a sweep
-    stored at the segments' ends. It must give the one-walk backward's gradients (an empty sequence,
-    a segment longer than its sequence, a partial last segment and strong decay included) and the
-    float64 reference's; the forward's outputs must not change."""
+    stored at the segments' ends (at the forward's chunk size, which may differ from the backward's).
+    It must give the one-walk backward's gradients (an empty sequence, a segment longer than its
+    sequence, a partial last segment and strong decay included) and the float64 reference's; the
+    forward's outputs must not change."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
     from rwkv_backends.kernels import launch
@@ -105,17 +106,18 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
     state = torch.randn(N, 2, 16, V) if with_state else None
     dstate = torch.randn(N, 2, 16, V)
     ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
-    cfg = KernelConfig(chunk_size=16, block_v=16)
+    fwd = KernelConfig(chunk_size=fwd_chunk, block_v=16)
+    bwd = KernelConfig(chunk_size=16, block_v=16)
     kw = dict(scale=0.8, cu_seqlens=cu, w_form="log")
-    seg = launch.empty_segment_states(x["k"], x["v"], cu, 16, seg_chunks)
-    o, s, mats = launch.twopass_forward(*ins, state, **kw, cfg_prep=cfg, cfg_fwd=cfg, programs_per_sequence=2,
-                                        seg_states=seg, seg_chunks=seg_chunks)
-    o_plain, s_plain, _ = launch.twopass_forward(*ins, state, **kw, cfg_prep=cfg, cfg_fwd=cfg,
+    seg = launch.empty_segment_states(x["k"], x["v"], cu, seg_len)
+    o, s, mats = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd, programs_per_sequence=2,
+                                        seg_states=seg, seg_len=seg_len)
+    o_plain, s_plain, _ = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
                                                  programs_per_sequence=2)
     assert torch.equal(o, o_plain) and torch.equal(s, s_plain)
-    g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats,
-                                  seg_states=seg, seg_chunks=seg_chunks)
-    g_one = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats)
+    g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
+                                  seg_states=seg, seg_len=seg_len)
+    g_one = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats)
     ref_ins = [t.double().requires_grad_(True) for t in ins]
     ref_state = state.double().requires_grad_(True) if with_state else None
     o_ref, s_ref = wkv7_reference(*ref_ins, ref_state, scale=0.8, cu_seqlens=cu)
@@ -127,6 +129,9 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
             continue
         assert relative_error(got, same) < 1e-6, name
         assert relative_error(got, ref) < 1e-4, name
+    with pytest.raises(ValueError, match="seg_len"):
+        launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
+                              seg_states=seg, seg_len=seg_len + 8)
 
 
 @interpreter
@@ -164,6 +169,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     jobs = [("chunk_fwd", KernelConfig()), ("chunk_bwd", KernelConfig()),
             ("chunk_prep", KernelConfig(chunk_size=32, block_k=32)), ("chunk_fwd_loaded", KernelConfig(block_v=16)),
             ("chunk_bwd_split", KernelConfig(block_v=32, num_warps=8)), ("chunk_dstate", KernelConfig(block_v=16)),
+            ("chunk_recompute", KernelConfig()),
             ("recurrent_fwd", KernelConfig(block_v=16, num_warps=2))]
     rc, results, stderr = compile_in_subprocess(jobs, arch=90)
     assert rc == 0, stderr[-2000:]
@@ -323,7 +329,7 @@ def test_stored_chunk_matrices_give_the_same_gradients_as_rebuilt_ones(regime):
 
 @interpreter
 @pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_bwd", "chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split",
-                                    "recurrent_fwd"])
+                                    "chunk_recompute", "recurrent_fwd"])
 def test_tune_checks_each_kernels_candidates_against_the_reference(simulate, monkeypatch, kernel):
     """The tune tool's accuracy gate, run on the CPU through the interpreter: every kernel it sweeps
     has a runner, and its first candidate stays within SPEC's bf16 ceilings on a small problem (the

@@ -25,6 +25,9 @@ KERNELS = {
     "chunk_bwd_split": {"chained_dots": True, "uses": _CHUNK_FIELDS,
                         "doc": "chunked backward, V split over programs, for few (sequence, head) pairs (two-pass "
                                "training; its chunk size rules the prep and forward there)"},
+    "chunk_recompute": {"chained_dots": True, "uses": _CHUNK_FIELDS,
+                        "doc": "the segmented backward's chunk-state recompute, every segment at once (two-pass "
+                               "training): builds the chunk matrices at chunk_bwd_split's chunk size"},
     "recurrent_fwd": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages"),
                       "doc": "step-by-step forward for decode and short sequences"},
 }

@@ -28,7 +28,10 @@ CANDIDATES = {
     # Timed on the matrices of chunk_prep's table entry at the same chunk size.
     "chunk_fwd_loaded": dict(chunk_size=(16, 32), block_v=(16, 32, 64), num_warps=(4,), num_stages=(1, 3),
                              dot_precision=("tf32",)),
-    "chunk_bwd_split": dict(chunk_size=(16,), block_v=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2, 3),
+    # The segmented backward of two-pass training: segments give the programs, so wide V blocks.
+    "chunk_bwd_split": dict(chunk_size=(16,), block_v=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3),
+                            dot_precision=("tf32",)),
+    "chunk_recompute": dict(chunk_size=(16,), block_v=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 3),
                             dot_precision=("tf32",)),
     "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
 }
@@ -38,7 +41,7 @@ VENDOR_CANDIDATES = {
     # programs, 132 SMs) runs in two waves; capped at 128 it spills more but fits two per SM.
     "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128})}},
 }
-BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split")
+BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split", "chunk_recompute")
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
 MAX_BF16_ERROR = 3.0e-3
 
@@ -52,14 +55,42 @@ def _inputs(B, T, H, K, seed):
     return make_inputs(Case("forward", "bfloat16", "realistic", B, T, H, K, K), seed, DEVICE)
 
 
-def _prep_config(chunk_size, K):
-    """chunk_prep's table entry on this device, at `chunk_size` (what chunk_fwd_loaded loads)."""
+def _table_config(kernel, K):
+    """`kernel`'s table entry on this device (what the swept kernel runs beside)."""
     from types import SimpleNamespace
 
     from .device import detect
     from .tuning import lookup
-    cfg, _ = lookup(detect(DEVICE), "chunk_prep", SimpleNamespace(K=K, V=K))
-    return cfg.with_(chunk_size=chunk_size)
+    cfg, _ = lookup(detect(DEVICE), kernel, SimpleNamespace(K=K, V=K))
+    return cfg
+
+
+def _prep_config(chunk_size, K):
+    """chunk_prep's table entry on this device, at `chunk_size` (what chunk_fwd_loaded loads)."""
+    return _table_config("chunk_prep", K).with_(chunk_size=chunk_size)
+
+
+def _segmented_training_backward(kernel, cfg, x):
+    """chunk_bwd_split or chunk_recompute as two-pass training runs them: the forward (table
+    configs) keeps the chunk matrices and the segments' start states; the backward is timed."""
+    from .backends.triton import segments_per_sequence
+    from .device import detect
+    from .kernels import launch
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    B, T, H, K = x["k"].shape
+    cfgs = {name: _table_config(name, K) for name in ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split",
+                                                      "chunk_recompute")} | {kernel: cfg}
+    segments = segments_per_sequence(B * H, x["v"].shape[-1], cfgs["chunk_bwd_split"].block_v,
+                                     detect(DEVICE).multiprocessors)
+    seg_len = launch.segment_length(T, segments, max(cfgs["chunk_prep"].chunk_size, cfgs["chunk_bwd_split"].chunk_size))
+    seg_states = launch.empty_segment_states(x["k"], x["v"], None, seg_len)
+    _, _, mats = launch.twopass_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
+                                        cfg_prep=cfgs["chunk_prep"], cfg_fwd=cfgs["chunk_fwd_loaded"],
+                                        programs_per_sequence=4, seg_states=seg_states, seg_len=seg_len)
+    return lambda: launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
+                                         w_form="log", cfg_fwd=cfgs["chunk_fwd_loaded"],
+                                         cfg_bwd=cfgs["chunk_bwd_split"], mats=mats, seg_states=seg_states,
+                                         seg_len=seg_len, cfg_recompute=cfgs["chunk_recompute"])
 
 
 def _runner(kernel, cfg, x, for_error_check=False):
@@ -84,8 +115,9 @@ def _runner(kernel, cfg, x, for_error_check=False):
         return lambda: launch.recurrent_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)
     if kernel == "chunk_fwd":
         return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)[:2]
-    # chunk_bwd and chunk_bwd_split, as in training: the forward has stored the chunk matrices,
-    # the backward loads them.
+    if kernel in ("chunk_bwd_split", "chunk_recompute"):
+        return _segmented_training_backward(kernel, cfg, x)
+    # chunk_bwd, as in training: the forward has stored the chunk matrices, the backward loads them.
     fwd_cfg = KernelConfig(chunk_size=cfg.chunk_size, dot_precision=cfg.dot_precision)
     mats = launch.empty_mats(x["k"], None, cfg.chunk_size)
     launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd_cfg, mats=mats,
@@ -188,7 +220,8 @@ def pick(ranked: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwkv_backends.tune", description=__doc__)
-    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,chunk_prep,chunk_fwd_loaded,chunk_bwd_split,recurrent_fwd")
+    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,chunk_prep,chunk_fwd_loaded,chunk_bwd_split,chunk_recompute,"
+                                        "recurrent_fwd")
     p.add_argument("--K", type=int, default=64, help="head size to tune (table bucket 64 or 128)")
     p.add_argument("--out", default="", help="write the table entry as JSON here")
     args = p.parse_args(argv)
@@ -199,13 +232,14 @@ def main(argv=None) -> int:
     info = detect("cuda")
     shapes = {"chunk_fwd": (8, 4096, 32), "chunk_bwd": (8, 4096, 32), "recurrent_fwd": (256, 1, 32),
               # the two-pass prefill serves few (sequence, head) pairs: one long sequence
-              "chunk_prep": (1, 16384, 32), "chunk_fwd_loaded": (1, 16384, 32), "chunk_bwd_split": (1, 16384, 32)}
+              "chunk_prep": (1, 16384, 32), "chunk_fwd_loaded": (1, 16384, 32), "chunk_bwd_split": (1, 16384, 32),
+              "chunk_recompute": (1, 16384, 32)}
     if args.K > 64:
         shapes = {k: (max(1, b // 2), t, max(1, h // 2)) for k, (b, t, h) in shapes.items()}
         # The issue's head-128 shape has 64 (sequence, head) pairs, fewer than the multiprocessors,
         # so it runs the two-pass kernels; their best V split depends on the pair count (16 pairs
         # chose BV 16, which at 64 pairs made four waves of backward programs: 14 -> 23 ms).
-        shapes |= {k: (4, 4096, 16) for k in ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split")}
+        shapes |= {k: (4, 4096, 16) for k in ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute")}
     ranked = {}
     for kernel in args.kernels.split(","):
         print(f"{kernel} on {info.name} ({info.arch}), B,T,H = {shapes[kernel]}, K = V = {args.K}", flush=True)

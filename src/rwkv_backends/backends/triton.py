@@ -47,6 +47,12 @@ def common_reasons(problem, device, runtime=True) -> list:
     return reasons
 
 
+def segments_per_sequence(pairs: int, V: int, block_v: int, multiprocessors: int) -> int:
+    """Training splits each sequence into segments that the backward runs in parallel: enough for
+    SEGMENT_FILL gradient programs per multiprocessor (NOTES change 24)."""
+    return -(-SEGMENT_FILL * multiprocessors // (pairs * -(-V // block_v)))
+
+
 class TritonChunk(Variant):
     name = "triton.chunk"
     backend = "triton"
@@ -75,13 +81,15 @@ class TritonChunk(Variant):
 class TritonChunkTwoPass(Variant):
     """Few (sequence, head) pairs: one program per pair would leave most of the device idle while it
     walks its chunks. Pass 1 builds every chunk's matrices with all chunks in parallel (chunk_prep);
-    pass 2 walks the chunks, loading them, with V split over more programs (chunk_fwd_loaded, and
-    chunk_bwd_split for the gradients). Prefill uses chunk_prep's chunk size; training uses
-    chunk_bwd_split's for all three. benchmarks/NOTES.md, changes 10 and 11."""
+    pass 2 walks the chunks, loading them, with V split over more programs (chunk_fwd_loaded), at
+    chunk_prep's chunk size. Training also keeps the start state of each segment of the sequence;
+    the backward sweeps the state gradient back to every segment's end, then recomputes the chunk
+    states (chunk_recompute) and the gradients (chunk_bwd_split) of all segments at once.
+    benchmarks/NOTES.md, changes 11 and 24."""
 
     name = "triton.chunk_twopass"
     backend = "triton"
-    kernels = ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split")
+    kernels = ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute")
 
     def reasons(self, problem, device, runtime=True):
         reasons = common_reasons(problem, device, runtime)
@@ -100,10 +108,8 @@ class TritonChunkTwoPass(Variant):
 
     @staticmethod
     def _segments(problem, plan):
-        # Training splits each sequence into segments that the backward runs in parallel: enough
-        # for SEGMENT_FILL gradient programs per multiprocessor (NOTES change 24).
-        n_v = -(-problem.V // plan.configs["chunk_bwd_split"].block_v)
-        return -(-SEGMENT_FILL * plan.device.multiprocessors // (problem.N * problem.H * n_v))
+        return segments_per_sequence(problem.N * problem.H, problem.V, plan.configs["chunk_bwd_split"].block_v,
+                                     plan.device.multiprocessors)
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
         from ..kernels.launch import TritonWKV7, twopass_forward
@@ -112,7 +118,7 @@ class TritonChunkTwoPass(Variant):
         if problem.needs_grad:
             return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
                                     cfg_fwd, plan.configs["chunk_bwd_split"], cfg_prep, per_sequence,
-                                    self._segments(problem, plan))
+                                    self._segments(problem, plan), plan.configs["chunk_recompute"])
         o, ht, _ = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                    w_form=problem.w_form, cfg_prep=cfg_prep, cfg_fwd=cfg_fwd,
                                    programs_per_sequence=per_sequence, store_final=problem.output_final_state)
@@ -120,21 +126,23 @@ class TritonChunkTwoPass(Variant):
 
     def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
         # The torch.library op's backward (torch.compile) starts from the inputs alone: it rebuilds
-        # the chunk matrices and the segments' start states, then runs the segmented backward.
+        # what the training forward keeps (the chunk matrices and the segments' start states), then
+        # runs the segmented backward.
         from ..kernels.launch import (chunk_backward, chunk_forward, chunk_prepare, empty_segment_states,
-                                      segment_chunks)
-        cfg_bwd, cfg_fwd = plan.configs["chunk_bwd_split"], plan.configs["chunk_fwd_loaded"]
-        mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=problem.w_form,
-                             cfg=plan.configs["chunk_prep"].with_(chunk_size=cfg_bwd.chunk_size),
+                                      segment_length)
+        cfg_prep, cfg_fwd = plan.configs["chunk_prep"], plan.configs["chunk_fwd_loaded"]
+        cfg_bwd = plan.configs["chunk_bwd_split"]
+        mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=problem.w_form, cfg=cfg_prep,
                              programs_per_sequence=self._prep_programs(problem, plan))
-        seg_chunks = segment_chunks(k.shape[1], cfg_bwd.chunk_size, self._segments(problem, plan))
-        seg_states = empty_segment_states(k, v, cu_seqlens, cfg_bwd.chunk_size, seg_chunks)
+        seg_len = segment_length(k.shape[1], self._segments(problem, plan),
+                                 max(cfg_prep.chunk_size, cfg_bwd.chunk_size))
+        seg_states = empty_segment_states(k, v, cu_seqlens, seg_len)
         chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens, w_form=problem.w_form,
-                      cfg=cfg_fwd.with_(chunk_size=cfg_bwd.chunk_size), store_o=False, store_final=False,
-                      mats=mats, mats_mode="load", seg_states=seg_states, seg_chunks=seg_chunks, seg_mode="store")
+                      cfg=cfg_fwd.with_(chunk_size=cfg_prep.chunk_size), store_o=False, store_final=False,
+                      mats=mats, mats_mode="load", seg_states=seg_states, seg_len=seg_len, seg_mode="store")
         return chunk_backward(r, w, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens,
                               w_form=problem.w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd, mats=mats,
-                              seg_states=seg_states, seg_chunks=seg_chunks)
+                              seg_states=seg_states, seg_len=seg_len, cfg_recompute=plan.configs["chunk_recompute"])
 
 
 class TritonRecurrent(Variant):

@@ -19,7 +19,7 @@ def _signature(kernel: str, dtype: str):
                                                              "cu_seqlens": "*i32"}
         return ptr | {"T": "i32"}
     segs = {"seg_offsets": "*i64"}
-    if kernel in ("chunk_fwd", "chunk_fwd_loaded"):
+    if kernel in ("chunk_fwd", "chunk_fwd_loaded", "chunk_recompute"):
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "states", "mats", "chunk_offsets", "cu_seqlens"]
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32", "mats": "*fp32",
                                              "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": "*fp32"} | segs
@@ -59,6 +59,10 @@ def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats
         return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_STATES=False,
                            MATS=2 if loaded else mats, SEGMENTS=1 if loaded else 0, IS_VARLEN=False,
                            DOT_PRECISION=prec)
+    if kernel == "chunk_recompute":
+        # every segment at once, building and storing the chunk matrices, storing the chunk states
+        return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=False, STORE_O=False, STORE_STATES=True,
+                           MATS=1, SEGMENTS=2, IS_VARLEN=False, DOT_PRECISION=prec)
     if kernel in ("chunk_bwd", "chunk_bwd_split"):
         # chunk_bwd_split runs segments in parallel (SEGMENTS=2), as two-pass training does.
         return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, SPLIT_V=BV < V,
@@ -77,6 +81,7 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
 
     from . import wkv7 as kern
     fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_fwd_loaded": kern.chunk_fwd_kernel,
+          "chunk_recompute": kern.chunk_fwd_kernel,
           "chunk_bwd": kern.chunk_bwd_kernel, "chunk_bwd_split": kern.chunk_bwd_kernel,
           "chunk_prep": kern.chunk_prep_kernel, "chunk_dstate": kern.chunk_dstate_kernel,
           "recurrent_fwd": kern.recurrent_fwd_kernel}[kernel]

@@ -67,35 +67,42 @@ MATS_MODES = {"build": 0, "store": 1, "load": 2}     # kern.MATS_BUILD / MATS_ST
 SEG_MODES = {"none": 0, "store": 1, "walk": 2}       # kern.SEG_NONE / SEG_STORE / SEG_WALK
 
 
-def _segment_index(cu_seqlens, N, T, BT, seg_chunks, device):
+def _segment_index(cu_seqlens, N, T, seg_len, device):
     """Per-sequence offset into a segment buffer, the buffer's segment count, and the most segments
-    one sequence can have (the grid's segment axis). A segment is seg_chunks chunks of BT steps."""
-    offsets, n_segments = _chunk_index(cu_seqlens, N, T, BT * seg_chunks, device)
-    return offsets, n_segments, triton.cdiv(triton.cdiv(T, BT), seg_chunks)
+    one sequence can have (the grid's segment axis). A segment is seg_len consecutive steps."""
+    offsets, n_segments = _chunk_index(cu_seqlens, N, T, seg_len, device)
+    return offsets, n_segments, triton.cdiv(T, seg_len)
 
 
-def segment_chunks(T, chunk_size, segments_per_sequence: int) -> int:
-    """Chunks per segment, so that a sequence of T steps splits into about `segments_per_sequence`
-    segments (for packed sequences T is the total: segments then are at most that long)."""
-    return max(1, triton.cdiv(triton.cdiv(T, chunk_size), max(1, segments_per_sequence)))
+def segment_length(T, segments_per_sequence: int, multiple: int) -> int:
+    """Steps per segment, a multiple of `multiple` (every chunk size that walks the segments), so
+    that T steps split into about `segments_per_sequence` segments (for packed sequences T is the
+    total, so a sequence has at most that many)."""
+    return multiple * triton.cdiv(triton.cdiv(T, multiple), max(1, segments_per_sequence))
 
 
-def empty_segment_states(k, v, cu_seqlens, chunk_size: int, seg_chunks: int):
+def _chunks_per_segment(seg_len: int, BT: int) -> int:
+    if seg_len % BT:
+        raise ValueError(f"seg_len: {seg_len} steps per segment is not a multiple of the chunk size {BT}")
+    return seg_len // BT
+
+
+def empty_segment_states(k, v, cu_seqlens, seg_len: int):
     """A buffer for one float32 state (or state gradient) per segment and head."""
     B, T, H, K = k.shape
     N = _num_sequences(B, cu_seqlens)
-    _, n_segments, _ = _segment_index(cu_seqlens, N, T, chunk_size, seg_chunks, k.device)
+    _, n_segments, _ = _segment_index(cu_seqlens, N, T, seg_len, k.device)
     return torch.empty(n_segments, H, K, v.shape[-1], dtype=torch.float32, device=k.device)
 
 
 def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig,
                   store_o=True, store_final=True, store_states=False, mats=None, mats_mode="build",
-                  seg_states=None, seg_chunks=0, seg_mode="none"):
+                  seg_states=None, seg_len=0, seg_mode="none"):
     """(o, final state, chunk start states or None). `mats_mode`: "build" the chunk matrices in the
     loop, or also "store" them into `mats` (from `empty_mats`), or "load" them from `mats`.
-    `seg_mode`: "store" each segment's start state into `seg_states` (from `empty_segment_states`),
-    or "walk" every segment at once from those states (the backward's recompute; no o, no final
-    state)."""
+    `seg_mode`: "store" the start state of each segment of `seg_len` steps into `seg_states` (from
+    `empty_segment_states`), or "walk" every segment at once from those states (the backward's
+    recompute; no o, no final state)."""
     r, w, k, v, a, b, h0, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -113,16 +120,17 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
     if seg_mode == "walk" and (store_o or store_final):
         raise ValueError("seg_mode: 'walk' recomputes chunk states only (store_o and store_final must be False)")
     grid = (triton.cdiv(V, BV), N * H)
-    seg_offsets = None
+    seg_offsets, seg_chunks = None, 1
     if seg_mode != "none":
-        seg_offsets, _, most = _segment_index(cu_seqlens, N, T, BT, seg_chunks, k.device)
+        seg_chunks = _chunks_per_segment(seg_len, BT)
+        seg_offsets, _, most = _segment_index(cu_seqlens, N, T, seg_len, k.device)
         if seg_mode == "walk":
             grid = grid + (most,)
     kern.chunk_fwd_kernel[grid](
         r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, states, mats if mats is not None else v,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
         seg_states if seg_states is not None else v, seg_offsets if seg_offsets is not None else v,
-        float(scale), T, max(1, seg_chunks),
+        float(scale), T, seg_chunks,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
         STORE_FINAL=store_final, STORE_O=store_o, STORE_STATES=store_states, MATS=MATS_MODES[mats_mode],
         SEGMENTS=SEG_MODES[seg_mode], IS_VARLEN=cu_seqlens is not None,
@@ -152,40 +160,46 @@ def chunk_prepare(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, progr
 
 def twopass_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_prep: KernelConfig,
                     cfg_fwd: KernelConfig, programs_per_sequence: int, store_final=True, seg_states=None,
-                    seg_chunks=0):
+                    seg_len=0):
     """Pass 1 builds every chunk's matrices (chunk_prepare), pass 2 walks the chunks loading them,
-    both at cfg_prep's chunk size; with `seg_states`, pass 2 also stores each segment's start state
-    there. Returns (o, final state or None, the chunk matrices)."""
+    both at cfg_prep's chunk size; with `seg_states`, pass 2 also stores the start state of each
+    segment of `seg_len` steps there. Returns (o, final state or None, the chunk matrices)."""
     mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_prep,
                          programs_per_sequence=programs_per_sequence)
     o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
                              cfg=cfg_fwd.with_(chunk_size=cfg_prep.chunk_size), store_final=store_final,
-                             mats=mats, mats_mode="load", seg_states=seg_states, seg_chunks=seg_chunks,
+                             mats=mats, mats_mode="load", seg_states=seg_states, seg_len=seg_len,
                              seg_mode="none" if seg_states is None else "store")
     return o, ht, mats
 
 
 def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
-                   cfg_fwd: KernelConfig, cfg_bwd: KernelConfig, mats=None, seg_states=None, seg_chunks=0):
-    """Gradients (dr, dw, dk, dv, da, db, dh0). `mats`: the chunk matrices a forward stored at the
-    backward's chunk size, or None to build them here. `seg_states`: the start state of every
-    segment of `seg_chunks` chunks, stored by the forward (with `mats`): the recompute and the
-    gradient kernel then run all segments at once, after a sweep that stores the state gradient at
-    every segment's end (chunk_dstate_kernel, at cfg_fwd's V block)."""
+                   cfg_fwd: KernelConfig, cfg_bwd: KernelConfig, mats=None, seg_states=None, seg_len=0,
+                   cfg_recompute: KernelConfig | None = None):
+    """Gradients (dr, dw, dk, dv, da, db, dh0). `mats`: the chunk matrices a forward stored, or None
+    to build them here; they are rebuilt (in the state recompute) unless they have the backward's
+    chunk size.
+
+    `seg_states`: the start state of every segment of `seg_len` steps, stored by the forward along
+    with `mats`. Then a sweep stores the state gradient at every segment's end (chunk_dstate_kernel,
+    at `mats`' chunk size and cfg_fwd's launch shape), and the state recompute and the gradient
+    kernel run all segments at once. `cfg_recompute`: the segmented recompute's launch shape
+    (default cfg_fwd's), always at the backward's chunk size."""
     r, w, k, v, a, b, h0, do, dht, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, do, dht, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = _num_sequences(B, cu_seqlens)
-    # The backward walks the chunks with the forward's chunk size.
-    cfg_states = cfg_fwd.with_(chunk_size=cfg_bwd.chunk_size)
+    segmented = seg_states is not None and mats is not None
+    fwd_mats = mats
+    # The backward walks the chunks with its own chunk size.
+    cfg_states = (cfg_recompute if segmented and cfg_recompute else cfg_fwd).with_(chunk_size=cfg_bwd.chunk_size)
     have = mats is not None and mats.shape[-1] == cfg_bwd.chunk_size
     if not have:
         mats = empty_mats(k, cu_seqlens, cfg_bwd.chunk_size)
-    segmented = seg_states is not None and have
     _, _, states = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
                                  cfg=cfg_states, store_o=False, store_final=False, store_states=True, mats=mats,
                                  mats_mode="load" if have else "store",
-                                 seg_states=seg_states if segmented else None, seg_chunks=seg_chunks,
+                                 seg_states=seg_states if segmented else None, seg_len=seg_len,
                                  seg_mode="walk" if segmented else "none")
     BT, BK = cfg_bwd.chunk_size, _pow2(K)
     BV = min(_pow2(V), cfg_bwd.block_v)
@@ -197,25 +211,29 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         dr, dw, dk, da, db = (torch.empty(NV, *x.shape, dtype=torch.float32, device=x.device) for x in (r, w, k, a, b))
     dv = torch.empty_like(v)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
-    grid, seg_ds, seg_offsets = (NV, N * H), None, None
+    grid, seg_ds, seg_offsets, seg_chunks = (NV, N * H), None, None, 1
     if segmented:
-        seg_offsets, _, most = _segment_index(cu_seqlens, N, T, BT, seg_chunks, k.device)
+        seg_chunks = _chunks_per_segment(seg_len, BT)
+        seg_offsets, _, most = _segment_index(cu_seqlens, N, T, seg_len, k.device)
         seg_ds = torch.empty_like(seg_states)
-        BV_sweep = min(_pow2(V), cfg_states.block_v)
+        BT_sweep = fwd_mats.shape[-1]
+        cfg_sweep = cfg_fwd.with_(chunk_size=BT_sweep)
+        BV_sweep = min(_pow2(V), cfg_sweep.block_v)
+        sweep_offsets, _ = _chunk_index(cu_seqlens, N, T, BT_sweep, k.device)
         kern.chunk_dstate_kernel[(triton.cdiv(V, BV_sweep), N * H)](
-            r, w, a, b, do, dht if dht is not None else v, mats, seg_ds, dh0, offsets if offsets is not None else v,
-            seg_offsets if seg_offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
-            float(scale), T, seg_chunks,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV_sweep, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
+            r, w, a, b, do, dht if dht is not None else v, fwd_mats, seg_ds, dh0,
+            sweep_offsets if sweep_offsets is not None else v, seg_offsets if seg_offsets is not None else v,
+            cu_seqlens if cu_seqlens is not None else v, float(scale), T, _chunks_per_segment(seg_len, BT_sweep),
+            H=H, K=K, V=V, BT=BT_sweep, BK=BK, BV=BV_sweep, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
             STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
-            DOT_PRECISION=_dot_precision(cfg_states, k.dtype), **_launch_options(cfg_states),
+            DOT_PRECISION=_dot_precision(cfg_sweep, k.dtype), **_launch_options(cfg_sweep),
         )
         grid = grid + (most,)
     kern.chunk_bwd_kernel[grid](
         r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
         seg_ds if seg_ds is not None else v, seg_offsets if seg_offsets is not None else v,
-        dr, dw, dk, dv, da, db, dh0, float(scale), T, 0 if NV == 1 else r.numel(), max(1, seg_chunks),
+        dr, dw, dk, dv, da, db, dh0, float(scale), T, 0 if NV == 1 else r.numel(), seg_chunks,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
         STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None, SPLIT_V=NV > 1,
         SEGMENTS=SEG_MODES["walk" if segmented else "none"],
@@ -295,37 +313,39 @@ class TritonWKV7(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, scale, w_form, cfg_fwd, cfg_bwd, cfg_prep=None,
-                prep_programs=1, segments=0):
-        """With `cfg_prep`, the two-pass forward: chunk_prepare builds every chunk's matrices at the
-        backward's chunk size (`prep_programs` programs per sequence), and the forward loads them.
-        With `segments` as well, the forward stores the start state of about that many segments per
-        sequence, and the backward runs the segments in parallel."""
+                prep_programs=1, segments=0, cfg_recompute=None):
+        """With `cfg_prep`, the two-pass forward: chunk_prepare builds every chunk's matrices
+        (`prep_programs` programs per sequence), and the forward loads them. With `segments` > 1 the
+        forward runs at cfg_prep's chunk size and stores the start state of about that many segments
+        per sequence; the backward runs the segments in parallel. Without, everything runs at the
+        backward's chunk size, so that it can load the forward's matrices."""
         mats = seg_states = None
-        seg_chunks = 0
+        seg_len = 0
         if cfg_prep is not None:
             if segments > 1:
-                seg_chunks = segment_chunks(k.shape[1], cfg_bwd.chunk_size, segments)
-                seg_states = empty_segment_states(k, v, cu_seqlens, cfg_bwd.chunk_size, seg_chunks)
+                seg_len = segment_length(k.shape[1], segments, max(cfg_prep.chunk_size, cfg_bwd.chunk_size))
+                seg_states = empty_segment_states(k, v, cu_seqlens, seg_len)
             o, ht, mats = twopass_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
-                                          cfg_prep=cfg_prep.with_(chunk_size=cfg_bwd.chunk_size), cfg_fwd=cfg_fwd,
-                                          programs_per_sequence=prep_programs, seg_states=seg_states,
-                                          seg_chunks=seg_chunks)
+                                          cfg_prep=cfg_prep if seg_states is not None
+                                          else cfg_prep.with_(chunk_size=cfg_bwd.chunk_size),
+                                          cfg_fwd=cfg_fwd, programs_per_sequence=prep_programs,
+                                          seg_states=seg_states, seg_len=seg_len)
         else:
             if cfg_bwd.chunk_size == cfg_fwd.chunk_size:
                 mats = empty_mats(k, cu_seqlens, cfg_fwd.chunk_size)
             o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
                                      cfg=cfg_fwd, mats=mats, mats_mode="build" if mats is None else "store")
         ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states)
-        ctx.opts = (scale, w_form, cfg_fwd, cfg_bwd, seg_chunks)
+        ctx.opts = (scale, w_form, cfg_fwd, cfg_bwd, seg_len, cfg_recompute)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states = ctx.saved_tensors
-        scale, w_form, cfg_fwd, cfg_bwd, seg_chunks = ctx.opts
+        scale, w_form, cfg_fwd, cfg_bwd, seg_len, cfg_recompute = ctx.opts
         if do is None:
             do = torch.zeros_like(v)
         grads = chunk_backward(r, w, k, v, a, b, h0, do, dht, scale=scale, cu_seqlens=cu_seqlens,
                                w_form=w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd, mats=mats,
-                               seg_states=seg_states, seg_chunks=seg_chunks)
-        return (*grads, None, None, None, None, None, None, None, None)
+                               seg_states=seg_states, seg_len=seg_len, cfg_recompute=cfg_recompute)
+        return (*grads, None, None, None, None, None, None, None, None, None)

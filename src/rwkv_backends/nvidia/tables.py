@@ -12,6 +12,7 @@ _DEFAULT = {
     "chunk_prep": {"64": C(chunk_size=16, block_k=32, num_warps=2), "128": C(chunk_size=16, block_k=32, num_warps=2)},
     "chunk_fwd_loaded": {"64": C(block_v=16, num_warps=4), "128": C(block_v=32, num_warps=4)},
     "chunk_bwd_split": {"64": C(chunk_size=16, block_v=32, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
+    "chunk_recompute": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
     "recurrent_fwd": {"64": C(block_v=16, num_warps=2), "128": C(block_v=32, num_warps=4)},
 }
 
@@ -50,6 +51,12 @@ _SM90 = {
     # against 14.62 at BV 64. Hand-run sweep, benchmarks/results-h100-2026-11-27e-segments.json.
     "chunk_bwd_split": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32"),
                         "128": C(chunk_size=16, block_v=128, num_warps=8, num_stages=2, dot_precision="tf32")},
+    # The recompute gets its programs from the segments, so one V block (the chunk matrices built
+    # once, not once per block): B1 T16384 H32 training 9.76 ms at BV 16, 8.79 at BV 32, 8.25 at
+    # BV 64 (results-h100-2026-11-27f-segments.json). At K = V = 128 the forward's chunk size is
+    # the backward's, so the recompute loads the forward's matrices: BV 64, as the loaded forward.
+    "chunk_recompute": {"64": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32"),
+                        "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
 }
 
 TABLES = {
