@@ -113,6 +113,18 @@ def test_float32_inputs_get_chunks_of_at_most_16():
     assert p.configs["chunk_prep"].chunk_size == 16 and "float32" in p.config_sources["chunk_prep"]
 
 
+def test_float32_inputs_get_backward_v_blocks_of_at_most_64():
+    """Float32 loads double the backward's shared-memory staging: at K = V = 128 the table's V block
+    of 128 did not fit the H100's shared memory for float32 inputs; the lookup narrows it."""
+    import dataclasses
+    info = dev.profile("nvidia:sm90")
+    bf16 = _problem(info.device_type, B=4, T=4096, H=16, K=128, V=128, needs_grad=True)
+    f32 = dataclasses.replace(bf16, dtype=torch.float32, w_dtype=torch.float32)
+    assert plan(bf16, info, runtime=False).configs["chunk_bwd_split"].block_v == 128
+    p = plan(f32, info, runtime=False)
+    assert p.configs["chunk_bwd_split"].block_v == 64 and "float32" in p.config_sources["chunk_bwd_split"]
+
+
 @pytest.mark.parametrize("vendor", ["nvidia", "amd", "intel", "musa", "metax"])
 def test_tables_keep_the_two_pass_chunk_sizes_equal(vendor):
     """chunk_fwd_loaded loads what chunk_prep built: one chunk size for both in every table."""

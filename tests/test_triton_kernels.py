@@ -188,8 +188,9 @@ def test_gpu_full_matrix(case):
 @requires_gpu
 @pytest.mark.gpu
 def test_gpu_saves_only_the_chunk_matrices():
-    """Beyond the inputs, forward saves only the chunk matrices: 4 x 16 x 16 float32 per chunk and
-    head, 256 bytes per token and head (backward recomputes the chunk states)."""
+    """Beyond the inputs, forward saves only the chunk matrices (4 x C x C float32 per chunk and
+    head: 16 C bytes per token and head) and the segments' start states (backward recomputes the
+    chunk states)."""
     import rwkv_backends as rb
     from rwkv_backends.conformance import Case, make_inputs
     x = make_inputs(Case("backward", "bfloat16", "realistic", 2, 2048, 8, 64, 64), 0, "cuda")
@@ -205,7 +206,8 @@ def test_gpu_saves_only_the_chunk_matrices():
     assert plan["variant"] == "triton.chunk_twopass"
     n_v = -(-64 // plan["config"]["chunk_bwd_split"]["block_v"])
     segments = -(-SEGMENT_FILL * plan["device"]["multiprocessors"] // (2 * 8 * n_v))
-    assert saved <= 2 * 2048 * 8 * 256 + 2 * 8 * segments * 64 * 64 * 4
+    chunk = plan["config"]["chunk_prep"]["chunk_size"]
+    assert saved <= 2 * 2048 * 8 * 16 * chunk + 2 * 8 * segments * 64 * 64 * 4
 
 
 @interpreter
