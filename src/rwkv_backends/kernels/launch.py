@@ -2,9 +2,13 @@
 chunked forward to the chunked backward. The torch.library op wraps `TritonWKV7`.
 
 What forward saves for backward: the inputs, the initial state and the chunk matrices it built
-(`MATS_STORE`: 4 x 16 x 16 float32 per chunk and head, 256 bytes per token and head). Backward
-recomputes the chunk start states with a lighter forward pass that loads those matrices
-(`MATS_LOAD`: no outputs, no in-chunk products, no inverse) into a temporary buffer.
+(4 x C x C float32 per chunk and head, 16 C bytes per token and head). Backward recomputes the
+chunk start states with a lighter forward pass that loads those matrices (`MATS_LOAD`: no outputs,
+no in-chunk products, no inverse) into a temporary buffer.
+
+The two-pass variant's training forward also saves the start state of each segment of the
+sequence (a few per sequence). Its backward then sweeps the state gradient back to every
+segment's end, and recomputes the chunk states and the gradients of all segments at once.
 """
 
 from __future__ import annotations
