@@ -102,27 +102,21 @@ def test_few_sequence_head_pairs_take_the_two_pass_variant():
         assert any("fill the 132 multiprocessors" in r for r in many.rejected["triton.chunk_twopass"])
 
 
-def test_float32_inputs_get_chunks_of_at_most_16():
-    """Chunks of 32 miss the float32 bar in the strong regime; the lookup caps them for float32."""
+@pytest.mark.parametrize("shape, kernel, field, table, capped", [
+    # chunks of 32 miss the float32 bar in the strong regime
+    (dict(B=1, T=16384, H=32, K=64, V=64, needs_grad=False), "chunk_prep", "chunk_size", 32, 16),
+    # float32 loads double the backward's shared-memory staging: V block 128 did not fit the H100
+    (dict(B=4, T=4096, H=16, K=128, V=128, needs_grad=True), "chunk_bwd_split", "block_v", 128, 64),
+])
+def test_float32_inputs_get_narrower_configs(shape, kernel, field, table, capped):
+    """The lookup narrows two table entries for float32 inputs, and says so in the config's source."""
     import dataclasses
     info = dev.profile("nvidia:sm90")
-    bf16 = _problem(info.device_type, B=1, T=16384, H=32, K=64, V=64, needs_grad=False)
+    bf16 = _problem(info.device_type, **shape)
     f32 = dataclasses.replace(bf16, dtype=torch.float32, w_dtype=torch.float32)
-    assert plan(bf16, info, runtime=False).configs["chunk_prep"].chunk_size == 32
+    assert getattr(plan(bf16, info, runtime=False).configs[kernel], field) == table
     p = plan(f32, info, runtime=False)
-    assert p.configs["chunk_prep"].chunk_size == 16 and "float32" in p.config_sources["chunk_prep"]
-
-
-def test_float32_inputs_get_backward_v_blocks_of_at_most_64():
-    """Float32 loads double the backward's shared-memory staging: at K = V = 128 the table's V block
-    of 128 did not fit the H100's shared memory for float32 inputs; the lookup narrows it."""
-    import dataclasses
-    info = dev.profile("nvidia:sm90")
-    bf16 = _problem(info.device_type, B=4, T=4096, H=16, K=128, V=128, needs_grad=True)
-    f32 = dataclasses.replace(bf16, dtype=torch.float32, w_dtype=torch.float32)
-    assert plan(bf16, info, runtime=False).configs["chunk_bwd_split"].block_v == 128
-    p = plan(f32, info, runtime=False)
-    assert p.configs["chunk_bwd_split"].block_v == 64 and "float32" in p.config_sources["chunk_bwd_split"]
+    assert getattr(p.configs[kernel], field) == capped and "float32" in p.config_sources[kernel]
 
 
 @pytest.mark.parametrize("vendor", ["nvidia", "amd", "intel", "musa", "metax"])

@@ -87,6 +87,14 @@ def _segment_range(seg_offsets, i_n, i_seg, T, n_chunks, seg_chunks, BT: tl.cons
 
 
 @triton.jit
+def _state_block(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Columns o_v of V block i_v, and the offsets and mask of that block of a [K, V] state."""
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    return o_k, o_v, (o_k < K)[:, None] & (o_v < V)[None, :], o_k[:, None] * V + o_v[None, :]
+
+
+@triton.jit
 def _v_rows(tok0, eos, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
     """Offsets and mask of rows [tok0, tok0+BT), columns o_v, of a [tokens, H, V] tensor."""
     o_t = tok0 + tl.arange(0, BT)
@@ -338,10 +346,7 @@ def chunk_fwd_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-    s_tile = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, m_kv, s_tile = _state_block(i_v, K, V, BK, BV)
     c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
     if SEGMENTS == SEG_WALK:                 # one segment, from the start state the forward stored
@@ -422,10 +427,7 @@ def chunk_bwd_kernel(
     else:                       # one block: constants, so the offsets and masks fold away
         i_v = 0
         part = 0
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-    s_tile = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, m_kv, s_tile = _state_block(i_v, K, V, BK, BV)
     rows = tl.arange(0, BT)[:, None]
     cols = tl.arange(0, BT)[None, :]
     c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
@@ -575,10 +577,7 @@ def chunk_dstate_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-    s_tile = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, m_kv, s_tile = _state_block(i_v, K, V, BK, BV)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
