@@ -188,7 +188,7 @@ def test_doctor_json_keys_on_this_machine(capsys, monkeypatch):
     assert rc == 0 and report["ok"]
     assert {"schema", "python", "packages", "device", "backend", "plan", "known_issues", "checks", "ok"} <= set(report)
     assert report["schema"] == "rwkv-backends-doctor/1"
-    assert set(report["plan"]) == {"training", "prefill", "decode"}
+    assert {"training", "prefill", "decode"} <= set(report["plan"])
     assert all({"name", "status", "detail"} <= set(c) for c in report["checks"])
     assert all({"id", "active"} <= set(i) for i in report["known_issues"])
     assert {"torch", "triton", "rwkv_backends"} <= set(report["packages"])

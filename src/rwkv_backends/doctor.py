@@ -17,11 +17,13 @@ import tempfile
 
 SCHEMA = "rwkv-backends-doctor/1"
 
-# Representative problems for the plan (SPEC §5): training, prefill, decode.
+# Representative problems for the plan (SPEC §5): training, prefill, decode; and training on one
+# long sequence, which few (sequence, head) pairs send to other kernels on a large device.
 PLAN_PROBLEMS = {
     "training": dict(B=8, T=4096, H=32, K=64, V=64, needs_grad=True),
     "prefill": dict(B=8, T=4096, H=32, K=64, V=64, needs_grad=False),
     "decode": dict(B=256, T=1, H=32, K=64, V=64, needs_grad=False),
+    "long training": dict(B=1, T=16384, H=32, K=64, V=64, needs_grad=True),
 }
 
 
@@ -153,7 +155,12 @@ def _compile_probe(info, tv, plans):
     not the doctor, and becomes a failed check naming the matching known issue."""
     wanted = []
     for p in plans.values():
-        for kernel, cfg in p.get("config", {}).items():
+        configs = dict(p.get("config", {}))
+        if "chunk_bwd_split" in configs:
+            # two-pass training also runs the state-gradient sweep, at the prep's chunk size with
+            # the loaded forward's launch shape (it has no table entry of its own)
+            configs["chunk_dstate"] = configs["chunk_fwd_loaded"] | {"chunk_size": configs["chunk_prep"]["chunk_size"]}
+        for kernel, cfg in configs.items():
             if p.get("backend") == "triton" and (kernel, cfg) not in wanted:
                 wanted.append((kernel, cfg))
     if not wanted:
@@ -230,13 +237,14 @@ def render(report: dict) -> str:
              + (f"  SIMULATED {d['simulated']}" if d.get("simulated") else ""),
              f"backend: {report['backend']}   tables: {report['tables']}", "plan   :"]
     width = max((len(p["variant"]) for p in report["plan"].values() if "variant" in p), default=0) + 2
+    name_width = max(map(len, report["plan"]), default=0) + 2
     for cls, p in report["plan"].items():
         if "error" in p:
-            lines.append(f"  {cls:<9}no backend: {p['error'].splitlines()[0]}")
+            lines.append(f"  {cls:<{name_width}}no backend: {p['error'].splitlines()[0]}")
             continue
         cfg = "; ".join(_config_text(k, c) for k, c in p["config"].items())
         adj = f"  (narrowed by {p['adjusted_by_known_issues']})" if p["adjusted_by_known_issues"] else ""
-        lines.append(f"  {cls:<9}{p['variant']:<{width}}{cfg}{adj}")
+        lines.append(f"  {cls:<{name_width}}{p['variant']:<{width}}{cfg}{adj}")
     active = [i["id"] for i in report["known_issues"] if i["active"]]
     lines.append(f"known issues active: {', '.join(active) or 'none'} (of {len(report['known_issues'])} catalogued)")
     lines.append("checks :")

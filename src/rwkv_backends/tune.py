@@ -77,12 +77,13 @@ def _segmented_training_backward(kernel, cfg, x):
     from .device import detect
     from .kernels import launch
     args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
-    B, T, H, K = x["k"].shape
+    B, _, H, K = x["k"].shape
     cfgs = {name: _table_config(name, K) for name in ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split",
                                                       "chunk_recompute")} | {kernel: cfg}
     segments = segments_per_sequence(B * H, x["v"].shape[-1], cfgs["chunk_bwd_split"].block_v,
                                      detect(DEVICE).multiprocessors)
-    seg_len = launch.segment_length(T, segments, max(cfgs["chunk_prep"].chunk_size, cfgs["chunk_bwd_split"].chunk_size))
+    seg_len = launch.segment_length(x["k"], None, segments,
+                                    max(cfgs["chunk_prep"].chunk_size, cfgs["chunk_bwd_split"].chunk_size))
     seg_states = launch.empty_segment_states(x["k"], x["v"], None, seg_len)
     _, _, mats = launch.twopass_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
                                         cfg_prep=cfgs["chunk_prep"], cfg_fwd=cfgs["chunk_fwd_loaded"],

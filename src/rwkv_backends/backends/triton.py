@@ -134,7 +134,7 @@ class TritonChunkTwoPass(Variant):
         cfg_bwd = plan.configs["chunk_bwd_split"]
         mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=problem.w_form, cfg=cfg_prep,
                              programs_per_sequence=self._prep_programs(problem, plan))
-        seg_len = segment_length(k.shape[1], self._segments(problem, plan),
+        seg_len = segment_length(k, cu_seqlens, self._segments(problem, plan),
                                  max(cfg_prep.chunk_size, cfg_bwd.chunk_size))
         seg_states = empty_segment_states(k, v, cu_seqlens, seg_len)
         chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens, w_form=problem.w_form,

@@ -78,10 +78,12 @@ def _segment_index(cu_seqlens, N, T, seg_len, device):
     return offsets, n_segments, triton.cdiv(T, seg_len)
 
 
-def segment_length(T, segments_per_sequence: int, multiple: int) -> int:
+def segment_length(k, cu_seqlens, segments_per_sequence: int, multiple: int) -> int:
     """Steps per segment, a multiple of `multiple` (every chunk size that walks the segments), so
-    that T steps split into about `segments_per_sequence` segments (for packed sequences T is the
-    total, so a sequence has at most that many)."""
+    that a sequence splits into about `segments_per_sequence` segments. Packed sequences
+    (cu_seqlens) are split by their mean length: longer ones get more segments, shorter fewer."""
+    B, T = k.shape[:2]
+    T = T if cu_seqlens is None else max(1, T // _num_sequences(B, cu_seqlens))
     return multiple * triton.cdiv(triton.cdiv(T, multiple), max(1, segments_per_sequence))
 
 
@@ -327,7 +329,7 @@ class TritonWKV7(torch.autograd.Function):
         seg_len = 0
         if cfg_prep is not None:
             if segments > 1:
-                seg_len = segment_length(k.shape[1], segments, max(cfg_prep.chunk_size, cfg_bwd.chunk_size))
+                seg_len = segment_length(k, cu_seqlens, segments, max(cfg_prep.chunk_size, cfg_bwd.chunk_size))
                 seg_states = empty_segment_states(k, v, cu_seqlens, seg_len)
             o, ht, mats = twopass_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
                                           cfg_prep=cfg_prep if seg_states is not None
