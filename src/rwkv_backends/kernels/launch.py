@@ -23,8 +23,14 @@ from . import wkv7 as kern
 W_FORM_CODES = {"log": 0, "raw": 1, "clampw": 2}
 
 
+# Host-side integer helpers. Triton 3.6's triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunction objects that cost about 5 us a call on the host; a decode step makes several.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, 1 << (n - 1).bit_length())
 
 
 def _launch_options(cfg: KernelConfig) -> dict:
@@ -51,12 +57,12 @@ def _num_sequences(B, cu_seqlens):
 def _chunk_index(cu_seqlens, N, T, BT, device):
     """Per-sequence offset into the chunk-state buffer, and the buffer's chunk count."""
     if cu_seqlens is None:
-        return None, N * triton.cdiv(T, BT)
+        return None, N * _cdiv(T, BT)
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     counts = (lens + BT - 1) // BT
     offsets = torch.zeros(N + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(counts, 0)
-    return offsets, triton.cdiv(T, BT) + N            # an upper bound: no host sync
+    return offsets, _cdiv(T, BT) + N            # an upper bound: no host sync
 
 
 def empty_mats(k, cu_seqlens, chunk_size: int):
@@ -75,7 +81,7 @@ def _segment_index(cu_seqlens, N, T, seg_len, device):
     """Per-sequence offset into a segment buffer, the buffer's segment count, and the most segments
     one sequence can have (the grid's segment axis). A segment is seg_len consecutive steps."""
     offsets, n_segments = _chunk_index(cu_seqlens, N, T, seg_len, device)
-    return offsets, n_segments, triton.cdiv(T, seg_len)
+    return offsets, n_segments, _cdiv(T, seg_len)
 
 
 def segment_length(k, cu_seqlens, segments_per_sequence: int, multiple: int) -> int:
@@ -84,7 +90,7 @@ def segment_length(k, cu_seqlens, segments_per_sequence: int, multiple: int) -> 
     (cu_seqlens) are split by their mean length: longer ones get more segments, shorter fewer."""
     B, T = k.shape[:2]
     T = T if cu_seqlens is None else max(1, T // _num_sequences(B, cu_seqlens))
-    return multiple * triton.cdiv(triton.cdiv(T, multiple), max(1, segments_per_sequence))
+    return multiple * _cdiv(_cdiv(T, multiple), max(1, segments_per_sequence))
 
 
 def _chunks_per_segment(seg_len: int, BT: int) -> int:
@@ -125,7 +131,7 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
         raise ValueError(f"seg_states: mode {seg_mode!r} {'needs' if seg_states is None else 'takes no'} a buffer")
     if seg_mode == "walk" and (store_o or store_final):
         raise ValueError("seg_mode: 'walk' recomputes chunk states only (store_o and store_final must be False)")
-    grid = (triton.cdiv(V, BV), N * H)
+    grid = (_cdiv(V, BV), N * H)
     seg_offsets, seg_chunks = None, 1
     if seg_mode != "none":
         seg_chunks = _chunks_per_segment(seg_len, BT)
@@ -155,7 +161,7 @@ def chunk_prepare(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, progr
     BT = cfg.chunk_size
     mats = empty_mats(k, cu_seqlens, BT)
     offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
-    P = max(1, min(programs_per_sequence, triton.cdiv(T, BT)))
+    P = max(1, min(programs_per_sequence, _cdiv(T, BT)))
     kern.chunk_prep_kernel[(P, N * H)](
         r, w, k, a, b, mats, offsets if offsets is not None else k, cu_seqlens if cu_seqlens is not None else k, T,
         H=H, K=K, BT=BT, BKK=min(_pow2(K), cfg.block_k), W_FORM=W_FORM_CODES[w_form], IS_VARLEN=cu_seqlens is not None,
@@ -209,7 +215,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                                  seg_mode="walk" if segmented else "none")
     BT, BK = cfg_bwd.chunk_size, _pow2(K)
     BV = min(_pow2(V), cfg_bwd.block_v)
-    NV = triton.cdiv(V, BV)
+    NV = _cdiv(V, BV)
     offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
     if NV == 1:
         dr, dw, dk, da, db = (torch.empty_like(x) for x in (r, w, k, a, b))
@@ -226,7 +232,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         cfg_sweep = cfg_fwd.with_(chunk_size=BT_sweep)
         BV_sweep = min(_pow2(V), cfg_sweep.block_v)
         sweep_offsets, _ = _chunk_index(cu_seqlens, N, T, BT_sweep, k.device)
-        kern.chunk_dstate_kernel[(triton.cdiv(V, BV_sweep), N * H)](
+        kern.chunk_dstate_kernel[(_cdiv(V, BV_sweep), N * H)](
             r, w, a, b, do, dht if dht is not None else v, fwd_mats, seg_ds, dh0,
             sweep_offsets if sweep_offsets is not None else v, seg_offsets if seg_offsets is not None else v,
             cu_seqlens if cu_seqlens is not None else v, float(scale), T, _chunks_per_segment(seg_len, BT_sweep),
@@ -302,7 +308,7 @@ def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: K
     o = torch.empty_like(v)
     state_dtype = h0.dtype if h0 is not None else torch.float32          # a 16-bit state stays 16-bit
     ht = torch.empty(N, H, K, V, dtype=state_dtype, device=k.device) if store_final else v
-    grid = (triton.cdiv(V, BV), N * H)
+    grid = (_cdiv(V, BV), N * H)
     launch_cached(
         kern.recurrent_fwd_kernel, grid,
         (r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, cu_seqlens if cu_seqlens is not None else v,
