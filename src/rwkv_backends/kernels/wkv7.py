@@ -74,14 +74,22 @@ def _chunk_base(chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr
 
 
 @triton.jit
-def _segment_range(seg_offsets, i_n, i_seg, T, n_chunks, seg_chunks, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Segment i_seg of sequence i_n: its index in the segment buffers and its chunks [begin, end)
-    (empty past the sequence's end). A segment is `seg_chunks` consecutive chunks."""
+def _segment_base(seg_offsets, i_n, T, seg_chunks, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Index of sequence i_n's first segment in the segment buffers. A segment is `seg_chunks`
+    consecutive chunks."""
     if IS_VARLEN:
         s0 = tl.load(seg_offsets + i_n).to(tl.int64)
     else:
         seg_tokens = BT * seg_chunks
         s0 = i_n.to(tl.int64) * ((T + seg_tokens - 1) // seg_tokens)
+    return s0
+
+
+@triton.jit
+def _segment_range(seg_offsets, i_n, i_seg, T, n_chunks, seg_chunks, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Segment i_seg of sequence i_n: its index in the segment buffers and its chunks [begin, end)
+    (empty past the sequence's end)."""
+    s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
     begin = i_seg * seg_chunks
     return s0 + i_seg, begin, tl.minimum(begin + seg_chunks, n_chunks)
 
@@ -360,7 +368,7 @@ def chunk_fwd_kernel(
         if HAS_STATE:
             S += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
         if SEGMENTS == SEG_STORE:
-            s0, _, _ = _segment_range(seg_offsets, i_n, 0, T, n_chunks, seg_chunks, BT, IS_VARLEN)
+            s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
     for i_c in range(c_begin, c_end):
         tok0 = bos + i_c * BT
         if STORE_STATES:
@@ -398,6 +406,25 @@ def chunk_fwd_kernel(
             + tl.dot(tl.trans(k_c * tail), v_c, input_precision=DOT_PRECISION)
     if STORE_FINAL:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_tile, S, mask=m_kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The state-gradient recurrence through one chunk, shared by the backward and the sweep. Through
+# O = R̂ S + A_rb U + A_rk V, S' = γ S + B̃ᵀ U + K̃ᵀ V and U = (I - A_ab)^-1 Z, with dS the gradient
+# of the chunk's end state:  dU = A_rbᵀ dO + B̃ dS,  dZ = Tinvᵀ dU,  dS_prev = R̂ᵀ dO + γ ⊙ dS + Âᵀ dZ.
+
+@triton.jit
+def _grad_u_z(A_rb_t, Tinv_t, dO, b_c, tail, dS, DOT_PRECISION: tl.constexpr):
+    """dU and dZ of a chunk (B̃ = b ⊙ tail)."""
+    dU = tl.dot(A_rb_t, dO, input_precision=DOT_PRECISION) + tl.dot(b_c * tail, dS, input_precision=DOT_PRECISION)
+    return dU, tl.dot(Tinv_t, dU, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _grad_start_state(r_hat, a_hat, G_last, dO, dS, dZ, DOT_PRECISION: tl.constexpr):
+    """The gradient of the chunk's start state (γ = e^{G_last})."""
+    return tl.dot(tl.trans(r_hat), dO, input_precision=DOT_PRECISION) + tl.exp(G_last)[:, None] * dS \
+        + tl.dot(tl.trans(a_hat), dZ, input_precision=DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,8 +493,7 @@ def chunk_bwd_kernel(
         U = tl.dot(Tinv, Z, input_precision=DOT_PRECISION)
 
         # Through O = R̂ S + A_rb U + A_rk V and S' = γ S + B̃ᵀ U + K̃ᵀ V, then U = (I - A_ab)^-1 Z.
-        dU = tl.dot(A_rb_t, dO, input_precision=DOT_PRECISION) + tl.dot(b_t, dS, input_precision=DOT_PRECISION)
-        dZ = tl.dot(Tinv_t, dU, input_precision=DOT_PRECISION)
+        dU, dZ = _grad_u_z(A_rb_t, Tinv_t, dO, b_c, tail, dS, DOT_PRECISION)
         dA_ab = tl.where(rows > cols, tl.dot(dZ, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
         dA_ak = tl.where(rows > cols, tl.dot(dZ, tl.trans(v_c), input_precision=DOT_PRECISION), 0.0)
         dA_rb = tl.where(rows >= cols, tl.dot(dO, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
@@ -480,8 +506,7 @@ def chunk_bwd_kernel(
         d_bt = tl.dot(U, tl.trans(dS), input_precision=DOT_PRECISION)
         d_kt = tl.dot(v_c, tl.trans(dS), input_precision=DOT_PRECISION)
         d_gamma = tl.sum(dS * S, axis=1)
-        dS_prev = tl.dot(tl.trans(r_hat), dO, input_precision=DOT_PRECISION) + gamma[:, None] * dS \
-            + tl.dot(tl.trans(a_hat), dZ, input_precision=DOT_PRECISION)
+        dS_prev = _grad_start_state(r_hat, a_hat, G_last, dO, dS, dZ, DOT_PRECISION)
 
         # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
         if safe:
@@ -563,9 +588,9 @@ def chunk_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # State-gradient sweep for the segmented backward: one program per (V block, sequence, head) walks
-# the chunks last to first carrying only dS (no S, no U, no input gradients), and stores dS at the
-# end of every segment; the gradient kernel then runs all segments at once. Per chunk:
-#     dU = A_rbᵀ dO + B̃ dS,  dZ = Tinvᵀ dU,  dS_prev = R̂ᵀ dO + γ ⊙ dS + Âᵀ dZ.
+# the chunks last to first carrying only dS (no S, no U, no input gradients: _grad_u_z and
+# _grad_start_state alone), and stores dS at the end of every segment; the gradient kernel then
+# runs all segments at once.
 
 @triton.jit
 def chunk_dstate_kernel(
@@ -583,7 +608,7 @@ def chunk_dstate_kernel(
         dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
     c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
-    s0, _, _ = _segment_range(seg_offsets, i_n, 0, T, n_chunks, seg_chunks, BT, IS_VARLEN)
+    s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
     for j in range(0, n_chunks):
         i_c = n_chunks - 1 - j
         if ((i_c + 1) % seg_chunks == 0) | (j == 0):                 # the last chunk of its segment
@@ -597,9 +622,7 @@ def chunk_dstate_kernel(
         c = c0 + i_c
         Tinv_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, True))
         A_rb_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_RB, H, BT, True))
-        dU = tl.dot(A_rb_t, dO, input_precision=DOT_PRECISION) + tl.dot(b_c * tail, dS, input_precision=DOT_PRECISION)
-        dZ = tl.dot(Tinv_t, dU, input_precision=DOT_PRECISION)
-        dS = tl.dot(tl.trans(r_hat), dO, input_precision=DOT_PRECISION) + tl.exp(G_last)[:, None] * dS \
-            + tl.dot(tl.trans(a_hat), dZ, input_precision=DOT_PRECISION)
+        dU, dZ = _grad_u_z(A_rb_t, Tinv_t, dO, b_c, tail, dS, DOT_PRECISION)
+        dS = _grad_start_state(r_hat, a_hat, G_last, dO, dS, dZ, DOT_PRECISION)
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_tile, dS, mask=m_kv)
