@@ -82,9 +82,8 @@ def _segmented_training_backward(kernel, cfg, x):
                                                       "chunk_recompute")} | {kernel: cfg}
     segments = segments_per_sequence(B * H, x["v"].shape[-1], cfgs["chunk_bwd_split"].block_v,
                                      detect(DEVICE).multiprocessors)
-    seg_len = launch.segment_length(x["k"], None, segments,
-                                    max(cfgs["chunk_prep"].chunk_size, cfgs["chunk_bwd_split"].chunk_size))
-    seg_states = launch.empty_segment_states(x["k"], x["v"], None, seg_len)
+    seg_states, seg_len = launch.segment_states(x["k"], x["v"], None, segments,
+                                                (cfgs["chunk_prep"].chunk_size, cfgs["chunk_bwd_split"].chunk_size))
     _, _, mats = launch.twopass_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
                                         cfg_prep=cfgs["chunk_prep"], cfg_fwd=cfgs["chunk_fwd_loaded"],
                                         programs_per_sequence=4, seg_states=seg_states, seg_len=seg_len)

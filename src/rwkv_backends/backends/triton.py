@@ -128,18 +128,15 @@ class TritonChunkTwoPass(Variant):
         # The torch.library op's backward (torch.compile) starts from the inputs alone: it rebuilds
         # what the training forward keeps (the chunk matrices and the segments' start states), then
         # runs the segmented backward.
-        from ..kernels.launch import (chunk_backward, chunk_forward, chunk_prepare, empty_segment_states,
-                                      segment_length)
+        from ..kernels.launch import chunk_backward, segment_states, twopass_forward
         cfg_prep, cfg_fwd = plan.configs["chunk_prep"], plan.configs["chunk_fwd_loaded"]
         cfg_bwd = plan.configs["chunk_bwd_split"]
-        mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=problem.w_form, cfg=cfg_prep,
-                             programs_per_sequence=self._prep_programs(problem, plan))
-        seg_len = segment_length(k, cu_seqlens, self._segments(problem, plan),
-                                 max(cfg_prep.chunk_size, cfg_bwd.chunk_size))
-        seg_states = empty_segment_states(k, v, cu_seqlens, seg_len)
-        chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens, w_form=problem.w_form,
-                      cfg=cfg_fwd.with_(chunk_size=cfg_prep.chunk_size), store_o=False, store_final=False,
-                      mats=mats, mats_mode="load", seg_states=seg_states, seg_len=seg_len, seg_mode="store")
+        seg_states, seg_len = segment_states(k, v, cu_seqlens, self._segments(problem, plan),
+                                             (cfg_prep.chunk_size, cfg_bwd.chunk_size))
+        _, _, mats = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
+                                     w_form=problem.w_form, cfg_prep=cfg_prep, cfg_fwd=cfg_fwd,
+                                     programs_per_sequence=self._prep_programs(problem, plan), store_o=False,
+                                     store_final=False, seg_states=seg_states, seg_len=seg_len)
         return chunk_backward(r, w, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens,
                               w_form=problem.w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd, mats=mats,
                               seg_states=seg_states, seg_len=seg_len, cfg_recompute=plan.configs["chunk_recompute"])

@@ -84,13 +84,16 @@ def _segment_index(cu_seqlens, N, T, seg_len, device):
     return offsets, n_segments, _cdiv(T, seg_len)
 
 
-def segment_length(k, cu_seqlens, segments_per_sequence: int, multiple: int) -> int:
-    """Steps per segment, a multiple of `multiple` (every chunk size that walks the segments), so
-    that a sequence splits into about `segments_per_sequence` segments. Packed sequences
-    (cu_seqlens) are split by their mean length: longer ones get more segments, shorter fewer."""
+def segment_states(k, v, cu_seqlens, segments_per_sequence: int, chunk_sizes) -> tuple:
+    """(an empty buffer for each segment's start state, the segment length in steps) for a forward
+    that keeps them. A sequence splits into about `segments_per_sequence` segments, each a multiple
+    of every chunk size that walks them; packed sequences (cu_seqlens) are split by their mean
+    length: longer ones get more segments, shorter fewer."""
     B, T = k.shape[:2]
     T = T if cu_seqlens is None else max(1, T // _num_sequences(B, cu_seqlens))
-    return multiple * _cdiv(_cdiv(T, multiple), max(1, segments_per_sequence))
+    multiple = max(chunk_sizes)
+    seg_len = multiple * _cdiv(_cdiv(T, multiple), max(1, segments_per_sequence))
+    return empty_segment_states(k, v, cu_seqlens, seg_len), seg_len
 
 
 def _chunks_per_segment(seg_len: int, BT: int) -> int:
@@ -171,16 +174,17 @@ def chunk_prepare(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, progr
 
 
 def twopass_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_prep: KernelConfig,
-                    cfg_fwd: KernelConfig, programs_per_sequence: int, store_final=True, seg_states=None,
-                    seg_len=0):
+                    cfg_fwd: KernelConfig, programs_per_sequence: int, store_o=True, store_final=True,
+                    seg_states=None, seg_len=0):
     """Pass 1 builds every chunk's matrices (chunk_prepare), pass 2 walks the chunks loading them,
     both at cfg_prep's chunk size; with `seg_states`, pass 2 also stores the start state of each
-    segment of `seg_len` steps there. Returns (o, final state or None, the chunk matrices)."""
+    segment of `seg_len` steps there. Returns (o or None, final state or None, the chunk matrices)."""
     mats = chunk_prepare(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_prep,
                          programs_per_sequence=programs_per_sequence)
     o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
-                             cfg=cfg_fwd.with_(chunk_size=cfg_prep.chunk_size), store_final=store_final,
-                             mats=mats, mats_mode="load", seg_states=seg_states, seg_len=seg_len,
+                             cfg=cfg_fwd.with_(chunk_size=cfg_prep.chunk_size), store_o=store_o,
+                             store_final=store_final, mats=mats, mats_mode="load", seg_states=seg_states,
+                             seg_len=seg_len,
                              seg_mode="none" if seg_states is None else "store")
     return o, ht, mats
 
@@ -335,8 +339,8 @@ class TritonWKV7(torch.autograd.Function):
         seg_len = 0
         if cfg_prep is not None:
             if segments > 1:
-                seg_len = segment_length(k, cu_seqlens, segments, max(cfg_prep.chunk_size, cfg_bwd.chunk_size))
-                seg_states = empty_segment_states(k, v, cu_seqlens, seg_len)
+                seg_states, seg_len = segment_states(k, v, cu_seqlens, segments,
+                                                     (cfg_prep.chunk_size, cfg_bwd.chunk_size))
             o, ht, mats = twopass_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
                                           cfg_prep=cfg_prep if seg_states is not None
                                           else cfg_prep.with_(chunk_size=cfg_bwd.chunk_size),
