@@ -76,42 +76,24 @@ def _values_unreadable(device: torch.device) -> bool:
         return False
 
 
-# validate() without cu_seqlens reads only metadata, so its result is a function of it. A decode
-# step repeats the same metadata every token, and at B=1 the host's time is the step's time:
-# measured on the H100's host, validate took 17.6 us of a 64 us call. Only successes are kept, and
-# nothing while torch.compile traces (symbolic shapes; no cache writes at trace time).
-_SEEN: dict = {}
-_SEEN_MAX = 256
-
-
-def _metadata_key(tensors, w_form, scale, output_final_state):
-    return (tuple(None if x is None else (x.shape, x.dtype, x.device, x.requires_grad) for x in tensors),
+def call_key(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final_state):
+    """What validate() reads, as a hashable key, for callers that cache its result: without
+    cu_seqlens (whose values it reads) it sees only metadata, so the Problem is a function of this
+    key. None when the call must be checked in full: packed sequences, torch.compile tracing
+    (symbolic shapes), or arguments that are not tensors."""
+    if (cu_seqlens is not None or torch.compiler.is_compiling()
+            or not all(isinstance(x, torch.Tensor) for x in (r, w, k, v, a, b))
+            or not (state is None or isinstance(state, torch.Tensor))):
+        return None
+    # The types next to scale and output_final_state keep look-alikes apart: scale=True hashes
+    # like 1.0, output_final_state=1 like True, and both must still be rejected.
+    return (tuple(None if x is None else (x.shape, x.dtype, x.device, x.requires_grad)
+                  for x in (r, w, k, v, a, b, state)),
             torch.is_grad_enabled(), w_form, type(scale), scale, type(output_final_state), output_final_state)
 
 
 def validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final_state) -> Problem:
-    if (cu_seqlens is not None or torch.compiler.is_compiling()
-            or not all(isinstance(x, torch.Tensor) for x in (r, w, k, v, a, b))):
-        return _validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
-                         output_final_state=output_final_state)
-    if state is not None and not isinstance(state, torch.Tensor):
-        _check_tensor("state", state)
-    try:
-        key = _metadata_key((r, w, k, v, a, b, state), w_form, scale, output_final_state)
-        problem = _SEEN.get(key)
-    except TypeError:                    # an unhashable w_form or scale: the full check names it
-        key = problem = None
-    if problem is None:
-        problem = _validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=None,
-                            output_final_state=output_final_state)
-        if key is not None:
-            if len(_SEEN) >= _SEEN_MAX:
-                _SEEN.clear()
-            _SEEN[key] = problem
-    return problem
-
-
-def _validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final_state) -> Problem:
+    """The full check of SPEC §1: the Problem, or an exception that names the argument."""
     named = {"r": r, "w": w, "k": k, "v": v, "a": a, "b": b}
     for name, x in named.items():
         _check_tensor(name, x)

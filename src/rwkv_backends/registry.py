@@ -21,6 +21,12 @@ from .tuning import lookup
 BACKEND_ENV = "RWKV_BACKENDS_BACKEND"
 
 _VARIANTS: dict = {}
+_generation = 0            # bumped by register(): callers that cache plans key on it
+
+
+def generation() -> int:
+    """Changes whenever the registered variants change, so plans cached elsewhere expire."""
+    return _generation
 
 
 class NoBackendError(ValueError):
@@ -53,7 +59,9 @@ class Variant:
 def register(variant: Variant) -> Variant:
     if variant.name in _VARIANTS:
         raise ValueError(f"variant {variant.name!r} is registered already")
+    global _generation
     _VARIANTS[variant.name] = variant
+    _generation += 1
     _plan_cached.cache_clear()
     return variant
 
