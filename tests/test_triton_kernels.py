@@ -232,10 +232,73 @@ def test_expanded_gradients_and_transposed_state(simulate):
         assert relative_error(got.grad, want.grad) < 1e-4
 
 
+def test_cached_launch_keys_and_argument_layout(monkeypatch):
+    """CachedLaunch (CPU, with a stand-in for the JIT kernel and the CUDA driver): a call with a new
+    specialization (dtype, 16-byte alignment, scalar class, current device) compiles through the
+    JIT; a repeat launches the kept kernel directly with the runner's argument layout (hooks and
+    their metadata None); an installed launch hook sends it through Triton's runner instead."""
+    from types import SimpleNamespace
+
+    from rwkv_backends.kernels import launch
+
+    jit_calls, direct, runner = [], [], []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a):
+            direct.append(a)
+
+        def __getitem__(self, grid):
+            return lambda *a: runner.append((grid, a))
+
+    class Kernel:
+        arg_names = ["x", "y", "n", "BLOCK", "FLAG"]
+
+        def __getitem__(self, grid):
+            def jit(*a, **kw):
+                jit_calls.append((grid, a, kw))
+                return Compiled()
+            return jit
+
+    device = [0]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    hooks = SimpleNamespace(launch_enter_hook=SimpleNamespace(calls=[]), launch_exit_hook=SimpleNamespace(calls=[]))
+    monkeypatch.setattr(launch, "_knobs", SimpleNamespace(runtime=hooks))
+    monkeypatch.setattr(launch, "_driver", SimpleNamespace(active=SimpleNamespace(get_current_stream=lambda d: 100 + d)))
+    monkeypatch.setattr(launch.triton, "__version__", "3.6.0")
+    run = launch.CachedLaunch(Kernel(), (4, 2), dict(BLOCK=16, FLAG=True), dict(num_warps=4), on_cuda=True)
+    x, y = torch.ones(64), torch.ones(64)
+    run((x, y), (5,))
+    run((x, y), (5,))
+    assert len(jit_calls) == 1 and jit_calls[0][0] == (4, 2, 1) and jit_calls[0][2] == dict(BLOCK=16, FLAG=True,
+                                                                                           num_warps=4)
+    assert direct == [(4, 2, 1, 100, "fn", "meta", None, None, None, x, y, 5, 16, True)]
+    run((x[1:17], y), (5,))                        # off 16-byte alignment: its own kernel
+    run((x, y.to(torch.float64)), (5,))            # another dtype
+    run((x, y), (1,))                              # an integer of 1 is compiled in
+    run((x, y), (32,))                             # a multiple of 16 likewise
+    device[0] = 1
+    run((x, y), (5,))                              # another current device
+    assert len(jit_calls) == 6 and len(direct) == 1
+    device[0] = 0
+    hooks.launch_enter_hook.calls.append(print)    # a profiler listens
+    run((x, y), (5,))
+    assert len(direct) == 1 and runner == [((4, 2, 1), (x, y, 5, 16, True))]
+    monkeypatch.setattr(launch, "FAST_LAUNCH_TRITON", ())   # an unchecked Triton version: always the JIT
+    run((x, y), (5,))
+    assert len(jit_calls) == 7
+    off = launch.CachedLaunch(Kernel(), (1,), dict(BLOCK=16, FLAG=True), {}, on_cuda=False)
+    off((x, y), (5,))
+    off((x, y), (5,))
+    assert len(jit_calls) == 9                      # not CUDA: never cached
+
+
 @requires_gpu
 @pytest.mark.gpu
 def test_cached_decode_launch_matches_the_jit_launch(monkeypatch):
-    """launch_cached reuses the compiled decode kernel. Inputs that differ in what Triton
+    """CachedLaunch reuses the compiled decode kernel. Inputs that differ in what Triton
     specializes on (views off 16-byte alignment, another dtype, T = 1, 5 or 16) must get a kernel of
     their own: every call matches Triton's own launch bit for bit."""
     from rwkv_backends.config import KernelConfig

@@ -13,12 +13,20 @@ segment's end, and recomputes the chunk states and the gradients of all segments
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from ..config import KernelConfig
 from ..device import interpreter_enabled
 from . import wkv7 as kern
+
+try:                         # Triton 3.4 and later; CachedLaunch uses them on FAST_LAUNCH_TRITON only
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+except ImportError:          # pragma: no cover - older Triton
+    _knobs = _driver = None
 
 W_FORM_CODES = {"log": 0, "raw": 1, "clampw": 2}
 
@@ -262,44 +270,73 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
 
 # Triton's JIT launch re-derives the kernel's specialization from every argument on every call.
 # On the H100's host that is 31 us per decode launch, against 14 us for the compiled kernel's own
-# runner, and decode at small batch is host-bound. So the decode kernel's launches reuse the
-# compiled kernel under a key covering what Triton specializes a kernel on: each tensor's dtype and
-# 16-byte alignment; each integer's width, whether it is 1 (compiled in as a constant: T = 1 for
-# decode) and whether 16 divides it; the constexprs, the launch options, the device. Only where this
-# was checked (bitwise equal to the JIT launch, tests/test_triton_kernels.py): NVIDIA devices and
-# these Triton versions. Other vendors, other versions and the interpreter take the JIT launch.
+# runner, and decode at small batch is host-bound. So the decode kernel launches through a
+# CachedLaunch: one per launch shape (grid, constexprs, options), holding the kernels Triton
+# compiled for it, keyed by what Triton specializes on that the launch shape leaves open: each
+# tensor's dtype and 16-byte alignment, each scalar's class (for integers: width, whether it is 1,
+# whether 16 divides it), and the current device. Only where this was checked (bitwise equal to the
+# JIT launch, tests/test_triton_kernels.py): NVIDIA devices and these Triton versions. Other vendors,
+# other versions and the interpreter take the JIT launch.
 FAST_LAUNCH_TRITON = ("3.6.",)
-_COMPILED: dict = {}
-_COMPILED_MAX = 512
+_COMPILED_MAX = 64           # compiled kernels per launch shape (alignment and dtype patterns)
 
 
-def _arg_class(x):
-    if isinstance(x, torch.Tensor):
-        return x.dtype, x.data_ptr() % 16 == 0
+def _scalar_class(x):
     if isinstance(x, int) and not isinstance(x, bool):
         return int, -2 ** 31 <= x < 2 ** 31, x == 1, x % 16 == 0
     return type(x)
 
 
-def launch_cached(kernel, grid, args, constexprs: dict, options: dict):
-    """kernel[grid](*args, **constexprs, **options), through the cached compiled kernel when allowed."""
-    device = args[0].device
-    if (device.type != "cuda" or torch.version.hip is not None or interpreter_enabled()
-            or not triton.__version__.startswith(FAST_LAUNCH_TRITON)):
-        kernel[grid](*args, **constexprs, **options)
-        return
-    # Triton launches on the current device, whatever the tensors' device: key on that one.
-    key = (kernel, tuple(map(_arg_class, args)), tuple(constexprs.items()), tuple(options.items()),
-           torch.cuda.current_device())
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = kernel[grid](*args, **constexprs, **options)
-        if len(_COMPILED) >= _COMPILED_MAX:
-            _COMPILED.clear()
-        _COMPILED[key] = compiled
-        return
-    grid3 = tuple(grid) + (1,) * (3 - len(grid))
-    compiled[grid3](*args, *(constexprs[name] for name in kernel.arg_names[len(args):]))
+class CachedLaunch:
+    """kernel[grid](*tensors, *scalars, **constexprs, **options) for one launch shape. The first call
+    with a new specialization goes through Triton's JIT and keeps its compiled kernel; later calls
+    launch that kernel directly, skipping the JIT's argument binding and, while no launch hook is
+    installed (a profiler's), the runner's hook metadata."""
+
+    def __init__(self, kernel, grid, constexprs: dict, options: dict, on_cuda: bool):
+        self.kernel = kernel
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.constexprs, self.options = constexprs, options
+        self.cacheable = on_cuda and torch.version.hip is None and not interpreter_enabled()
+        self.compiled: dict = {}
+        self.trailing = None         # the constexprs in the kernel's argument order, after the runtime ones
+        self.current_stream = None   # Triton's own stream query, looked up once
+
+    def __call__(self, tensors: tuple, scalars: tuple):
+        args = tensors + scalars
+        if not (self.cacheable and triton.__version__.startswith(FAST_LAUNCH_TRITON)):
+            self.kernel[self.grid](*args, **self.constexprs, **self.options)
+            return
+        device = torch.cuda.current_device()      # Triton launches on the current device
+        key = (device, tuple([t.dtype for t in tensors]), tuple([t.data_ptr() % 16 == 0 for t in tensors]),
+               tuple(map(_scalar_class, scalars)))
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self.kernel[self.grid](*args, **self.constexprs, **self.options)
+            if len(self.compiled) >= _COMPILED_MAX:
+                self.compiled.clear()
+            self.compiled[key] = compiled
+            self.trailing = tuple(self.constexprs[name] for name in self.kernel.arg_names[len(args):])
+            self.current_stream = _driver.active.get_current_stream
+            return
+        # Triton's runner builds launch metadata for the launch hooks on every call. With no hook
+        # installed (empty hook chains), launch as it would, with the hooks and their metadata None.
+        enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+        if getattr(enter, "calls", True) or getattr(leave, "calls", True):
+            compiled[self.grid](*args, *self.trailing)
+            return
+        compiled.run(*self.grid, self.current_stream(device), compiled.function, compiled.packed_metadata,
+                     None, None, None, *args, *self.trailing)
+
+
+@functools.lru_cache(maxsize=256)
+def _recurrent_launch(on_cuda, N, H, K, V, w_form, has_state, store_final, varlen, cfg) -> CachedLaunch:
+    BV = min(_pow2(V), cfg.block_v)
+    return CachedLaunch(
+        kern.recurrent_fwd_kernel, (_cdiv(V, BV), N * H),
+        dict(H=H, K=K, V=V, BK=_pow2(K), BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=has_state,
+             STORE_FINAL=store_final, IS_VARLEN=varlen),
+        _launch_options(cfg), on_cuda)
 
 
 def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig, store_final=True):
@@ -307,20 +344,13 @@ def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: K
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = _num_sequences(B, cu_seqlens)
-    BK = _pow2(K)
-    BV = min(_pow2(V), cfg.block_v)
     o = torch.empty_like(v)
     state_dtype = h0.dtype if h0 is not None else torch.float32          # a 16-bit state stays 16-bit
     ht = torch.empty(N, H, K, V, dtype=state_dtype, device=k.device) if store_final else v
-    grid = (_cdiv(V, BV), N * H)
-    launch_cached(
-        kern.recurrent_fwd_kernel, grid,
-        (r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, cu_seqlens if cu_seqlens is not None else v,
-         float(scale), T),
-        dict(H=H, K=K, V=V, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
-             STORE_FINAL=store_final, IS_VARLEN=cu_seqlens is not None),
-        _launch_options(cfg),
-    )
+    run = _recurrent_launch(k.is_cuda, N, H, K, V, w_form, h0 is not None, store_final,
+                            cu_seqlens is not None, cfg)
+    run((r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, cu_seqlens if cu_seqlens is not None else v),
+        (float(scale), T))
     return o, (ht if store_final else None)
 
 
