@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -169,6 +170,17 @@ def host_us_per_call(fn, calls=2000):
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def host_us_interleaved(fns: dict, rounds=7, calls=500) -> dict:
+    """host_us_per_call for several functions, in rounds that take each in turn, and the median of
+    the rounds per function: a shared host's speed drifts by 2x within a minute, and measuring one
+    function after the other would put that drift into the ratios."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(host_us_per_call(fn, calls))
+    return {name: round(statistics.median(ts), 1) for name, ts in times.items()}
+
+
 def dispatch_overhead(peers):
     """Host microseconds per B1 H32 decode call (see --dispatch)."""
     import rwkv_backends as rb
@@ -184,7 +196,9 @@ def dispatch_overhead(peers):
                                                         cfg=cfg),
     }
     fns.update({n: PEERS[n](x, "decode") for n in peers})
-    out = {name: round(host_us_per_call(fn), 1) for name, fn in fns.items()}
+    out = host_us_interleaved(fns)
+    for n in peers:
+        out[f"host time ratio, {n} / wkv7"] = round(out[n] / out["wkv7"], 2)
     cached = launch.FAST_LAUNCH_TRITON
     launch.FAST_LAUNCH_TRITON = ()                       # the same launch through Triton's JIT dispatch
     try:
