@@ -102,6 +102,18 @@ def test_few_sequence_head_pairs_take_the_two_pass_variant():
         assert any("fill the 132 multiprocessors" in r for r in many.rejected["triton.chunk_twopass"])
 
 
+@pytest.mark.parametrize("B, V, block_v", [(1, 64, 16), (2, 64, 16), (4, 64, 32), (256, 64, 64), (1, 16, 16)])
+def test_decode_with_few_pairs_splits_v_finer(B, V, block_v):
+    """Decode programs are one per (sequence, head, V block): with fewer than the multiprocessors,
+    the V block halves (to 16 at least) until they fill the device, and the plan says why."""
+    info = dev.profile("nvidia:sm90")
+    p = plan(_problem(info.device_type, B=B, T=B, H=32, K=64, V=V, needs_grad=False), info, runtime=False)
+    assert p.variant.name == "triton.recurrent"
+    assert min(p.configs["recurrent_fwd"].block_v, V) == block_v      # the launch takes at most V
+    changed = block_v < min(64, V)
+    assert ("multiprocessors" in p.config_sources["recurrent_fwd"]) == changed
+
+
 @pytest.mark.parametrize("shape, kernel, field, table, capped", [
     # chunks of 32 miss the float32 bar in the strong regime
     (dict(B=1, T=16384, H=32, K=64, V=64, needs_grad=False), "chunk_prep", "chunk_size", 32, 16),

@@ -50,6 +50,11 @@ class Variant:
         """Returns (o in float32 or the input dtype, final state float32)."""
         raise NotImplementedError
 
+    def fit_configs(self, problem: Problem, device: DeviceInfo, configs: dict) -> dict:
+        """Changes this problem needs to its table configs (which are tuned per head size), as
+        {kernel: (config, why)}; `why` goes into the plan's config_source. None by default."""
+        return {}
+
     def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem: Problem, plan: "Plan", cu_seqlens):
         """Gradients (dr, dw, dk, dv, da, db, dstate or None) without building an autograd graph
         (what the torch.library op's backward calls). Variants for training implement it."""
@@ -146,6 +151,9 @@ def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: s
             cfg, source = lookup(device, kernel, problem)
             configs[kernel], adjusted[kernel] = known_issues.constrain(kernel, cfg, issues)
             sources[kernel] = source
+        for kernel, (cfg, why) in variant.fit_configs(problem, device, configs).items():
+            configs[kernel] = cfg
+            sources[kernel] += f"; {why}"
         for other in order[order.index(name) + 1:]:
             if other in _VARIANTS and other not in rejected:
                 rejected[other] = [f"lower in {device.vendor}'s order of preference for {problem.problem_class} than {name}"]

@@ -11,6 +11,7 @@ MAX_HEAD = 128
 # Gradient programs per multiprocessor that the two-pass variant's segments aim for. At one program
 # per multiprocessor (255 registers, 8 warps), 4 to 8 waves measured within 1% (NOTES change 24).
 SEGMENT_FILL = 4
+MIN_DECODE_BLOCK_V = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,6 +154,22 @@ class TritonRecurrent(Variant):
         if problem.needs_grad:
             reasons.append("forward only: gradients come from triton.chunk")
         return reasons
+
+    def fit_configs(self, problem, device, configs):
+        # One program per (sequence, head, V block). With few pairs (B=1 decode) most multiprocessors
+        # idle and a step takes one program's latency: halve the V block until the programs fill the
+        # device or it reaches MIN_DECODE_BLOCK_V. B1 H32 K64 on the H100: 2.40 us per step at
+        # block_v 64, 1.89 at 16 (NOTES change 28); B256 is within 2% at any of them.
+        cfg = configs["recurrent_fwd"]
+        pairs, sms = problem.N * problem.H, device.multiprocessors
+        block_v = bv = min(cfg.block_v, max(16, 1 << (problem.V - 1).bit_length()))
+        while sms and bv > MIN_DECODE_BLOCK_V and pairs * -(-problem.V // bv) < sms:
+            bv //= 2
+        if bv == block_v:
+            return {}
+        programs = pairs * -(-problem.V // block_v)
+        return {"recurrent_fwd": (cfg.with_(block_v=bv), f"block_v {block_v} -> {bv}: at {block_v}, {pairs} "
+                                  f"(sequence, head) pairs make {programs} programs for {sms} multiprocessors")}
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
         from ..kernels.launch import recurrent_forward
