@@ -264,3 +264,15 @@ def test_tune_gives_the_backward_the_least_memory_near_the_fastest():
     bv64 = (20.22, 0.0, KernelConfig(block_v=64, num_warps=8, num_stages=2), 1900.0)
     assert pick({"chunk_bwd_split": [bv16, bv32, bv64]})["chunk_bwd_split"] is bv32
     assert pick({"chunk_bwd_split": [bv16, bv64]})["chunk_bwd_split"] is bv16
+    # Peaks within 2% are a tie, and the faster wins (the H100's K = 64 sweep of 2026-11-27).
+    ns2 = (5.616, 0.0, KernelConfig(block_v=64, num_warps=8, num_stages=2), 1033.5)
+    ns3 = (5.839, 0.0, KernelConfig(block_v=64, num_warps=8, num_stages=3), 1033.0)
+    assert pick({"chunk_bwd_split": [ns2, ns3]})["chunk_bwd_split"] is ns2
+
+
+def test_tune_leaves_out_v_blocks_wider_than_the_head():
+    """block_v 128 at V = 64 launches exactly as 64: the sweep tries it only for wider heads."""
+    from rwkv_backends.tune import candidates
+    assert {c.block_v for c in candidates("chunk_bwd_split", "nvidia", V=64)} == {32, 64}
+    assert {c.block_v for c in candidates("chunk_bwd_split", "nvidia", V=128)} == {32, 64, 128}
+    assert len(candidates("chunk_bwd", "nvidia", V=64)) == len(candidates("chunk_bwd", "nvidia"))
