@@ -57,6 +57,10 @@ _SM90 = {
     # the backward's, so the recompute loads the forward's matrices: BV 64, as the loaded forward.
     "chunk_recompute": {"64": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32"),
                         "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
+    # The tune tool's runners for the two kernels above, on the H100 (session 13): K = 64,
+    # tune-sm90-2026-11-27-segmented64.json (chunk_bwd_split 5.62 ms at these shapes, chunk_recompute
+    # 5.56, each within noise of the fastest); K = 128, chunk_bwd_split at B4 T4096 H16: 11.27 ms at
+    # this entry, 13.0 ms at BV 64 (NOTES). chunk_recompute at K = 128 is not swept.
 }
 
 TABLES = {
