@@ -50,7 +50,7 @@ def test_bad_options_name_the_argument(kw, exc, name):
 
 
 def test_cached_validation_still_rejects_after_a_good_call():
-    """validate() keeps the Problem of metadata it has accepted. Look-alike arguments that hash the
+    """wkv7 keeps the problem and plan of metadata it has accepted. Look-alike arguments that hash the
     same (scale=True after scale=1.0, output_final_state=1 after True) are still rejected, and a
     change of requires_grad or of grad mode is a new problem."""
     x = _x()

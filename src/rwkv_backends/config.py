@@ -82,6 +82,12 @@ class KernelConfig:
         return d
 
 
+def padded_head(n: int) -> int:
+    """The power of two, at least 16, that the kernels pad a head dimension to: a block_v wider
+    than padded_head(V) launches exactly as padded_head(V)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def head_bucket(K: int, V: int) -> str:
     """Tables are keyed by the padded head size: "64" covers K, V <= 64, "128" up to 128."""
     return "64" if max(K, V) <= 64 else "128"

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .config import KernelConfig, head_bucket
+from .config import KernelConfig, head_bucket, padded_head
 
 CANDIDATES = {
     # num_stages lets the next chunk's loads start while this chunk's dots run: 3 stages took 9% off
@@ -150,8 +150,7 @@ def candidates(kernel, vendor, V=None):
     grid = dict(CANDIDATES[kernel]) | VENDOR_CANDIDATES.get(vendor, {}).get(kernel, {})
     configs = [KernelConfig.make(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     if V is not None and "block_v" in grid:
-        widest = max(16, 1 << (V - 1).bit_length())
-        configs = [cfg for cfg in configs if cfg.block_v <= widest]
+        configs = [cfg for cfg in configs if cfg.block_v <= padded_head(V)]
     return configs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+from ..config import padded_head
 from ..device import interpreter_enabled, triton_target
 from ..registry import Variant, register
 
@@ -11,6 +12,8 @@ MAX_HEAD = 128
 # Gradient programs per multiprocessor that the two-pass variant's segments aim for. At one program
 # per multiprocessor (255 registers, 8 warps), 4 to 8 waves measured within 1% (NOTES change 24).
 SEGMENT_FILL = 4
+# The narrowest V block the decode variant splits to when few (sequence, head) pairs leave
+# multiprocessors idle (fit_configs below).
 MIN_DECODE_BLOCK_V = 16
 
 
@@ -162,7 +165,7 @@ class TritonRecurrent(Variant):
         # block_v 64, 1.89 at 16 (NOTES change 28); B256 is within 2% at any of them.
         cfg = configs["recurrent_fwd"]
         pairs, sms = problem.N * problem.H, device.multiprocessors
-        block_v = bv = min(cfg.block_v, max(16, 1 << (problem.V - 1).bit_length()))
+        block_v = bv = min(cfg.block_v, padded_head(problem.V))
         while sms and bv > MIN_DECODE_BLOCK_V and pairs * -(-problem.V // bv) < sms:
             bv //= 2
         if bv == block_v:
