@@ -23,6 +23,7 @@ PLAN_PROBLEMS = {
     "training": dict(B=8, T=4096, H=32, K=64, V=64, needs_grad=True),
     "prefill": dict(B=8, T=4096, H=32, K=64, V=64, needs_grad=False),
     "decode": dict(B=256, T=1, H=32, K=64, V=64, needs_grad=False),
+    "decode B1": dict(B=1, T=1, H=32, K=64, V=64, needs_grad=False),
     "long training": dict(B=1, T=16384, H=32, K=64, V=64, needs_grad=True),
 }
 
