@@ -160,6 +160,42 @@ def test_backend_forced_through_environment(monkeypatch):
         _call(_x())
 
 
+def test_cached_plan_follows_the_environment_and_the_registry(monkeypatch):
+    """A call's plan is cached, but the cache is keyed on what steers planning: the same call after
+    RWKV_BACKENDS_BACKEND changes, or after a variant registers, is planned again."""
+    from rwkv_backends import api, registry
+    x = _x()
+    args = [x[n] for n in NAMES]
+    assert rb.explain(*args, x["state"])["variant"] == "pytorch.chunk"
+    _call(x)                                                   # cached now
+    monkeypatch.setenv("RWKV_BACKENDS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="RWKV_BACKENDS_BACKEND"):
+        _call(x)
+    monkeypatch.delenv("RWKV_BACKENDS_BACKEND")
+    before = len(api._PLANNED)
+    _call(x)
+    assert len(api._PLANNED) == before                         # the earlier entry serves again
+
+    class Preferred(registry.Variant):
+        name, backend = "test.preferred", "test"
+
+        def reasons(self, problem, device, runtime=True):
+            return []
+
+        def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+            return torch.full_like(v, 7.0), state
+
+    monkeypatch.setattr(registry, "_VARIANTS", dict(registry._VARIANTS))
+    registry.register(Preferred())
+    o, _ = _call(x, backend="test")
+    assert torch.all(o == 7.0)
+    monkeypatch.setattr(registry, "_VARIANTS", dict(registry._VARIANTS))
+    registry._VARIANTS.pop("test.preferred")
+    registry.register(registry._VARIANTS.pop("pytorch.chunk"))   # re-registering bumps the generation
+    with pytest.raises(ValueError, match="test"):
+        _call(x, backend="test")                               # the variant is gone: planned again
+
+
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("profile", [None, "nvidia:sm90"])
 def test_a_16_bit_decode_state_stays_16_bit(simulate, profile, state_dtype):
