@@ -13,6 +13,7 @@ segment's end, and recomputes the chunk states and the gradients of all segments
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -49,6 +50,17 @@ def _launch_options(cfg: KernelConfig) -> dict:
 def _dot_precision(cfg: KernelConfig, dtype: torch.dtype) -> str:
     # Float32 inputs never go through TF32 silently (SPEC §2); tables choose for 16-bit inputs.
     return "ieee" if dtype == torch.float32 else cfg.dot_precision
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device):
+    """One extra CUDA stream per device, for work that can run beside the current stream's."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 def _contiguous(*tensors):
@@ -220,11 +232,18 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     have = mats is not None and mats.shape[-1] == cfg_bwd.chunk_size
     if not have:
         mats = empty_mats(k, cu_seqlens, cfg_bwd.chunk_size)
-    _, _, states = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
-                                 cfg=cfg_states, store_o=False, store_final=False, store_states=True, mats=mats,
-                                 mats_mode="load" if have else "store",
-                                 seg_states=seg_states if segmented else None, seg_len=seg_len,
-                                 seg_mode="walk" if segmented else "none")
+    # With segments, the recompute (all segments at once) and the sweep (one program per pair and V
+    # block, a latency-bound walk that leaves most of the device idle) need nothing from each other:
+    # on CUDA the recompute runs on a side stream beside the sweep.
+    side = _side_stream(k.device) if segmented and k.is_cuda else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(k.device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        _, _, states = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
+                                     cfg=cfg_states, store_o=False, store_final=False, store_states=True,
+                                     mats=mats, mats_mode="load" if have else "store",
+                                     seg_states=seg_states if segmented else None, seg_len=seg_len,
+                                     seg_mode="walk" if segmented else "none")
     BT, BK = cfg_bwd.chunk_size, _pow2(K)
     BV = min(_pow2(V), cfg_bwd.block_v)
     NV = _cdiv(V, BV)
@@ -253,6 +272,10 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
             DOT_PRECISION=_dot_precision(cfg_sweep, k.dtype), **_launch_options(cfg_sweep),
         )
         grid = grid + (most,)
+    if side is not None:                 # the gradients need the recomputed states (and rebuilt matrices)
+        main = torch.cuda.current_stream(k.device)
+        main.wait_stream(side)
+        states.record_stream(main)       # allocated on the side stream, used and freed on this one
     kern.chunk_bwd_kernel[grid](
         r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
