@@ -122,6 +122,14 @@ def _chunks_per_segment(seg_len: int, BT: int) -> int:
     return seg_len // BT
 
 
+def empty_chunk_states(k, v, cu_seqlens, chunk_size: int):
+    """A buffer for every chunk's float32 start state, per head (what the backward walks)."""
+    B, T, H, K = k.shape
+    N = _num_sequences(B, cu_seqlens)
+    _, n_chunks = _chunk_index(cu_seqlens, N, T, chunk_size, k.device)
+    return torch.empty(n_chunks, H, K, v.shape[-1], dtype=torch.float32, device=k.device)
+
+
 def empty_segment_states(k, v, cu_seqlens, seg_len: int):
     """A buffer for one float32 state (or state gradient) per segment and head."""
     B, T, H, K = k.shape
@@ -132,9 +140,10 @@ def empty_segment_states(k, v, cu_seqlens, seg_len: int):
 
 def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig,
                   store_o=True, store_final=True, store_states=False, mats=None, mats_mode="build",
-                  seg_states=None, seg_len=0, seg_mode="none"):
-    """(o, final state, chunk start states or None). `mats_mode`: "build" the chunk matrices in the
-    loop, or also "store" them into `mats` (from `empty_mats`), or "load" them from `mats`.
+                  seg_states=None, seg_len=0, seg_mode="none", states=None):
+    """(o, final state, chunk start states or None). `states`: with store_states, the buffer to
+    fill (from `empty_chunk_states`) instead of a new one. `mats_mode`: "build" the chunk matrices
+    in the loop, or also "store" them into `mats` (from `empty_mats`), or "load" them from `mats`.
     `seg_mode`: "store" the start state of each segment of `seg_len` steps into `seg_states` (from
     `empty_segment_states`), or "walk" every segment at once from those states (the backward's
     recompute; no o, no final state)."""
@@ -146,8 +155,9 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
     BV = min(_pow2(V), cfg.block_v)
     o = torch.empty_like(v) if store_o else v
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else v
-    offsets, n_chunks = _chunk_index(cu_seqlens, N, T, BT, k.device)
-    states = (torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=k.device) if store_states else v)
+    offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
+    if store_states and states is None:
+        states = empty_chunk_states(k, v, cu_seqlens, BT)
     if (mats is None) != (mats_mode == "build"):
         raise ValueError(f"mats: mode {mats_mode!r} {'needs' if mats is None else 'takes no'} a buffer")
     if (seg_states is None) != (seg_mode == "none"):
@@ -162,7 +172,8 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
         if seg_mode == "walk":
             grid = grid + (most,)
     kern.chunk_fwd_kernel[grid](
-        r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, states, mats if mats is not None else v,
+        r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, states if store_states else v,
+        mats if mats is not None else v,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
         seg_states if seg_states is not None else v, seg_offsets if seg_offsets is not None else v,
         float(scale), T, seg_chunks,
@@ -234,16 +245,19 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         mats = empty_mats(k, cu_seqlens, cfg_bwd.chunk_size)
     # With segments, the recompute (all segments at once) and the sweep (one program per pair and V
     # block, a latency-bound walk that leaves most of the device idle) need nothing from each other:
-    # on CUDA the recompute runs on a side stream beside the sweep.
-    side = _side_stream(k.device) if segmented and k.is_cuda else None
+    # on CUDA the recompute runs on a side stream beside the sweep (NOTES change 35). What it writes
+    # is allocated here, on this stream, which waits for it before the gradients read it. Not while
+    # a CUDA graph is captured: graph trees cannot replay side-stream allocations.
+    side = (_side_stream(k.device) if segmented and k.is_cuda and not torch.cuda.is_current_stream_capturing()
+            else None)
+    states = empty_chunk_states(k, v, cu_seqlens, cfg_bwd.chunk_size)
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(k.device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _, _, states = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
-                                     cfg=cfg_states, store_o=False, store_final=False, store_states=True,
-                                     mats=mats, mats_mode="load" if have else "store",
-                                     seg_states=seg_states if segmented else None, seg_len=seg_len,
-                                     seg_mode="walk" if segmented else "none")
+        chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_states,
+                      store_o=False, store_final=False, store_states=True, states=states, mats=mats,
+                      mats_mode="load" if have else "store", seg_states=seg_states if segmented else None,
+                      seg_len=seg_len, seg_mode="walk" if segmented else "none")
     BT, BK = cfg_bwd.chunk_size, _pow2(K)
     BV = min(_pow2(V), cfg_bwd.block_v)
     NV = _cdiv(V, BV)
@@ -273,9 +287,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         )
         grid = grid + (most,)
     if side is not None:                 # the gradients need the recomputed states (and rebuilt matrices)
-        main = torch.cuda.current_stream(k.device)
-        main.wait_stream(side)
-        states.record_stream(main)       # allocated on the side stream, used and freed on this one
+        torch.cuda.current_stream(k.device).wait_stream(side)
     kern.chunk_bwd_kernel[grid](
         r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
