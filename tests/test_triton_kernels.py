@@ -135,6 +135,24 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
 
 
 @interpreter
+def test_chunk_forward_fills_a_given_states_buffer():
+    """The backward allocates the recompute's states on its own stream and hands the buffer in
+    (the recompute may run on a side stream): chunk_forward must fill that buffer, with the same
+    states it would have allocated itself."""
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.conformance import Case, make_inputs
+    from rwkv_backends.kernels import launch
+    x = make_inputs(Case("forward", "float32", "realistic", 2, 40, 2, 16, 16), 4, "cpu")
+    ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    kw = dict(scale=1.0, cu_seqlens=None, w_form="log", cfg=KernelConfig(chunk_size=16, block_v=16),
+              store_o=False, store_final=False, store_states=True)
+    buf = launch.empty_chunk_states(x["k"], x["v"], None, 16).fill_(float("nan"))
+    _, _, given = launch.chunk_forward(*ins, x["state"], **kw, states=buf)
+    _, _, own = launch.chunk_forward(*ins, x["state"], **kw)
+    assert given is buf and torch.equal(given, own)
+
+
+@interpreter
 def test_strong_decay_raw_w_gradient_keeps_its_margin(simulate):
     """As the PyTorch backend's test of the same name: the backward's s = t pairs stay out of dL.
     Before, dw's error was 5.0e-5 over these 8 seeds (and 1e-4 is the ceiling); now 1.3e-5."""
