@@ -109,7 +109,7 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
     fwd = KernelConfig(chunk_size=fwd_chunk, block_v=16)
     bwd = KernelConfig(chunk_size=16, block_v=16)
     kw = dict(scale=0.8, cu_seqlens=cu, w_form="log")
-    seg = launch.empty_segment_states(x["k"], x["v"], cu, seg_len)
+    seg = launch.empty_states(x["k"], x["v"], cu, seg_len)
     o, s, mats = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd, programs_per_sequence=2,
                                         seg_states=seg, seg_len=seg_len)
     o_plain, s_plain, _ = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
@@ -146,7 +146,7 @@ def test_chunk_forward_fills_a_given_states_buffer():
     ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     kw = dict(scale=1.0, cu_seqlens=None, w_form="log", cfg=KernelConfig(chunk_size=16, block_v=16),
               store_o=False, store_final=False, store_states=True)
-    buf = launch.empty_chunk_states(x["k"], x["v"], None, 16).fill_(float("nan"))
+    buf = launch.empty_states(x["k"], x["v"], None, 16).fill_(float("nan"))
     _, _, given = launch.chunk_forward(*ins, x["state"], **kw, states=buf)
     _, _, own = launch.chunk_forward(*ins, x["state"], **kw)
     assert given is buf and torch.equal(given, own)

@@ -74,34 +74,32 @@ def _num_sequences(B, cu_seqlens):
     return B if cu_seqlens is None else cu_seqlens.numel() - 1
 
 
-def _chunk_index(cu_seqlens, N, T, BT, device):
-    """Per-sequence offset into the chunk-state buffer, and the buffer's chunk count."""
+def _chunk_count(cu_seqlens, N, T, BT) -> int:
+    """Slots in a buffer with one entry per BT steps of each sequence: exact for equal lengths, an
+    upper bound for packed sequences (no host sync to read their lengths)."""
+    return N * _cdiv(T, BT) if cu_seqlens is None else _cdiv(T, BT) + N
+
+
+def _chunk_offsets(cu_seqlens, N, BT, device):
+    """Per-sequence offset into such a buffer: None for equal lengths (the kernels compute it)."""
     if cu_seqlens is None:
-        return None, N * _cdiv(T, BT)
+        return None
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     counts = (lens + BT - 1) // BT
     offsets = torch.zeros(N + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(counts, 0)
-    return offsets, _cdiv(T, BT) + N            # an upper bound: no host sync
+    return offsets
 
 
 def empty_mats(k, cu_seqlens, chunk_size: int):
     """A buffer for the chunk matrices of a forward with this chunk size."""
     B, T, H, _ = k.shape
     N = _num_sequences(B, cu_seqlens)
-    _, n_chunks = _chunk_index(cu_seqlens, N, T, chunk_size, k.device)
-    return torch.empty(n_chunks, H, kern.N_MATS.value, chunk_size, chunk_size, dtype=torch.float32, device=k.device)
+    return torch.empty(_chunk_count(cu_seqlens, N, T, chunk_size), H, kern.N_MATS.value, chunk_size, chunk_size, dtype=torch.float32, device=k.device)
 
 
 MATS_MODES = {"build": 0, "store": 1, "load": 2}     # kern.MATS_BUILD / MATS_STORE / MATS_LOAD
 SEG_MODES = {"none": 0, "store": 1, "walk": 2}       # kern.SEG_NONE / SEG_STORE / SEG_WALK
-
-
-def _segment_index(cu_seqlens, N, T, seg_len, device):
-    """Per-sequence offset into a segment buffer, the buffer's segment count, and the most segments
-    one sequence can have (the grid's segment axis). A segment is seg_len consecutive steps."""
-    offsets, n_segments = _chunk_index(cu_seqlens, N, T, seg_len, device)
-    return offsets, n_segments, _cdiv(T, seg_len)
 
 
 def segment_states(k, v, cu_seqlens, segments_per_sequence: int, chunk_sizes) -> tuple:
@@ -113,7 +111,7 @@ def segment_states(k, v, cu_seqlens, segments_per_sequence: int, chunk_sizes) ->
     T = T if cu_seqlens is None else max(1, T // _num_sequences(B, cu_seqlens))
     multiple = max(chunk_sizes)
     seg_len = multiple * _cdiv(_cdiv(T, multiple), max(1, segments_per_sequence))
-    return empty_segment_states(k, v, cu_seqlens, seg_len), seg_len
+    return empty_states(k, v, cu_seqlens, seg_len), seg_len
 
 
 def _chunks_per_segment(seg_len: int, BT: int) -> int:
@@ -122,30 +120,23 @@ def _chunks_per_segment(seg_len: int, BT: int) -> int:
     return seg_len // BT
 
 
-def empty_chunk_states(k, v, cu_seqlens, chunk_size: int):
-    """A buffer for every chunk's float32 start state, per head (what the backward walks)."""
+def empty_states(k, v, cu_seqlens, steps: int):
+    """A buffer for one float32 [K, V] state per head and per `steps` steps of each sequence: every
+    chunk's start state (steps = the chunk size), or every segment's (steps = its length)."""
     B, T, H, K = k.shape
     N = _num_sequences(B, cu_seqlens)
-    _, n_chunks = _chunk_index(cu_seqlens, N, T, chunk_size, k.device)
-    return torch.empty(n_chunks, H, K, v.shape[-1], dtype=torch.float32, device=k.device)
-
-
-def empty_segment_states(k, v, cu_seqlens, seg_len: int):
-    """A buffer for one float32 state (or state gradient) per segment and head."""
-    B, T, H, K = k.shape
-    N = _num_sequences(B, cu_seqlens)
-    _, n_segments, _ = _segment_index(cu_seqlens, N, T, seg_len, k.device)
-    return torch.empty(n_segments, H, K, v.shape[-1], dtype=torch.float32, device=k.device)
+    return torch.empty(_chunk_count(cu_seqlens, N, T, steps), H, K, v.shape[-1], dtype=torch.float32,
+                       device=k.device)
 
 
 def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig,
                   store_o=True, store_final=True, store_states=False, mats=None, mats_mode="build",
                   seg_states=None, seg_len=0, seg_mode="none", states=None):
     """(o, final state, chunk start states or None). `states`: with store_states, the buffer to
-    fill (from `empty_chunk_states`) instead of a new one. `mats_mode`: "build" the chunk matrices
+    fill (from `empty_states`) instead of a new one. `mats_mode`: "build" the chunk matrices
     in the loop, or also "store" them into `mats` (from `empty_mats`), or "load" them from `mats`.
     `seg_mode`: "store" the start state of each segment of `seg_len` steps into `seg_states` (from
-    `empty_segment_states`), or "walk" every segment at once from those states (the backward's
+    `empty_states`), or "walk" every segment at once from those states (the backward's
     recompute; no o, no final state)."""
     r, w, k, v, a, b, h0, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, cu_seqlens)
     B, T, H, K = k.shape
@@ -155,9 +146,9 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
     BV = min(_pow2(V), cfg.block_v)
     o = torch.empty_like(v) if store_o else v
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else v
-    offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
+    offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
     if store_states and states is None:
-        states = empty_chunk_states(k, v, cu_seqlens, BT)
+        states = empty_states(k, v, cu_seqlens, BT)
     if (mats is None) != (mats_mode == "build"):
         raise ValueError(f"mats: mode {mats_mode!r} {'needs' if mats is None else 'takes no'} a buffer")
     if (seg_states is None) != (seg_mode == "none"):
@@ -168,9 +159,9 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
     seg_offsets, seg_chunks = None, 1
     if seg_mode != "none":
         seg_chunks = _chunks_per_segment(seg_len, BT)
-        seg_offsets, _, most = _segment_index(cu_seqlens, N, T, seg_len, k.device)
+        seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, k.device)
         if seg_mode == "walk":
-            grid = grid + (most,)
+            grid = grid + (_cdiv(T, seg_len),)       # the most segments one sequence can have
     kern.chunk_fwd_kernel[grid](
         r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, states if store_states else v,
         mats if mats is not None else v,
@@ -194,7 +185,7 @@ def chunk_prepare(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, progr
     N = _num_sequences(B, cu_seqlens)
     BT = cfg.chunk_size
     mats = empty_mats(k, cu_seqlens, BT)
-    offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
+    offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
     P = max(1, min(programs_per_sequence, _cdiv(T, BT)))
     kern.chunk_prep_kernel[(P, N * H)](
         r, w, k, a, b, mats, offsets if offsets is not None else k, cu_seqlens if cu_seqlens is not None else k, T,
@@ -250,7 +241,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     # a CUDA graph is captured: graph trees cannot replay side-stream allocations.
     side = (_side_stream(k.device) if segmented and k.is_cuda and not torch.cuda.is_current_stream_capturing()
             else None)
-    states = empty_chunk_states(k, v, cu_seqlens, cfg_bwd.chunk_size)
+    states = empty_states(k, v, cu_seqlens, cfg_bwd.chunk_size)
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(k.device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -261,7 +252,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     BT, BK = cfg_bwd.chunk_size, _pow2(K)
     BV = min(_pow2(V), cfg_bwd.block_v)
     NV = _cdiv(V, BV)
-    offsets, _ = _chunk_index(cu_seqlens, N, T, BT, k.device)
+    offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
     if NV == 1:
         dr, dw, dk, da, db = (torch.empty_like(x) for x in (r, w, k, a, b))
     else:   # each V block's share of the r, w, k, a, b gradients, added below in a fixed order
@@ -271,12 +262,12 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     grid, seg_ds, seg_offsets, seg_chunks = (NV, N * H), None, None, 1
     if segmented:
         seg_chunks = _chunks_per_segment(seg_len, BT)
-        seg_offsets, _, most = _segment_index(cu_seqlens, N, T, seg_len, k.device)
+        seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, k.device)
         seg_ds = torch.empty_like(seg_states)
         BT_sweep = fwd_mats.shape[-1]
         cfg_sweep = cfg_fwd.with_(chunk_size=BT_sweep)
         BV_sweep = min(_pow2(V), cfg_sweep.block_v)
-        sweep_offsets, _ = _chunk_index(cu_seqlens, N, T, BT_sweep, k.device)
+        sweep_offsets = _chunk_offsets(cu_seqlens, N, BT_sweep, k.device)
         kern.chunk_dstate_kernel[(_cdiv(V, BV_sweep), N * H)](
             r, w, a, b, do, dht if dht is not None else v, fwd_mats, seg_ds, dh0,
             sweep_offsets if sweep_offsets is not None else v, seg_offsets if seg_offsets is not None else v,
@@ -285,7 +276,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
             STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=_dot_precision(cfg_sweep, k.dtype), **_launch_options(cfg_sweep),
         )
-        grid = grid + (most,)
+        grid = grid + (_cdiv(T, seg_len),)
     if side is not None:                 # the gradients need the recomputed states (and rebuilt matrices)
         torch.cuda.current_stream(k.device).wait_stream(side)
     kern.chunk_bwd_kernel[grid](
