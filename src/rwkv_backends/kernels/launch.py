@@ -9,6 +9,8 @@ no in-chunk products, no inverse) into a temporary buffer.
 The two-pass variant's training forward also saves the start state of each segment of the
 sequence (a few per sequence). Its backward then sweeps the state gradient back to every
 segment's end, and recomputes the chunk states and the gradients of all segments at once.
+The transition variant does the same, except that its forward walks chunk transitions (M, P, Q,
+R̃, built for all chunks at once) and keeps M and R̃, which its sweep walks back.
 """
 
 from __future__ import annotations
@@ -211,9 +213,92 @@ def twopass_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_prep
     return o, ht, mats
 
 
+def chunk_transitions(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, programs_per_sequence: int = 1):
+    """Every chunk's transition at cfg's chunk size C (kernels/wkv7.py, "Chunk transitions"), all
+    chunks in parallel: (M [chunks, H, K, K], P [chunks, H, K, C], Q [chunks, H, C, C], R̃ float32
+    in r's layout)."""
+    r, w, k, a, b, cu_seqlens = _contiguous(r, w, k, a, b, cu_seqlens)
+    B, T, H, K = k.shape
+    N = _num_sequences(B, cu_seqlens)
+    BT = cfg.chunk_size
+    n = _chunk_count(cu_seqlens, N, T, BT)
+    trans = torch.empty(n, H, K, K, dtype=torch.float32, device=k.device)
+    p_mat = torch.empty(n, H, K, BT, dtype=torch.float32, device=k.device)
+    q_mat = torch.empty(n, H, BT, BT, dtype=torch.float32, device=k.device)
+    r_eff = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
+    P = max(1, min(programs_per_sequence, _cdiv(T, BT)))
+    kern.chunk_transition_kernel[(P, N * H)](
+        r, w, k, a, b, trans, p_mat, q_mat, r_eff, offsets if offsets is not None else k,
+        cu_seqlens if cu_seqlens is not None else k, T,
+        H=H, K=K, BT=BT, BK=_pow2(K), BKK=min(_pow2(K), cfg.block_k), W_FORM=W_FORM_CODES[w_form],
+        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
+    )
+    return trans, p_mat, q_mat, r_eff
+
+
+def transition_forward(v, h0, trans, p_mat, q_mat, r_eff, *, scale, cu_seqlens, cfg: KernelConfig, store_o=True,
+                       store_final=True, seg_states=None, seg_len=0):
+    """(o or None, final state or None): the walk over chunk transitions, one program per (V block,
+    sequence, head); with `seg_states`, each segment's start state is stored there as well."""
+    v, h0, cu_seqlens = _contiguous(v, h0, cu_seqlens)
+    B, T, H, V = v.shape
+    K, BT = p_mat.shape[-2:]
+    N = _num_sequences(B, cu_seqlens)
+    BV = min(_pow2(V), cfg.block_v)
+    o = torch.empty_like(v) if store_o else v
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if store_final else v
+    offsets = _chunk_offsets(cu_seqlens, N, BT, v.device)
+    seg_offsets, seg_chunks = None, 1
+    if seg_states is not None:
+        seg_chunks = _chunks_per_segment(seg_len, BT)
+        seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, v.device)
+    kern.chunk_transition_fwd_kernel[(_cdiv(V, BV), N * H)](
+        v, trans, p_mat, q_mat, r_eff, o, h0 if h0 is not None else v, ht, offsets if offsets is not None else v,
+        cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
+        seg_offsets if seg_offsets is not None else v, float(scale), T, seg_chunks,
+        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, HAS_STATE=h0 is not None, STORE_FINAL=store_final,
+        STORE_O=store_o, SEGMENTS=SEG_MODES["none" if seg_states is None else "store"],
+        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(cfg, v.dtype), **_launch_options(cfg),
+    )
+    return (o if store_o else None), (ht if store_final else None)
+
+
+def transition_twopass(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_trans: KernelConfig,
+                       cfg_walk: KernelConfig, programs_per_sequence: int, store_o=True, store_final=True,
+                       seg_states=None, seg_len=0):
+    """Chunk transitions for every chunk (chunk_transitions), then the walk over them
+    (transition_forward). Returns (o or None, final state or None, (M, R̃)): what the
+    state-gradient sweep of training needs (transition_dstate)."""
+    trans, p_mat, q_mat, r_eff = chunk_transitions(r, w, k, a, b, cu_seqlens=cu_seqlens, w_form=w_form,
+                                                   cfg=cfg_trans, programs_per_sequence=programs_per_sequence)
+    o, ht = transition_forward(v, h0, trans, p_mat, q_mat, r_eff, scale=scale, cu_seqlens=cu_seqlens, cfg=cfg_walk,
+                               store_o=store_o, store_final=store_final, seg_states=seg_states, seg_len=seg_len)
+    return o, ht, (trans, r_eff)
+
+
+def transition_dstate(do, dht, trans, r_eff, seg_ds, dh0, *, scale, cu_seqlens, cfg: KernelConfig, chunk_size: int,
+                      seg_len: int):
+    """The state-gradient sweep over chunk transitions: fills `seg_ds` (the state gradient at each
+    segment's end) and, if given, `dh0`."""
+    B, T, H, V = do.shape
+    K = trans.shape[-1]
+    N = _num_sequences(B, cu_seqlens)
+    BT, BV = chunk_size, min(_pow2(V), cfg.block_v)
+    offsets = _chunk_offsets(cu_seqlens, N, BT, do.device)
+    seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, do.device)
+    kern.chunk_transition_dstate_kernel[(_cdiv(V, BV), N * H)](
+        trans, r_eff, do, dht if dht is not None else do, seg_ds, dh0 if dh0 is not None else do,
+        offsets if offsets is not None else do, seg_offsets if seg_offsets is not None else do,
+        cu_seqlens if cu_seqlens is not None else do, float(scale), T, _chunks_per_segment(seg_len, BT),
+        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(cfg, do.dtype), **_launch_options(cfg),
+    )
+
+
 def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                    cfg_fwd: KernelConfig, cfg_bwd: KernelConfig, mats=None, seg_states=None, seg_len=0,
-                   cfg_recompute: KernelConfig | None = None):
+                   cfg_recompute: KernelConfig | None = None, transitions=None):
     """Gradients (dr, dw, dk, dv, da, db, dh0). `mats`: the chunk matrices a forward stored, or None
     to build them here; they are rebuilt (in the state recompute) unless they have the backward's
     chunk size.
@@ -222,12 +307,15 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     with `mats`. Then a sweep stores the state gradient at every segment's end (chunk_dstate_kernel,
     at `mats`' chunk size and cfg_fwd's launch shape), and the state recompute and the gradient
     kernel run all segments at once. `cfg_recompute`: the segmented recompute's launch shape
-    (default cfg_fwd's), always at the backward's chunk size."""
+    (default cfg_fwd's), always at the backward's chunk size.
+
+    `transitions`: (M, R̃) from transition_twopass, in place of `mats`: the sweep walks them
+    (transition_dstate, at cfg_fwd's chunk size and launch shape)."""
     r, w, k, v, a, b, h0, do, dht, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, do, dht, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = _num_sequences(B, cu_seqlens)
-    segmented = seg_states is not None and mats is not None
+    segmented = seg_states is not None and (mats is not None or transitions is not None)
     fwd_mats = mats
     # The backward walks the chunks with its own chunk size.
     cfg_states = (cfg_recompute if segmented and cfg_recompute else cfg_fwd).with_(chunk_size=cfg_bwd.chunk_size)
@@ -264,19 +352,23 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         seg_chunks = _chunks_per_segment(seg_len, BT)
         seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, k.device)
         seg_ds = torch.empty_like(seg_states)
-        BT_sweep = fwd_mats.shape[-1]
-        cfg_sweep = cfg_fwd.with_(chunk_size=BT_sweep)
-        BV_sweep = min(_pow2(V), cfg_sweep.block_v)
-        sweep_offsets = _chunk_offsets(cu_seqlens, N, BT_sweep, k.device)
-        kern.chunk_dstate_kernel[(_cdiv(V, BV_sweep), N * H)](
-            r, w, a, b, do, dht if dht is not None else v, fwd_mats, seg_ds, dh0,
-            sweep_offsets if sweep_offsets is not None else v, seg_offsets if seg_offsets is not None else v,
-            cu_seqlens if cu_seqlens is not None else v, float(scale), T, _chunks_per_segment(seg_len, BT_sweep),
-            H=H, K=K, V=V, BT=BT_sweep, BK=BK, BV=BV_sweep, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
-            STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
-            DOT_PRECISION=_dot_precision(cfg_sweep, k.dtype), **_launch_options(cfg_sweep),
-        )
         grid = grid + (_cdiv(T, seg_len),)
+        if transitions is not None:
+            transition_dstate(do, dht, *transitions, seg_ds, dh0 if h0 is not None else None, scale=scale,
+                              cu_seqlens=cu_seqlens, cfg=cfg_fwd, chunk_size=cfg_fwd.chunk_size, seg_len=seg_len)
+        else:
+            BT_sweep = fwd_mats.shape[-1]
+            cfg_sweep = cfg_fwd.with_(chunk_size=BT_sweep)
+            BV_sweep = min(_pow2(V), cfg_sweep.block_v)
+            sweep_offsets = _chunk_offsets(cu_seqlens, N, BT_sweep, k.device)
+            kern.chunk_dstate_kernel[(_cdiv(V, BV_sweep), N * H)](
+                r, w, a, b, do, dht if dht is not None else v, fwd_mats, seg_ds, dh0,
+                sweep_offsets if sweep_offsets is not None else v, seg_offsets if seg_offsets is not None else v,
+                cu_seqlens if cu_seqlens is not None else v, float(scale), T, _chunks_per_segment(seg_len, BT_sweep),
+                H=H, K=K, V=V, BT=BT_sweep, BK=BK, BV=BV_sweep, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
+                STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
+                DOT_PRECISION=_dot_precision(cfg_sweep, k.dtype), **_launch_options(cfg_sweep),
+            )
     if side is not None:                 # the gradients need the recomputed states (and rebuilt matrices)
         torch.cuda.current_stream(k.device).wait_stream(side)
     kern.chunk_bwd_kernel[grid](
@@ -381,19 +473,30 @@ def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: K
 
 
 class TritonWKV7(torch.autograd.Function):
-    """Chunked forward and backward. Saves the inputs, the initial state and the chunk matrices."""
+    """Chunked forward and backward. Saves the inputs, the initial state and the chunk matrices (or,
+    with chunk transitions, the transitions M and R̃) and the segments' start states."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, scale, w_form, cfg_fwd, cfg_bwd, cfg_prep=None,
-                prep_programs=1, segments=0, cfg_recompute=None):
+                prep_programs=1, segments=0, cfg_recompute=None, transitions=False):
         """With `cfg_prep`, the two-pass forward: chunk_prepare builds every chunk's matrices
         (`prep_programs` programs per sequence), and the forward loads them. With `segments` > 1 the
         forward runs at cfg_prep's chunk size and stores the start state of about that many segments
         per sequence; the backward runs the segments in parallel. Without, everything runs at the
-        backward's chunk size, so that it can load the forward's matrices."""
-        mats = seg_states = None
+        backward's chunk size, so that it can load the forward's matrices.
+
+        With `transitions`, cfg_prep is chunk_transition's config and cfg_fwd the walk's (at that
+        chunk size): the forward keeps the transitions the state-gradient sweep walks, and the
+        segments' start states."""
+        mats = seg_states = kept = None
         seg_len = 0
-        if cfg_prep is not None:
+        if transitions:
+            seg_states, seg_len = segment_states(k, v, cu_seqlens, max(segments, 1),
+                                                 (cfg_prep.chunk_size, cfg_bwd.chunk_size))
+            o, ht, kept = transition_twopass(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
+                                             cfg_trans=cfg_prep, cfg_walk=cfg_fwd, programs_per_sequence=prep_programs,
+                                             seg_states=seg_states, seg_len=seg_len)
+        elif cfg_prep is not None:
             if segments > 1:
                 seg_states, seg_len = segment_states(k, v, cu_seqlens, segments,
                                                      (cfg_prep.chunk_size, cfg_bwd.chunk_size))
@@ -407,17 +510,18 @@ class TritonWKV7(torch.autograd.Function):
                 mats = empty_mats(k, cu_seqlens, cfg_fwd.chunk_size)
             o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
                                      cfg=cfg_fwd, mats=mats, mats_mode="build" if mats is None else "store")
-        ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states)
+        ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states, *(kept or (None, None)))
         ctx.opts = (scale, w_form, cfg_fwd, cfg_bwd, seg_len, cfg_recompute)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states = ctx.saved_tensors
+        r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states, trans, r_eff = ctx.saved_tensors
         scale, w_form, cfg_fwd, cfg_bwd, seg_len, cfg_recompute = ctx.opts
         if do is None:
             do = torch.zeros_like(v)
         grads = chunk_backward(r, w, k, v, a, b, h0, do, dht, scale=scale, cu_seqlens=cu_seqlens,
                                w_form=w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd, mats=mats,
-                               seg_states=seg_states, seg_len=seg_len, cfg_recompute=cfg_recompute)
-        return (*grads, None, None, None, None, None, None, None, None, None)
+                               seg_states=seg_states, seg_len=seg_len, cfg_recompute=cfg_recompute,
+                               transitions=None if trans is None else (trans, r_eff))
+        return (*grads, None, None, None, None, None, None, None, None, None, None)

@@ -304,39 +304,179 @@ def _mat_ptrs(mats, c, i_h, j, H: tl.constexpr, BT: tl.constexpr, TRANSPOSE: tl.
 # i_p + P, i_p + 2P, ... of sequence i_nh // H (P = the grid's first size).
 
 @triton.jit
+def _intra_by_column_blocks(r, w, k, a, b, tok0, eos, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                            BKK: tl.constexpr, W_FORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A_ab, A_ak, A_rb, A_rk of the chunk at tok0, BKK columns of K at a time. The in-chunk products
+    are sums over K and every decay is per K column, so small column blocks give small live tiles;
+    the factored or the exact path is chosen per column block."""
+    A_ab = tl.zeros([BT, BT], dtype=tl.float32)
+    A_ak = tl.zeros([BT, BT], dtype=tl.float32)
+    A_rb = tl.zeros([BT, BT], dtype=tl.float32)
+    A_rk = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in range(0, K, BKK):
+        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r + k0, w + k0, k + k0, a + k0, b + k0, tok0, eos, i_h,
+                                                          H, K, BT, BKK, W_FORM, K - k0)
+        G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
+        d_ab, d_ak, d_rb, d_rk = _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, _factorable(G_last), BT,
+                                        DOT_PRECISION)
+        A_ab += d_ab
+        A_ak += d_ak
+        A_rb += d_rb
+        A_rk += d_rk
+    return A_ab, A_ak, A_rb, A_rk
+
+
+@triton.jit
 def chunk_prep_kernel(
     r, w, k, a, b, mats, chunk_offsets, cu_seqlens, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKK: tl.constexpr,
     W_FORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The in-chunk products are sums over K, and every decay is per K column, so they are built
-    BKK columns at a time: small live tiles, many programs per SM. The factored or the exact path
-    is chosen per column block."""
     i_p, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     for i_c in range(i_p, tl.cdiv(eos - bos, BT), tl.num_programs(0)):
-        A_ab = tl.zeros([BT, BT], dtype=tl.float32)
-        A_ak = tl.zeros([BT, BT], dtype=tl.float32)
-        A_rb = tl.zeros([BT, BT], dtype=tl.float32)
-        A_rk = tl.zeros([BT, BT], dtype=tl.float32)
-        for k0 in range(0, K, BKK):
-            r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r + k0, w + k0, k + k0, a + k0, b + k0,
-                                                              bos + i_c * BT, eos, i_h, H, K, BT, BKK, W_FORM,
-                                                              K - k0)
-            G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
-            d_ab, d_ak, d_rb, d_rk = _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, _factorable(G_last), BT,
-                                            DOT_PRECISION)
-            A_ab += d_ab
-            A_ak += d_ak
-            A_rb += d_rb
-            A_rk += d_rk
+        A_ab, A_ak, A_rb, A_rk = _intra_by_column_blocks(r, w, k, a, b, bos + i_c * BT, eos, i_h, H, K, BT, BKK,
+                                                         W_FORM, DOT_PRECISION)
         c = c0 + i_c
         tl.store(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, False), _unit_lower_inverse(A_ab, BT, DOT_PRECISION))
         tl.store(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, False), A_ak)
         tl.store(_mat_ptrs(mats, c, i_h, MAT_RB, H, BT, False), A_rb)
         tl.store(_mat_ptrs(mats, c, i_h, MAT_RK, H, BT, False), A_rk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk transitions (two-pass prefill and training): a chunk maps its start state S to
+#     O = R̃ S + Q V,   S' = M S + P V,   where, with W = (I - A_ab)^-1 Â and X = (I - A_ab)^-1 A_ak,
+#     R̃ = R̂ + A_rb W,  Q = A_rk + A_rb X,  M = diag(γ) + B̃ᵀ W,  P = K̃ᵀ + B̃ᵀ X.
+# None of them depends on S or on V, so chunk_transition_kernel builds them for every chunk at once;
+# the walk then has one K x K product per chunk on its dependent chain (S' = M S + P V), where the
+# loaded forward has three. The state gradient walks back the same way: dS ← Mᵀ dS + R̃ᵀ dO.
+# Per chunk and head: M [K, K], P [K, C], Q [C, C]; R̃ is float32 in r's layout.
+
+@triton.jit
+def chunk_transition_kernel(
+    r, w, k, a, b, trans, p_mat, q_mat, r_eff, chunk_offsets, cu_seqlens, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BKK: tl.constexpr,
+    W_FORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (i_p, i_nh) takes chunks i_p, i_p + P, ... of sequence i_nh // H, as chunk_prep."""
+    i_p, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_t = tl.arange(0, BT)
+    m_k = o_k < K
+    for i_c in range(i_p, tl.cdiv(eos - bos, BT), tl.num_programs(0)):
+        tok0 = bos + i_c * BT
+        ch = (c0 + i_c) * H + i_h
+        A_ab, A_ak, A_rb, A_rk = _intra_by_column_blocks(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BKK, W_FORM,
+                                                         DOT_PRECISION)
+        Tinv = _unit_lower_inverse(A_ab, BT, DOT_PRECISION)
+        r_c, w_c, k_c, a_c, b_c, L, p_k, m_tk = _load_chunk(r, w, k, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM, K)
+        G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
+        W_ = tl.dot(Tinv, a_hat, input_precision=DOT_PRECISION)
+        X = tl.dot(Tinv, A_ak, input_precision=DOT_PRECISION)
+        b_t = tl.trans(b_c * tail)
+        M = tl.dot(b_t, W_, input_precision=DOT_PRECISION) \
+            + tl.where(o_k[:, None] == o_k[None, :], tl.exp(G_last)[:, None], 0.0)
+        tl.store(trans + ch * K * K + o_k[:, None] * K + o_k[None, :], M, mask=m_k[:, None] & m_k[None, :])
+        P = tl.trans(k_c * tail) + tl.dot(b_t, X, input_precision=DOT_PRECISION)
+        tl.store(p_mat + ch * K * BT + o_k[:, None] * BT + o_t[None, :], P, mask=m_k[:, None])
+        tl.store(r_eff + p_k, r_hat + tl.dot(A_rb, W_, input_precision=DOT_PRECISION), mask=m_tk)
+        tl.store(q_mat + ch * BT * BT + o_t[:, None] * BT + o_t[None, :],
+                 A_rk + tl.dot(A_rb, X, input_precision=DOT_PRECISION))
+
+
+@triton.jit
+def chunk_transition_fwd_kernel(
+    v, trans, p_mat, q_mat, r_eff, o, h0, ht, chunk_offsets, cu_seqlens, seg_states, seg_offsets, scale, T,
+    seg_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_STATE: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_O: tl.constexpr, SEGMENTS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (V block, sequence, head) walks the chunks: O = R̃ S + Q V, S ← M S + P V.
+    With SEGMENTS == SEG_STORE it also stores each segment's start state (for the segmented
+    backward)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k, o_v, m_kv, s_tile = _state_block(i_v, K, V, BK, BV)
+    o_t = tl.arange(0, BT)
+    m_k = o_k < K
+    c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_STATE:
+        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    if SEGMENTS == SEG_STORE:
+        s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
+    else:
+        seg_chunks = tl.maximum(n_chunks, 1)
+    # Segments outside, chunks inside: a store inside the chunk loop would keep Triton from
+    # pipelining its loads.
+    for i_s in range(0, tl.cdiv(n_chunks, seg_chunks)):
+        if SEGMENTS == SEG_STORE:
+            tl.store(seg_states + ((s0 + i_s) * H + i_h) * K * V + s_tile, S, mask=m_kv)
+        for i_c in range(i_s * seg_chunks, tl.minimum(i_s * seg_chunks + seg_chunks, n_chunks)):
+            ch = (c0 + i_c) * H + i_h
+            tok0 = bos + i_c * BT
+            p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
+            v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+            M = tl.load(trans + ch * K * K + o_k[:, None] * K + o_k[None, :], mask=m_k[:, None] & m_k[None, :], other=0.0)
+            P = tl.load(p_mat + ch * K * BT + o_k[:, None] * BT + o_t[None, :], mask=m_k[:, None], other=0.0)
+            if STORE_O:
+                R = tl.load(r_eff + ((tok0 + o_t)[:, None] * H + i_h) * K + o_k[None, :],
+                            mask=(tok0 + o_t < eos)[:, None] & m_k[None, :], other=0.0)
+                Q = tl.load(q_mat + ch * BT * BT + o_t[:, None] * BT + o_t[None, :])
+                O = tl.dot(R, S, input_precision=DOT_PRECISION) + tl.dot(Q, v_c, input_precision=DOT_PRECISION)
+                tl.store(o + p_v, (O * scale).to(o.dtype.element_ty), mask=m_tv)
+            S = tl.dot(M, S, input_precision=DOT_PRECISION) + tl.dot(P, v_c, input_precision=DOT_PRECISION)
+    if STORE_FINAL:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + s_tile, S, mask=m_kv)
+
+
+@triton.jit
+def chunk_transition_dstate_kernel(
+    trans, r_eff, do, dht, seg_ds, dh0, chunk_offsets, seg_offsets, cu_seqlens, scale, T, seg_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The state-gradient sweep on chunk transitions: dS ← Mᵀ dS + R̃ᵀ dO (scaled), last chunk to
+    first; stores dS at the end of every segment, as chunk_dstate_kernel does."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k, o_v, m_kv, s_tile = _state_block(i_v, K, V, BK, BV)
+    m_kk = (o_k < K)[:, None] & (o_k < K)[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
+    n_segs = tl.cdiv(n_chunks, seg_chunks)
+    for j_s in range(0, n_segs):                 # segments last to first, chunks inside (pipelined)
+        i_s = n_segs - 1 - j_s
+        tl.store(seg_ds + ((s0 + i_s) * H + i_h) * K * V + s_tile, dS, mask=m_kv)
+        c_begin = i_s * seg_chunks
+        c_last = tl.minimum(c_begin + seg_chunks, n_chunks) - 1
+        for j in range(0, c_last - c_begin + 1):
+            i_c = c_last - j
+            ch = (c0 + i_c) * H + i_h
+            tok0 = bos + i_c * BT
+            M_t = tl.load(trans + ch * K * K + o_k[None, :] * K + o_k[:, None], mask=m_kk, other=0.0)
+            p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
+            dO = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale
+            o_t = tok0 + tl.arange(0, BT)
+            R_t = tl.load(r_eff + (o_t[None, :] * H + i_h) * K + o_k[:, None],
+                          mask=(o_t < eos)[None, :] & (o_k < K)[:, None], other=0.0)
+            dS = tl.dot(M_t, dS, input_precision=DOT_PRECISION) + tl.dot(R_t, dO, input_precision=DOT_PRECISION)
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_tile, dS, mask=m_kv)
 
 
 # ---------------------------------------------------------------------------------------------
