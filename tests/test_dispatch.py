@@ -87,19 +87,26 @@ def test_every_profile_plans_training_prefill_decode(profile):
         assert p.configs, (profile, cls)
 
 
-def test_few_sequence_head_pairs_take_the_two_pass_variant():
-    """Fewer (sequence, head) pairs than multiprocessors: the two-pass variant, for prefill and
-    training; otherwise the one-pass kernels, and the two-pass variant says why it was passed over."""
+def test_few_sequence_head_pairs_take_a_two_pass_variant():
+    """Fewer (sequence, head) pairs than multiprocessors: a two-pass variant for prefill and training
+    (chunk transitions at K, V <= 64, the loaded forward above); otherwise the one-pass kernels, and
+    the two-pass variants say why they were passed over."""
     info = dev.profile("nvidia:sm90")
     for needs_grad in (False, True):
         few = plan(_problem(info.device_type, B=1, T=16384, H=32, K=64, V=64, needs_grad=needs_grad), info,
                    runtime=False)
-        assert few.variant.name == "triton.chunk_twopass"
-        assert set(few.configs) == {"chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute"}
+        assert few.variant.name == "triton.chunk_transition"
+        assert set(few.configs) == {"chunk_transition", "chunk_fwd_transition", "chunk_bwd_split", "chunk_recompute"}
+        wide = plan(_problem(info.device_type, B=4, T=4096, H=16, K=128, V=128, needs_grad=needs_grad), info,
+                    runtime=False)
+        assert wide.variant.name == "triton.chunk_twopass"
+        assert set(wide.configs) == {"chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute"}
+        assert any("cost more than they save" in r for r in wide.rejected["triton.chunk_transition"])
         many = plan(_problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=needs_grad), info,
                     runtime=False)
         assert many.variant.name == "triton.chunk"
-        assert any("fill the 132 multiprocessors" in r for r in many.rejected["triton.chunk_twopass"])
+        for name in ("triton.chunk_transition", "triton.chunk_twopass"):
+            assert any("fill the 132 multiprocessors" in r for r in many.rejected[name])
 
 
 @pytest.mark.parametrize("B, V, block_v", [(1, 64, 16), (2, 64, 16), (4, 64, 32), (256, 64, 64), (1, 16, 16)])
@@ -116,7 +123,7 @@ def test_decode_with_few_pairs_splits_v_finer(B, V, block_v):
 
 @pytest.mark.parametrize("shape, kernel, field, table, capped", [
     # chunks of 32 miss the float32 bar in the strong regime
-    (dict(B=1, T=16384, H=32, K=64, V=64, needs_grad=False), "chunk_prep", "chunk_size", 32, 16),
+    (dict(B=1, T=16384, H=32, K=64, V=64, needs_grad=False), "chunk_transition", "chunk_size", 32, 16),
     # float32 loads double the backward's shared-memory staging: V block 128 did not fit the H100
     (dict(B=4, T=4096, H=16, K=128, V=128, needs_grad=True), "chunk_bwd_split", "block_v", 128, 64),
 ])

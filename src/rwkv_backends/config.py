@@ -22,6 +22,12 @@ KERNELS = {
                    "doc": "every chunk's matrices in one launch, all chunks in parallel (two-pass prefill)"},
     "chunk_fwd_loaded": {"chained_dots": True, "uses": _CHUNK_FIELDS,
                          "doc": "chunked forward that loads chunk_prep's matrices (its chunk size must be chunk_prep's)"},
+    "chunk_transition": {"chained_dots": True, "uses": ("chunk_size", "block_k", "num_warps", "num_stages", "dot_precision"),
+                         "doc": "every chunk's transition (S' = M S + P V, O = R̃ S + Q V) in one launch, all chunks in "
+                                "parallel (few-pair prefill and training, K, V <= 64)"},
+    "chunk_fwd_transition": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages", "dot_precision"),
+                             "doc": "the walk over chunk_transition's transitions, at its chunk size; the state-gradient "
+                                    "sweep of that training takes the same launch shape"},
     "chunk_bwd_split": {"chained_dots": True, "uses": _CHUNK_FIELDS,
                         "doc": "chunked backward, V split over programs, for few (sequence, head) pairs (two-pass "
                                "training; its chunk size rules the prep and forward there)"},

@@ -43,8 +43,8 @@ def all_profiles() -> dict:
 
 # Which variants to try first, per problem class; vendors override through `preferences(info)`.
 DEFAULT_PREFERENCES = {
-    "training": ["triton.chunk_twopass", "triton.chunk", "pytorch.chunk"],
-    "prefill": ["triton.chunk_twopass", "triton.chunk", "triton.recurrent", "pytorch.chunk"],
+    "training": ["triton.chunk_transition", "triton.chunk_twopass", "triton.chunk", "pytorch.chunk"],
+    "prefill": ["triton.chunk_transition", "triton.chunk_twopass", "triton.chunk", "triton.recurrent", "pytorch.chunk"],
     "decode": ["triton.recurrent", "triton.chunk", "pytorch.chunk"],
 }
 

@@ -15,6 +15,12 @@ SEGMENT_FILL = 4
 # The narrowest V block the decode variant splits to when few (sequence, head) pairs leave
 # multiprocessors idle (fit_configs below).
 MIN_DECODE_BLOCK_V = 16
+# Chunk transitions serve heads up to this size: at K = V = 128 (B4 T4096 H16) they were slower than
+# the loaded forward (1.95 against 1.75 ms) and its sweep (1.06 against 0.97 ms). NOTES change 36.
+TRANSITION_MAX_HEAD = 64
+# Transition programs per multiprocessor: each builds a few chunks' transitions. B1 T16384 H32:
+# 0.83-0.86 ms from 4 to 16 per multiprocessor, 1.16 at 1 (NOTES change 36).
+TRANSITION_PROGRAMS_PER_SM = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,6 +88,17 @@ class TritonChunk(Variant):
                               cfg_bwd=plan.configs["chunk_bwd"])
 
 
+def few_pairs_reasons(problem, device) -> list:
+    """The two-pass variants exist for fewer (sequence, head) pairs than multiprocessors."""
+    pairs = problem.N * problem.H
+    if not device.multiprocessors:
+        return ["the device's multiprocessor count is unknown, so the fill rule cannot apply"]
+    if pairs >= device.multiprocessors:
+        return [f"{pairs} (sequence, head) pairs fill the {device.multiprocessors} multiprocessors: "
+                "the one-pass kernels of triton.chunk are faster there"]
+    return []
+
+
 class TritonChunkTwoPass(Variant):
     """Few (sequence, head) pairs: one program per pair would leave most of the device idle while it
     walks its chunks. Pass 1 builds every chunk's matrices with all chunks in parallel (chunk_prep);
@@ -96,14 +113,7 @@ class TritonChunkTwoPass(Variant):
     kernels = ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute")
 
     def reasons(self, problem, device, runtime=True):
-        reasons = common_reasons(problem, device, runtime)
-        pairs = problem.N * problem.H
-        if not device.multiprocessors:
-            reasons.append("the device's multiprocessor count is unknown, so the fill rule cannot apply")
-        elif pairs >= device.multiprocessors:
-            reasons.append(f"{pairs} (sequence, head) pairs fill the {device.multiprocessors} multiprocessors: "
-                           "the one-pass kernels of triton.chunk are faster there")
-        return reasons
+        return common_reasons(problem, device, runtime) + few_pairs_reasons(problem, device)
 
     @staticmethod
     def _prep_programs(problem, plan):
@@ -146,6 +156,64 @@ class TritonChunkTwoPass(Variant):
                               seg_states=seg_states, seg_len=seg_len, cfg_recompute=plan.configs["chunk_recompute"])
 
 
+class TritonChunkTransition(Variant):
+    """Few (sequence, head) pairs at K, V <= 64: the two-pass variant with a shorter dependent chain.
+    Pass 1 builds every chunk's transition (S' = M S + P V, O = R̃ S + Q V: kernels/wkv7.py) with
+    all chunks in parallel; pass 2 walks them, one K x K product per chunk on the chain where the
+    loaded forward has three. Training keeps M and R̃ and the segments' start states; its backward
+    sweeps dS ← Mᵀ dS + R̃ᵀ dO back to every segment's end, then runs the segmented backward of
+    triton.chunk_twopass. benchmarks/NOTES.md, change 36."""
+
+    name = "triton.chunk_transition"
+    backend = "triton"
+    kernels = ("chunk_transition", "chunk_fwd_transition", "chunk_bwd_split", "chunk_recompute")
+
+    def reasons(self, problem, device, runtime=True):
+        reasons = common_reasons(problem, device, runtime) + few_pairs_reasons(problem, device)
+        if max(problem.K, problem.V) > TRANSITION_MAX_HEAD:
+            reasons.append(f"head size K={problem.K}, V={problem.V}: above {TRANSITION_MAX_HEAD} the K x K "
+                           "transitions cost more than they save (NOTES change 36); triton.chunk_twopass serves it")
+        return reasons
+
+    @staticmethod
+    def _programs(problem, plan):
+        return -(-TRANSITION_PROGRAMS_PER_SM * plan.device.multiprocessors // (problem.N * problem.H))
+
+    @staticmethod
+    def _configs(plan):
+        """(transition config, walk config at the transition's chunk size)."""
+        cfg_trans = plan.configs["chunk_transition"]
+        return cfg_trans, plan.configs["chunk_fwd_transition"].with_(chunk_size=cfg_trans.chunk_size)
+
+    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import TritonWKV7, transition_twopass
+        cfg_trans, cfg_walk = self._configs(plan)
+        if problem.needs_grad:
+            return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form, cfg_walk,
+                                    plan.configs["chunk_bwd_split"], cfg_trans, self._programs(problem, plan),
+                                    TritonChunkTwoPass._segments(problem, plan), plan.configs["chunk_recompute"], True)
+        o, ht, _ = transition_twopass(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
+                                      w_form=problem.w_form, cfg_trans=cfg_trans, cfg_walk=cfg_walk,
+                                      programs_per_sequence=self._programs(problem, plan),
+                                      store_final=problem.output_final_state)
+        return o, ht
+
+    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
+        # As triton.chunk_twopass: rebuild what the training forward keeps, then the backward.
+        from ..kernels.launch import chunk_backward, segment_states, transition_twopass
+        cfg_trans, cfg_walk = self._configs(plan)
+        cfg_bwd = plan.configs["chunk_bwd_split"]
+        seg_states, seg_len = segment_states(k, v, cu_seqlens, TritonChunkTwoPass._segments(problem, plan),
+                                             (cfg_trans.chunk_size, cfg_bwd.chunk_size))
+        _, _, kept = transition_twopass(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
+                                        w_form=problem.w_form, cfg_trans=cfg_trans, cfg_walk=cfg_walk,
+                                        programs_per_sequence=self._programs(problem, plan), store_o=False,
+                                        store_final=False, seg_states=seg_states, seg_len=seg_len)
+        return chunk_backward(r, w, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens,
+                              w_form=problem.w_form, cfg_fwd=cfg_walk, cfg_bwd=cfg_bwd, seg_states=seg_states,
+                              seg_len=seg_len, cfg_recompute=plan.configs["chunk_recompute"], transitions=kept)
+
+
 class TritonRecurrent(Variant):
     name = "triton.recurrent"
     backend = "triton"
@@ -183,4 +251,5 @@ class TritonRecurrent(Variant):
 
 register(TritonChunk())
 register(TritonChunkTwoPass())
+register(TritonChunkTransition())
 register(TritonRecurrent())

@@ -11,6 +11,8 @@ _DEFAULT = {
     "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
     "chunk_prep": {"64": C(chunk_size=16, block_k=32, num_warps=2), "128": C(chunk_size=16, block_k=32, num_warps=2)},
     "chunk_fwd_loaded": {"64": C(block_v=16, num_warps=4), "128": C(block_v=32, num_warps=4)},
+    "chunk_transition": {"64": C(chunk_size=32, block_k=32, num_warps=2), "128": C(chunk_size=16, block_k=32, num_warps=4)},
+    "chunk_fwd_transition": {"64": C(block_v=16, num_warps=2), "128": C(block_v=64, num_warps=4)},
     "chunk_bwd_split": {"64": C(chunk_size=16, block_v=32, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
     "chunk_recompute": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
     "recurrent_fwd": {"64": C(block_v=16, num_warps=2), "128": C(block_v=32, num_warps=4)},
@@ -47,6 +49,12 @@ _SM90 = {
     # training 8.17 -> 7.52 ms, prefill 2.60 -> 2.34 ms (2 stages: 7.77 and 2.42).
     "chunk_fwd_loaded": {"64": C(chunk_size=32, block_v=16, num_warps=4, num_stages=3, dot_precision="tf32"),
                          "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
+    # Chunk transitions (NOTES change 36), B1 T16384 H32, hand-run sweep (.exp-style script, numbers in
+    # NOTES): the transitions at 2 warps 0.83-0.86 ms (4 warps 1.05, 8 warps 1.76; chunk 64 1.56 at
+    # best); the walk at BV 16, 2 warps, 4 stages 0.43 ms (3 stages 0.44, 4 warps 0.48-0.55) and the
+    # state-gradient sweep at that shape 0.36 ms (4 warps 1.0). Not used at K = V = 128 (slower there).
+    "chunk_transition": {"64": C(chunk_size=32, block_k=32, num_warps=2, dot_precision="tf32")},
+    "chunk_fwd_transition": {"64": C(block_v=16, num_warps=2, num_stages=4, dot_precision="tf32")},
     # The segmented backward (NOTES change 24) gets its programs from segments of the sequence, so
     # one V block wins: training B1 T16384 H32 10.72 ms at BV 64 (BV 32: 12.63 at 4 warps, 14.01 at
     # 8), peak 1.12 GB against 2.53 GB at BV 32; K = V = 128, B4 T4096 H16: 12.51 ms at BV 128
