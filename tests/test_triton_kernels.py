@@ -28,11 +28,11 @@ _VARIANT_CASES = ([c for c in quick_cases() if c.kind in ("forward", "varlen") a
 
 
 @interpreter
-@pytest.mark.parametrize("variant", ["triton.chunk", "triton.chunk_twopass"])
+@pytest.mark.parametrize("variant", ["triton.chunk", "triton.chunk_twopass", "triton.chunk_transition"])
 @pytest.mark.parametrize("case", _VARIANT_CASES, ids=lambda c: c.id)
-def test_both_chunk_variants_match_the_reference(simulate, variant, case):
-    """Small problems plan the two-pass variant on sm90; the one-pass kernels (what a full device
-    gets) are forced here so that both stay covered, forward and backward."""
+def test_every_chunk_variant_matches_the_reference(simulate, variant, case):
+    """Small problems plan the transition variant on sm90 (the two-pass one at K > 64); each chunk
+    variant is forced here so that all stay covered, forward and backward."""
     simulate("nvidia:sm90")
     res = run_case(case, backend=variant, device="cpu", base_seed=3)
     assert res["status"] == "passed", res.get("detail")
@@ -86,16 +86,20 @@ def test_backward_split_by_v_blocks_matches_one_block(regime, varlen, V):
 
 
 @interpreter
-@pytest.mark.parametrize("regime, varlen, seg_len, V, with_state, fwd_chunk", [
-    ("realistic", False, 32, 32, True, 16), ("strong", True, 16, 32, True, 16), ("realistic", True, 64, 16, False, 32),
-    ("unit", False, 96, 32, True, 32)])
-def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, seg_len, V, with_state, fwd_chunk):
+@pytest.mark.parametrize("regime, varlen, seg_len, V, with_state, fwd_chunk, transitions", [
+    ("realistic", False, 32, 32, True, 16, False), ("strong", True, 16, 32, True, 16, False),
+    ("realistic", True, 64, 16, False, 32, False), ("unit", False, 96, 32, True, 32, False),
+    ("realistic", False, 32, 32, True, 32, True), ("strong", True, 16, 32, True, 16, True),
+    ("unit", True, 96, 16, False, 32, True)])
+def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, seg_len, V, with_state, fwd_chunk,
+                                                               transitions):
     """Two-pass training stores each segment's start state in the forward; the backward recomputes
     the chunk states and the gradients of all segments at once, from the state gradients a sweep
-    stored at the segments' ends (at the forward's chunk size, which may differ from the backward's).
-    It must give the one-walk backward's gradients (an empty sequence, a segment longer than its
-    sequence, a partial last segment and strong decay included) and the float64 reference's; the
-    forward's outputs must not change."""
+    stored at the segments' ends (at the forward's chunk size, which may differ from the backward's;
+    over the loaded chunk matrices, or over chunk transitions). It must give the one-walk backward's
+    gradients (an empty sequence, a segment longer than its sequence, a partial last segment and
+    strong decay included) and the float64 reference's; the forward's outputs must not change, and
+    the transition walk's must be the loaded forward's."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
     from rwkv_backends.kernels import launch
@@ -115,8 +119,19 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
     o_plain, s_plain, _ = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
                                                  programs_per_sequence=2)
     assert torch.equal(o, o_plain) and torch.equal(s, s_plain)
-    g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
-                                  seg_states=seg, seg_len=seg_len)
+    if transitions:
+        seg_t = launch.empty_states(x["k"], x["v"], cu, seg_len)
+        o_t, s_t, kept = launch.transition_twopass(*ins, state, **kw, cfg_trans=fwd, cfg_walk=fwd,
+                                                   programs_per_sequence=3, seg_states=seg_t, seg_len=seg_len)
+        assert relative_error(o_t, o) < 1e-5 and relative_error(s_t, s) < 1e-5
+        lens = (cu[1:] - cu[:-1]).tolist() if varlen else [70, 70]
+        used = sum(-(-n // seg_len) for n in lens)          # packed buffers have spare slots at the end
+        assert relative_error(seg_t[:used], seg[:used]) < 1e-5
+        g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, seg_states=seg_t,
+                                      seg_len=seg_len, transitions=kept)
+    else:
+        g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
+                                      seg_states=seg, seg_len=seg_len)
     g_one = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats)
     ref_ins = [t.double().requires_grad_(True) for t in ins]
     ref_state = state.double().requires_grad_(True) if with_state else None
@@ -127,7 +142,8 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
         if ref is None:
             assert got is None and same is None
             continue
-        assert relative_error(got, same) < 1e-6, name
+        # The transition sweep sums in another order: the same gradients to float32 rounding.
+        assert relative_error(got, same) < (1e-5 if transitions else 1e-6), name
         assert relative_error(got, ref) < 1e-4, name
     with pytest.raises(ValueError, match="seg_len"):
         launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
@@ -188,6 +204,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             ("chunk_prep", KernelConfig(chunk_size=32, block_k=32)), ("chunk_fwd_loaded", KernelConfig(block_v=16)),
             ("chunk_bwd_split", KernelConfig(block_v=32, num_warps=8)), ("chunk_dstate", KernelConfig(block_v=16)),
             ("chunk_recompute", KernelConfig()),
+            ("chunk_transition", KernelConfig(chunk_size=32, block_k=32, num_warps=2)),
+            ("chunk_fwd_transition", KernelConfig(chunk_size=32, block_v=16, num_warps=2, num_stages=4)),
+            ("chunk_dstate_transition", KernelConfig(chunk_size=32, block_v=16, num_warps=2, num_stages=4)),
             ("recurrent_fwd", KernelConfig(block_v=16, num_warps=2))]
     rc, results, stderr = compile_in_subprocess(jobs, arch=90)
     assert rc == 0, stderr[-2000:]
@@ -205,9 +224,9 @@ def test_gpu_full_matrix(case):
 
 @requires_gpu
 @pytest.mark.gpu
-def test_gpu_saves_only_the_chunk_matrices():
-    """Beyond the inputs, forward saves only the chunk matrices (4 x C x C float32 per chunk and
-    head: 16 C bytes per token and head) and the segments' start states (backward recomputes the
+def test_gpu_saves_only_the_chunk_transitions():
+    """Beyond the inputs, forward saves only the chunk transitions M (K x K float32 per chunk and
+    head) and R̃ (float32, r's shape), and the segments' start states (backward recomputes the
     chunk states)."""
     import rwkv_backends as rb
     from rwkv_backends.conformance import Case, make_inputs
@@ -217,15 +236,15 @@ def test_gpu_saves_only_the_chunk_matrices():
     before = torch.cuda.memory_allocated()
     o, s = rb.wkv7(*leaves, x["state"])
     saved = torch.cuda.memory_allocated() - before - o.numel() * o.element_size() - s.numel() * 4
-    # 16 (sequence, head) pairs plan the two-pass variant, which also keeps each segment's start
+    # 16 (sequence, head) pairs plan the transition variant, which also keeps each segment's start
     # state: at most one per chunk group of SEGMENT_FILL programs per multiprocessor.
     from rwkv_backends.backends.triton import SEGMENT_FILL
     plan = rb.explain(*leaves, x["state"])
-    assert plan["variant"] == "triton.chunk_twopass"
+    assert plan["variant"] == "triton.chunk_transition"
     n_v = -(-64 // plan["config"]["chunk_bwd_split"]["block_v"])
     segments = -(-SEGMENT_FILL * plan["device"]["multiprocessors"] // (2 * 8 * n_v))
-    chunk = plan["config"]["chunk_prep"]["chunk_size"]
-    assert saved <= 2 * 2048 * 8 * 16 * chunk + 2 * 8 * segments * 64 * 64 * 4
+    chunks = 2 * 8 * -(-2048 // plan["config"]["chunk_transition"]["chunk_size"])
+    assert saved <= chunks * 64 * 64 * 4 + 2 * 2048 * 8 * 64 * 4 + 2 * 8 * segments * 64 * 64 * 4
 
 
 @interpreter
@@ -411,8 +430,8 @@ def test_stored_chunk_matrices_give_the_same_gradients_as_rebuilt_ones(regime):
 
 
 @interpreter
-@pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_bwd", "chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split",
-                                    "chunk_recompute", "recurrent_fwd"])
+@pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_bwd", "chunk_prep", "chunk_fwd_loaded", "chunk_transition",
+                                    "chunk_fwd_transition", "chunk_bwd_split", "chunk_recompute", "recurrent_fwd"])
 def test_tune_checks_each_kernels_candidates_against_the_reference(simulate, monkeypatch, kernel):
     """The tune tool's accuracy gate, run on the CPU through the interpreter: every kernel it sweeps
     has a runner, and its first candidate stays within SPEC's bf16 ceilings on a small problem (the

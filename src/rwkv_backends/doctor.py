@@ -157,9 +157,15 @@ def _compile_probe(info, tv, plans):
     wanted = []
     for p in plans.values():
         configs = dict(p.get("config", {}))
-        if "chunk_bwd_split" in configs:
-            # two-pass training also runs the state-gradient sweep, at the prep's chunk size with
-            # the loaded forward's launch shape (it has no table entry of its own)
+        # Each chunk size below is the one the variant walks at (the walks have no chunk size of
+        # their own in the tables). Two-pass training also runs a state-gradient sweep, at the
+        # walk's launch shape; it has no table entry of its own either.
+        if "chunk_transition" in configs:
+            walk = configs["chunk_fwd_transition"] | {"chunk_size": configs["chunk_transition"]["chunk_size"]}
+            configs["chunk_fwd_transition"] = walk
+            if "chunk_bwd_split" in configs:
+                configs["chunk_dstate_transition"] = walk
+        elif "chunk_bwd_split" in configs:
             configs["chunk_dstate"] = configs["chunk_fwd_loaded"] | {"chunk_size": configs["chunk_prep"]["chunk_size"]}
         for kernel, cfg in configs.items():
             if p.get("backend") == "triton" and (kernel, cfg) not in wanted:

@@ -28,6 +28,11 @@ CANDIDATES = {
     # Timed on the matrices of chunk_prep's table entry at the same chunk size.
     "chunk_fwd_loaded": dict(chunk_size=(16, 32), block_v=(16, 32, 64), num_warps=(4,), num_stages=(1, 3),
                              dot_precision=("tf32",)),
+    # Chunk transitions (K, V <= 64). The walk's entry serves its state-gradient sweep too, so both
+    # are timed together, on the transitions of chunk_transition's table entry.
+    "chunk_transition": dict(chunk_size=(16, 32, 64), block_k=(32,), num_warps=(2, 4), dot_precision=("tf32",)),
+    "chunk_fwd_transition": dict(block_v=(16, 32, 64), num_warps=(2, 4), num_stages=(1, 3, 4),
+                                 dot_precision=("tf32",)),
     # The segmented backward of two-pass training: segments give the programs, so wide V blocks.
     "chunk_bwd_split": dict(chunk_size=(16,), block_v=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3),
                             dot_precision=("tf32",)),
@@ -93,10 +98,49 @@ def _segmented_training_backward(kernel, cfg, x):
                                          seg_len=seg_len, cfg_recompute=cfgs["chunk_recompute"])
 
 
+def _transition_programs(x) -> int:
+    from .backends.triton import TRANSITION_PROGRAMS_PER_SM
+    from .device import detect
+    B, _, H, _ = x["k"].shape
+    return -(-TRANSITION_PROGRAMS_PER_SM * detect(DEVICE).multiprocessors // (B * H))
+
+
+def _transition_runner(kernel, cfg, x, for_error_check):
+    """chunk_transition alone (for the error check: with the walk), or the walk and the sweep on
+    the transitions of chunk_transition's table entry."""
+    from .kernels import launch
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    P = _transition_programs(x)
+    if kernel == "chunk_transition":
+        if for_error_check:
+            walk = KernelConfig(block_v=64, dot_precision=cfg.dot_precision)
+            return lambda: launch.transition_twopass(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
+                                                     cfg_trans=cfg, cfg_walk=walk, programs_per_sequence=P)[:2]
+        return lambda: launch.chunk_transitions(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=None,
+                                                w_form="log", cfg=cfg, programs_per_sequence=P)
+    cfg_trans = _table_config("chunk_transition", x["k"].shape[-1])
+    trans, p_mat, q_mat, r_eff = launch.chunk_transitions(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=None,
+                                                          w_form="log", cfg=cfg_trans, programs_per_sequence=P)
+    walk = lambda: launch.transition_forward(x["v"], x["state"], trans, p_mat, q_mat, r_eff, scale=1.0,  # noqa: E731
+                                             cu_seqlens=None, cfg=cfg)
+    if for_error_check:
+        return walk
+    seg_states, seg_len = launch.segment_states(x["k"], x["v"], None, 4, (cfg_trans.chunk_size,))
+    seg_ds, dh0 = torch.empty_like(seg_states), torch.empty_like(x["state"])
+
+    def walk_and_sweep():
+        walk()
+        launch.transition_dstate(x["do"], x["dstate"], trans, r_eff, seg_ds, dh0, scale=1.0, cu_seqlens=None,
+                                 cfg=cfg, chunk_size=cfg_trans.chunk_size, seg_len=seg_len)
+    return walk_and_sweep
+
+
 def _runner(kernel, cfg, x, for_error_check=False):
     from .kernels import launch
     args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     prep_args = [x[n] for n in ("r", "w", "k", "a", "b")]
+    if kernel in ("chunk_transition", "chunk_fwd_transition"):
+        return _transition_runner(kernel, cfg, x, for_error_check)
     if kernel == "chunk_prep":
         prep = lambda: launch.chunk_prepare(*prep_args, cu_seqlens=None, w_form="log", cfg=cfg,  # noqa: E731
                                             programs_per_sequence=16)
@@ -230,8 +274,8 @@ def pick(ranked: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwkv_backends.tune", description=__doc__)
-    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,chunk_prep,chunk_fwd_loaded,chunk_bwd_split,chunk_recompute,"
-                                        "recurrent_fwd")
+    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,chunk_prep,chunk_fwd_loaded,chunk_transition,"
+                                        "chunk_fwd_transition,chunk_bwd_split,chunk_recompute,recurrent_fwd")
     p.add_argument("--K", type=int, default=64, help="head size to tune (table bucket 64 or 128)")
     p.add_argument("--out", default="", help="write the table entry as JSON here")
     args = p.parse_args(argv)
@@ -243,7 +287,8 @@ def main(argv=None) -> int:
     shapes = {"chunk_fwd": (8, 4096, 32), "chunk_bwd": (8, 4096, 32), "recurrent_fwd": (256, 1, 32),
               # the two-pass prefill serves few (sequence, head) pairs: one long sequence
               "chunk_prep": (1, 16384, 32), "chunk_fwd_loaded": (1, 16384, 32), "chunk_bwd_split": (1, 16384, 32),
-              "chunk_recompute": (1, 16384, 32)}
+              "chunk_recompute": (1, 16384, 32), "chunk_transition": (1, 16384, 32),
+              "chunk_fwd_transition": (1, 16384, 32)}
     if args.K > 64:
         shapes = {k: (max(1, b // 2), t, max(1, h // 2)) for k, (b, t, h) in shapes.items()}
         # The issue's head-128 shape has 64 (sequence, head) pairs, fewer than the multiprocessors,

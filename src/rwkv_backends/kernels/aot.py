@@ -19,6 +19,18 @@ def _signature(kernel: str, dtype: str):
                                                              "cu_seqlens": "*i32"}
         return ptr | {"T": "i32"}
     segs = {"seg_offsets": "*i64"}
+    if kernel == "chunk_transition":
+        return ({n: t for n in ("r", "w", "k", "a", "b")}
+                | {n: "*fp32" for n in ("trans", "p_mat", "q_mat", "r_eff")}
+                | {"chunk_offsets": "*i64", "cu_seqlens": "*i32", "T": "i32"})
+    if kernel == "chunk_fwd_transition":
+        return ({"v": t} | {n: "*fp32" for n in ("trans", "p_mat", "q_mat", "r_eff")} | {"o": t}
+                | {"h0": "*fp32", "ht": "*fp32", "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": "*fp32"}
+                | segs | {"scale": "fp32", "T": "i32", "seg_chunks": "i32"})
+    if kernel == "chunk_dstate_transition":
+        return ({"trans": "*fp32", "r_eff": "*fp32", "do": t, "dht": "*fp32", "seg_ds": "*fp32", "dh0": "*fp32",
+                 "chunk_offsets": "*i64"} | segs | {"cu_seqlens": "*i32", "scale": "fp32", "T": "i32",
+                                                    "seg_chunks": "i32"})
     if kernel in ("chunk_fwd", "chunk_fwd_loaded", "chunk_recompute"):
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "states", "mats", "chunk_offsets", "cu_seqlens"]
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32", "mats": "*fp32",
@@ -50,6 +62,15 @@ def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats
     prec = "ieee" if dtype == "float32" else cfg.dot_precision
     if kernel == "chunk_prep":
         return dict(H=1, K=K, BT=cfg.chunk_size, BKK=min(BK, cfg.block_k), W_FORM=0, IS_VARLEN=False,
+                    DOT_PRECISION=prec)
+    if kernel == "chunk_transition":
+        return dict(H=1, K=K, BT=cfg.chunk_size, BK=BK, BKK=min(BK, cfg.block_k), W_FORM=0, IS_VARLEN=False,
+                    DOT_PRECISION=prec)
+    if kernel == "chunk_fwd_transition":      # as two-pass training runs it: storing the segments' states
+        return dict(H=1, K=K, V=V, BT=cfg.chunk_size, BK=BK, BV=BV, HAS_STATE=True, STORE_FINAL=True, STORE_O=True,
+                    SEGMENTS=1, IS_VARLEN=False, DOT_PRECISION=prec)
+    if kernel == "chunk_dstate_transition":
+        return dict(H=1, K=K, V=V, BT=cfg.chunk_size, BK=BK, BV=BV, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False,
                     DOT_PRECISION=prec)
     if kernel in ("chunk_fwd", "chunk_fwd_loaded"):
         # chunk_fwd: MATS=1 builds and stores the chunk matrices (the training forward, the largest
@@ -84,6 +105,8 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
           "chunk_recompute": kern.chunk_fwd_kernel,
           "chunk_bwd": kern.chunk_bwd_kernel, "chunk_bwd_split": kern.chunk_bwd_kernel,
           "chunk_prep": kern.chunk_prep_kernel, "chunk_dstate": kern.chunk_dstate_kernel,
+          "chunk_transition": kern.chunk_transition_kernel, "chunk_fwd_transition": kern.chunk_transition_fwd_kernel,
+          "chunk_dstate_transition": kern.chunk_transition_dstate_kernel,
           "recurrent_fwd": kern.recurrent_fwd_kernel}[kernel]
     const = _constexprs(kernel, cfg, K, V, dtype)
     sig = _signature(kernel, dtype) | {n: "constexpr" for n in const}
