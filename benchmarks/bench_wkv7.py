@@ -35,6 +35,7 @@ SHAPES = {
     "prefill_H32": ("prefill", 8, 4096, 32, 64),
     "prefill_H64": ("prefill", 8, 4096, 64, 64),
     "long_T16384": ("train", 1, 16384, 32, 64),
+    "long_prefill_T16384": ("prefill", 1, 16384, 32, 64),
     "head128": ("train", 4, 4096, 16, 128),
     "decode_B256": ("decode", 256, 1, 32, 64),
     "decode_B1": ("decode", 1, 1, 32, 64),

@@ -8,10 +8,10 @@
 #                decode replay, saved memory (tests marked `gpu`; the full matrix is the next step)
 #   conformance  the full conformance tier on the Triton backend as planned, then forced to the one-pass
 #                triton.chunk variant (JSON and JUnit reports)
-#   bench        bench_wkv7.py with the peers on the shapes
+#   bench        bench_wkv7.py with the peers on the shapes (BENCH_ONLY="a,b" for some)
 #   plot         bench_wkv7.py --plot over T
 #   tune         the tune tool, one run per kernel group (tune-*.json; paste the entries into
-#                nvidia/tables.py by hand). All nine groups take up to 36 minutes, more than one call:
+#                nvidia/tables.py by hand). All ten groups take up to 40 minutes, more than one call:
 #                choose some with TUNE_GROUPS="64:chunk_fwd 128:chunk_bwd_split" (K:kernels).
 #
 # Peers: the wheels in .peers/ (ANCHORS.md says which) go into their own --target folders, since
@@ -50,13 +50,16 @@ for step in "$@"; do
                      # small cases plan the two-pass variant: check the one-pass kernels as well
                      timeout 300 python3 -m rwkv_backends.conformance --backend triton.chunk \
                          --report "$OUT/conformance-onepass.json" --junit "$OUT/conformance-onepass.xml" | tail -n 3 ;;
-        bench)       timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --out "$OUT/bench.json" | tail -n 12 ;;
+        bench)       # BENCH_ONLY="long_T16384,head128" runs those shapes only
+                     timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --only "${BENCH_ONLY:-}" \
+                         --out "$OUT/bench.json" | tail -n 14 ;;
         plot)        timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --only prefill_H32 \
                          --plot "$OUT/speedup.png" --out "$OUT/bench-plot.json" | tail -n 12 ;;
         tune)        # one tool run per kernel group ("K:kernels"), each with its own limit and JSON; the prep and
                      # the loaded forward share a run, since the tool picks their chunk size jointly
                      for group in ${TUNE_GROUPS:-64:chunk_fwd 64:chunk_bwd 64:chunk_prep,chunk_fwd_loaded \
-                                  64:chunk_bwd_split 64:chunk_recompute 64:recurrent_fwd 128:chunk_prep,chunk_fwd_loaded \
+                                  64:chunk_transition,chunk_fwd_transition 64:chunk_bwd_split 64:chunk_recompute \
+                                  64:recurrent_fwd 128:chunk_prep,chunk_fwd_loaded \
                                   128:chunk_bwd_split 128:chunk_recompute}; do
                          name="tune-${group/:/-}"; name="${name//,/+}"
                          timeout 240 python3 -m rwkv_backends.tune --K "${group%%:*}" --kernels "${group#*:}" \
