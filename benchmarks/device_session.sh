@@ -61,7 +61,7 @@ for step in "$@"; do
                                   64:chunk_transition,chunk_fwd_transition 64:chunk_bwd_split 64:chunk_recompute \
                                   64:recurrent_fwd 128:chunk_prep,chunk_fwd_loaded \
                                   128:chunk_bwd_split 128:chunk_recompute}; do
-                         name="tune-${group/:/-}"; name="${name//,/+}"
+                         name="tune-${group/:/-}"; name="${name//,/_}"
                          timeout 240 python3 -m rwkv_backends.tune --K "${group%%:*}" --kernels "${group#*:}" \
                              --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
                          echo "$name: rc $?"
