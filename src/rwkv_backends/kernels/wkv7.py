@@ -416,8 +416,8 @@ def chunk_transition_fwd_kernel(
         s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
     else:
         seg_chunks = tl.maximum(n_chunks, 1)
-    # Segments outside, chunks inside: a store inside the chunk loop would keep Triton from
-    # pipelining its loads.
+    # Segments outside, chunks inside: each segment's start state is stored once, with no test
+    # inside the chunk loop.
     for i_s in range(0, tl.cdiv(n_chunks, seg_chunks)):
         if SEGMENTS == SEG_STORE:
             tl.store(seg_states + ((s0 + i_s) * H + i_h) * K * V + s_tile, S, mask=m_kv)
@@ -459,7 +459,7 @@ def chunk_transition_dstate_kernel(
     n_chunks = tl.cdiv(eos - bos, BT)
     s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
     n_segs = tl.cdiv(n_chunks, seg_chunks)
-    for j_s in range(0, n_segs):                 # segments last to first, chunks inside (pipelined)
+    for j_s in range(0, n_segs):                 # segments last to first, their chunks inside
         i_s = n_segs - 1 - j_s
         tl.store(seg_ds + ((s0 + i_s) * H + i_h) * K * V + s_tile, dS, mask=m_kv)
         c_begin = i_s * seg_chunks
