@@ -12,6 +12,9 @@ MAX_HEAD = 128
 # Gradient programs per multiprocessor that the two-pass variant's segments aim for. At one program
 # per multiprocessor (255 registers, 8 warps), 4 to 8 waves measured within 1% (NOTES change 24).
 SEGMENT_FILL = 4
+# The transition variant's sweep and walk are short, so its segmented backward gains from finer
+# segments: B1 T16384 H32 training 5.638 -> 5.551 ms at 8 (three interleaved rounds, +16 MiB).
+TRANSITION_SEGMENT_FILL = 8
 # The narrowest V block the decode variant splits to when few (sequence, head) pairs leave
 # multiprocessors idle (fit_configs below).
 MIN_DECODE_BLOCK_V = 16
@@ -57,10 +60,10 @@ def common_reasons(problem, device, runtime=True) -> list:
     return reasons
 
 
-def segments_per_sequence(pairs: int, V: int, block_v: int, multiprocessors: int) -> int:
+def segments_per_sequence(pairs: int, V: int, block_v: int, multiprocessors: int, fill: int = SEGMENT_FILL) -> int:
     """Training splits each sequence into segments that the backward runs in parallel: enough for
-    SEGMENT_FILL gradient programs per multiprocessor (NOTES change 24)."""
-    return -(-SEGMENT_FILL * multiprocessors // (pairs * -(-V // block_v)))
+    `fill` gradient programs per multiprocessor (NOTES change 24)."""
+    return -(-fill * multiprocessors // (pairs * -(-V // block_v)))
 
 
 class TritonChunk(Variant):
@@ -180,6 +183,11 @@ class TritonChunkTransition(Variant):
         return -(-TRANSITION_PROGRAMS_PER_SM * plan.device.multiprocessors // (problem.N * problem.H))
 
     @staticmethod
+    def _segments(problem, plan):
+        return segments_per_sequence(problem.N * problem.H, problem.V, plan.configs["chunk_bwd_split"].block_v,
+                                     plan.device.multiprocessors, TRANSITION_SEGMENT_FILL)
+
+    @staticmethod
     def _configs(plan):
         """(transition config, walk config at the transition's chunk size)."""
         cfg_trans = plan.configs["chunk_transition"]
@@ -191,7 +199,7 @@ class TritonChunkTransition(Variant):
         if problem.needs_grad:
             return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form, cfg_walk,
                                     plan.configs["chunk_bwd_split"], cfg_trans, self._programs(problem, plan),
-                                    TritonChunkTwoPass._segments(problem, plan), plan.configs["chunk_recompute"], True)
+                                    self._segments(problem, plan), plan.configs["chunk_recompute"], True)
         o, ht, _ = transition_twopass(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                       w_form=problem.w_form, cfg_trans=cfg_trans, cfg_walk=cfg_walk,
                                       programs_per_sequence=self._programs(problem, plan),
@@ -203,7 +211,7 @@ class TritonChunkTransition(Variant):
         from ..kernels.launch import chunk_backward, segment_states, transition_twopass
         cfg_trans, cfg_walk = self._configs(plan)
         cfg_bwd = plan.configs["chunk_bwd_split"]
-        seg_states, seg_len = segment_states(k, v, cu_seqlens, TritonChunkTwoPass._segments(problem, plan),
+        seg_states, seg_len = segment_states(k, v, cu_seqlens, self._segments(problem, plan),
                                              (cfg_trans.chunk_size, cfg_bwd.chunk_size))
         _, _, kept = transition_twopass(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                         w_form=problem.w_form, cfg_trans=cfg_trans, cfg_walk=cfg_walk,
