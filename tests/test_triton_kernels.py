@@ -129,6 +129,10 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
         assert relative_error(seg_t[:used], seg[:used]) < 1e-5
         g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, seg_states=seg_t,
                                       seg_len=seg_len, transitions=kept)
+        if fwd_chunk == 32:          # walked at another chunk size than they were built at: refused
+            with pytest.raises(ValueError, match="transitions"):
+                launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd.with_(chunk_size=16), cfg_bwd=bwd,
+                                      seg_states=seg_t, seg_len=seg_len, transitions=kept)
     else:
         g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
                                       seg_states=seg, seg_len=seg_len)

@@ -354,6 +354,10 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         seg_ds = torch.empty_like(seg_states)
         grid = grid + (_cdiv(T, seg_len),)
         if transitions is not None:
+            if transitions[0].shape[0] != _chunk_count(cu_seqlens, N, T, cfg_fwd.chunk_size):
+                raise ValueError(f"transitions: {transitions[0].shape[0]} chunk transitions per head, but cfg_fwd's "
+                                 f"chunk size {cfg_fwd.chunk_size} makes {_chunk_count(cu_seqlens, N, T, cfg_fwd.chunk_size)}"
+                                 " (they must be walked at the chunk size they were built at)")
             transition_dstate(do, dht, *transitions, seg_ds, dh0 if h0 is not None else None, scale=scale,
                               cu_seqlens=cu_seqlens, cfg=cfg_fwd, chunk_size=cfg_fwd.chunk_size, seg_len=seg_len)
         else:
