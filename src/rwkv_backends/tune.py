@@ -99,10 +99,10 @@ def _segmented_training_backward(kernel, cfg, x):
 
 
 def _transition_programs(x) -> int:
-    from .backends.triton import TRANSITION_PROGRAMS_PER_SM
+    from .backends.triton import transition_programs
     from .device import detect
     B, _, H, _ = x["k"].shape
-    return -(-TRANSITION_PROGRAMS_PER_SM * detect(DEVICE).multiprocessors // (B * H))
+    return transition_programs(B * H, detect(DEVICE).multiprocessors)
 
 
 def _transition_runner(kernel, cfg, x, for_error_check):

@@ -66,6 +66,11 @@ def segments_per_sequence(pairs: int, V: int, block_v: int, multiprocessors: int
     return -(-fill * multiprocessors // (pairs * -(-V // block_v)))
 
 
+def transition_programs(pairs: int, multiprocessors: int) -> int:
+    """Programs per sequence for chunk_transition: TRANSITION_PROGRAMS_PER_SM per multiprocessor in all."""
+    return -(-TRANSITION_PROGRAMS_PER_SM * multiprocessors // pairs)
+
+
 class TritonChunk(Variant):
     name = "triton.chunk"
     backend = "triton"
@@ -180,7 +185,7 @@ class TritonChunkTransition(Variant):
 
     @staticmethod
     def _programs(problem, plan):
-        return -(-TRANSITION_PROGRAMS_PER_SM * plan.device.multiprocessors // (problem.N * problem.H))
+        return transition_programs(problem.N * problem.H, plan.device.multiprocessors)
 
     @staticmethod
     def _segments(problem, plan):

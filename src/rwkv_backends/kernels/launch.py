@@ -278,15 +278,17 @@ def transition_twopass(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_t
 
 
 def transition_dstate(do, dht, trans, r_eff, seg_ds, dh0, *, scale, cu_seqlens, cfg: KernelConfig, chunk_size: int,
-                      seg_len: int):
+                      seg_len: int, seg_offsets=None):
     """The state-gradient sweep over chunk transitions: fills `seg_ds` (the state gradient at each
-    segment's end) and, if given, `dh0`."""
+    segment's end) and, if given, `dh0`. `seg_offsets`: packed sequences' offsets into the segment
+    buffers, when the caller has them already (`_chunk_offsets` at seg_len)."""
     B, T, H, V = do.shape
     K = trans.shape[-1]
     N = _num_sequences(B, cu_seqlens)
     BT, BV = chunk_size, min(_pow2(V), cfg.block_v)
     offsets = _chunk_offsets(cu_seqlens, N, BT, do.device)
-    seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, do.device)
+    if seg_offsets is None:
+        seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, do.device)
     kern.chunk_transition_dstate_kernel[(_cdiv(V, BV), N * H)](
         trans, r_eff, do, dht if dht is not None else do, seg_ds, dh0 if dh0 is not None else do,
         offsets if offsets is not None else do, seg_offsets if seg_offsets is not None else do,
@@ -359,7 +361,8 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                                  f"chunk size {cfg_fwd.chunk_size} makes {_chunk_count(cu_seqlens, N, T, cfg_fwd.chunk_size)}"
                                  " (they must be walked at the chunk size they were built at)")
             transition_dstate(do, dht, *transitions, seg_ds, dh0 if h0 is not None else None, scale=scale,
-                              cu_seqlens=cu_seqlens, cfg=cfg_fwd, chunk_size=cfg_fwd.chunk_size, seg_len=seg_len)
+                              cu_seqlens=cu_seqlens, cfg=cfg_fwd, chunk_size=cfg_fwd.chunk_size, seg_len=seg_len,
+                              seg_offsets=seg_offsets)
         else:
             BT_sweep = fwd_mats.shape[-1]
             cfg_sweep = cfg_fwd.with_(chunk_size=BT_sweep)
