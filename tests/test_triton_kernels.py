@@ -241,12 +241,12 @@ def test_gpu_saves_only_the_chunk_transitions():
     o, s = rb.wkv7(*leaves, x["state"])
     saved = torch.cuda.memory_allocated() - before - o.numel() * o.element_size() - s.numel() * 4
     # 16 (sequence, head) pairs plan the transition variant, which also keeps each segment's start
-    # state: at most one per chunk group of TRANSITION_SEGMENT_FILL programs per multiprocessor.
-    from rwkv_backends.backends.triton import TRANSITION_SEGMENT_FILL
+    # state: at most one per chunk group of SEGMENT_FILL programs per multiprocessor.
+    from rwkv_backends.backends.triton import SEGMENT_FILL
     plan = rb.explain(*leaves, x["state"])
     assert plan["variant"] == "triton.chunk_transition"
     n_v = -(-64 // plan["config"]["chunk_bwd_split"]["block_v"])
-    segments = -(-TRANSITION_SEGMENT_FILL * plan["device"]["multiprocessors"] // (2 * 8 * n_v))
+    segments = -(-SEGMENT_FILL * plan["device"]["multiprocessors"] // (2 * 8 * n_v))
     chunks = 2 * 8 * -(-2048 // plan["config"]["chunk_transition"]["chunk_size"])
     assert saved <= chunks * 64 * 64 * 4 + 2 * 2048 * 8 * 64 * 4 + 2 * 8 * segments * 64 * 64 * 4
 

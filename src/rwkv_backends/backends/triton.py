@@ -9,12 +9,11 @@ from ..device import interpreter_enabled, triton_target
 from ..registry import Variant, register
 
 MAX_HEAD = 128
-# Gradient programs per multiprocessor that the two-pass variant's segments aim for. At one program
-# per multiprocessor (255 registers, 8 warps), 4 to 8 waves measured within 1% (NOTES change 24).
-SEGMENT_FILL = 4
-# The transition variant's sweep and walk are short, so its segmented backward gains from finer
-# segments: B1 T16384 H32 training 5.638 -> 5.551 ms at 8 (three interleaved rounds, +16 MiB).
-TRANSITION_SEGMENT_FILL = 8
+# Gradient programs per multiprocessor that the segmented backward's segments aim for, in both
+# two-pass variants (one program fits a multiprocessor: 255 registers, 8 warps). 8 against 4, three
+# interleaved rounds each: B1 T16384 H32 training 5.638 -> 5.551 ms (+16 MiB, NOTES change 37);
+# K = V = 128 B4 T4096 H16 12.54 -> 12.27 ms (+56 MiB; 16 gave 12.38; change 38).
+SEGMENT_FILL = 8
 # The narrowest V block the decode variant splits to when few (sequence, head) pairs leave
 # multiprocessors idle (fit_configs below).
 MIN_DECODE_BLOCK_V = 16
@@ -190,7 +189,7 @@ class TritonChunkTransition(Variant):
     @staticmethod
     def _segments(problem, plan):
         return segments_per_sequence(problem.N * problem.H, problem.V, plan.configs["chunk_bwd_split"].block_v,
-                                     plan.device.multiprocessors, TRANSITION_SEGMENT_FILL)
+                                     plan.device.multiprocessors)
 
     @staticmethod
     def _configs(plan):
