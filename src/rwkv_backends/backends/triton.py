@@ -59,10 +59,16 @@ def common_reasons(problem, device, runtime=True) -> list:
     return reasons
 
 
-def segments_per_sequence(pairs: int, V: int, block_v: int, multiprocessors: int, fill: int = SEGMENT_FILL) -> int:
+def segments_per_sequence(pairs: int, V: int, block_v: int, multiprocessors: int) -> int:
     """Training splits each sequence into segments that the backward runs in parallel: enough for
-    `fill` gradient programs per multiprocessor (NOTES change 24)."""
-    return -(-fill * multiprocessors // (pairs * -(-V // block_v)))
+    SEGMENT_FILL gradient programs per multiprocessor (NOTES change 24)."""
+    return -(-SEGMENT_FILL * multiprocessors // (pairs * -(-V // block_v)))
+
+
+def training_segments(problem, plan) -> int:
+    """segments_per_sequence for a planned problem: the rule both two-pass variants train with."""
+    return segments_per_sequence(problem.N * problem.H, problem.V, plan.configs["chunk_bwd_split"].block_v,
+                                 plan.device.multiprocessors)
 
 
 def transition_programs(pairs: int, multiprocessors: int) -> int:
@@ -127,11 +133,6 @@ class TritonChunkTwoPass(Variant):
         # A few programs per multiprocessor in pass 1: each walks every P-th chunk of its sequence.
         return -(-4 * plan.device.multiprocessors // (problem.N * problem.H))
 
-    @staticmethod
-    def _segments(problem, plan):
-        return segments_per_sequence(problem.N * problem.H, problem.V, plan.configs["chunk_bwd_split"].block_v,
-                                     plan.device.multiprocessors)
-
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
         from ..kernels.launch import TritonWKV7, twopass_forward
         cfg_prep, cfg_fwd = plan.configs["chunk_prep"], plan.configs["chunk_fwd_loaded"]
@@ -139,7 +140,7 @@ class TritonChunkTwoPass(Variant):
         if problem.needs_grad:
             return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
                                     cfg_fwd, plan.configs["chunk_bwd_split"], cfg_prep, per_sequence,
-                                    self._segments(problem, plan), plan.configs["chunk_recompute"])
+                                    training_segments(problem, plan), plan.configs["chunk_recompute"])
         o, ht, _ = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                    w_form=problem.w_form, cfg_prep=cfg_prep, cfg_fwd=cfg_fwd,
                                    programs_per_sequence=per_sequence, store_final=problem.output_final_state)
@@ -152,7 +153,7 @@ class TritonChunkTwoPass(Variant):
         from ..kernels.launch import chunk_backward, segment_states, twopass_forward
         cfg_prep, cfg_fwd = plan.configs["chunk_prep"], plan.configs["chunk_fwd_loaded"]
         cfg_bwd = plan.configs["chunk_bwd_split"]
-        seg_states, seg_len = segment_states(k, v, cu_seqlens, self._segments(problem, plan),
+        seg_states, seg_len = segment_states(k, v, cu_seqlens, training_segments(problem, plan),
                                              (cfg_prep.chunk_size, cfg_bwd.chunk_size))
         _, _, mats = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                      w_form=problem.w_form, cfg_prep=cfg_prep, cfg_fwd=cfg_fwd,
@@ -187,11 +188,6 @@ class TritonChunkTransition(Variant):
         return transition_programs(problem.N * problem.H, plan.device.multiprocessors)
 
     @staticmethod
-    def _segments(problem, plan):
-        return segments_per_sequence(problem.N * problem.H, problem.V, plan.configs["chunk_bwd_split"].block_v,
-                                     plan.device.multiprocessors)
-
-    @staticmethod
     def _configs(plan):
         """(transition config, walk config at the transition's chunk size)."""
         cfg_trans = plan.configs["chunk_transition"]
@@ -203,7 +199,7 @@ class TritonChunkTransition(Variant):
         if problem.needs_grad:
             return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form, cfg_walk,
                                     plan.configs["chunk_bwd_split"], cfg_trans, self._programs(problem, plan),
-                                    self._segments(problem, plan), plan.configs["chunk_recompute"], True)
+                                    training_segments(problem, plan), plan.configs["chunk_recompute"], True)
         o, ht, _ = transition_twopass(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                       w_form=problem.w_form, cfg_trans=cfg_trans, cfg_walk=cfg_walk,
                                       programs_per_sequence=self._programs(problem, plan),
@@ -215,7 +211,7 @@ class TritonChunkTransition(Variant):
         from ..kernels.launch import chunk_backward, segment_states, transition_twopass
         cfg_trans, cfg_walk = self._configs(plan)
         cfg_bwd = plan.configs["chunk_bwd_split"]
-        seg_states, seg_len = segment_states(k, v, cu_seqlens, self._segments(problem, plan),
+        seg_states, seg_len = segment_states(k, v, cu_seqlens, training_segments(problem, plan),
                                              (cfg_trans.chunk_size, cfg_bwd.chunk_size))
         _, _, kept = transition_twopass(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                         w_form=problem.w_form, cfg_trans=cfg_trans, cfg_walk=cfg_walk,
