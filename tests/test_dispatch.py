@@ -187,6 +187,24 @@ def test_constraints_apply_exactly_when_the_predicate_holds():
     assert cfg.num_warps == 4 and by == ["triton#5609"]
 
 
+def test_bf16_dots_run_as_tf32_only_under_the_interpreter(monkeypatch):
+    """triton#11584: the interpreter multiplies bf16 bit patterns, so a table's "bf16" is narrowed
+    to "tf32" there (the plan names the issue), and the launcher does the same for direct launches;
+    on hardware both leave it alone."""
+    from rwkv_backends.kernels import launch
+    hopper = dev.profile("nvidia:sm90")
+    bf16 = KernelConfig(num_warps=8, dot_precision="bf16")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg, by = known_issues.constrain("chunk_bwd", bf16, known_issues.active(hopper, "3.6.0"))
+    assert cfg.dot_precision == "tf32" and "triton#11584" in by
+    assert launch._dot_precision(bf16, torch.bfloat16) == "tf32"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    cfg, by = known_issues.constrain("chunk_bwd", bf16, known_issues.active(hopper, "3.6.0"))
+    assert cfg.dot_precision == "bf16" and by == []
+    assert launch._dot_precision(bf16, torch.bfloat16) == "bf16"
+    assert launch._dot_precision(bf16, torch.float32) == "ieee"        # float32 inputs: never rounded
+
+
 def test_alchemist_gets_large_grf_and_narrow_tiles():
     issues = known_issues.active(dev.profile("intel:alchemist"), "3.6.0")
     cfg, by = known_issues.constrain("chunk_fwd", KernelConfig(block_v=64), issues)
@@ -283,3 +301,16 @@ def test_tune_leaves_out_v_blocks_wider_than_the_head():
     assert {c.block_v for c in candidates("chunk_bwd_split", "nvidia", V=64)} == {32, 64}
     assert {c.block_v for c in candidates("chunk_bwd_split", "nvidia", V=128)} == {32, 64, 128}
     assert len(candidates("chunk_bwd", "nvidia", V=64)) == len(candidates("chunk_bwd", "nvidia"))
+
+
+def test_tune_only_narrows_the_swept_fields():
+    from rwkv_backends.tune import _parse_only, candidates
+    fixed = _parse_only(["num_warps=8", "dot_precision=bf16,tf32", "block_k=32"])
+    assert fixed == {"num_warps": (8,), "dot_precision": ("bf16", "tf32"), "block_k": (32,)}
+    some = candidates("chunk_bwd", "nvidia", fixed=fixed)
+    assert some and all(c.num_warps == 8 for c in some)
+    assert {c.dot_precision for c in some} == {"tf32", "bf16"}
+    assert len(some) == len(candidates("chunk_bwd", "nvidia")) // 2     # block_k: not swept, ignored
+    for bad in (["warps=8"], ["num_warps"], ["num_warps=eight"], ["vendor_options=1"]):
+        with pytest.raises(ValueError, match="--only"):
+            _parse_only(bad)

@@ -211,7 +211,10 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             ("chunk_transition", KernelConfig(chunk_size=32, block_k=32, num_warps=2)),
             ("chunk_fwd_transition", KernelConfig(chunk_size=32, block_v=16, num_warps=2, num_stages=4)),
             ("chunk_dstate_transition", KernelConfig(chunk_size=32, block_v=16, num_warps=2, num_stages=4)),
-            ("recurrent_fwd", KernelConfig(block_v=16, num_warps=2))]
+            ("recurrent_fwd", KernelConfig(block_v=16, num_warps=2)),
+            # bf16 operands: the interpreter cannot run them (triton#11584), so CI compiles them here
+            ("chunk_bwd", KernelConfig(num_warps=8, num_stages=3, dot_precision="bf16")),
+            ("chunk_bwd_split", KernelConfig(block_v=32, num_warps=8, dot_precision="bf16"))]
     rc, results, stderr = compile_in_subprocess(jobs, arch=90)
     assert rc == 0, stderr[-2000:]
     assert [r["kernel"] for r in results] == [k for k, _ in jobs]

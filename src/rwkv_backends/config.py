@@ -38,7 +38,8 @@ KERNELS = {
                       "doc": "step-by-step forward for decode and short sequences"},
 }
 
-DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+# "bf16": operands rounded to bfloat16, float32 accumulation (kernels/wkv7.py `_dot`).
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,13 @@ def _launch_options(cfg: KernelConfig) -> dict:
 
 def _dot_precision(cfg: KernelConfig, dtype: torch.dtype) -> str:
     # Float32 inputs never go through TF32 silently (SPEC §2); tables choose for 16-bit inputs.
-    return "ieee" if dtype == torch.float32 else cfg.dot_precision
+    if dtype == torch.float32:
+        return "ieee"
+    # known issue triton#11584: the interpreter cannot run bf16 dots (the dispatcher's plan says so
+    # too; this also covers direct launches, such as the tune tool's).
+    if cfg.dot_precision == "bf16" and interpreter_enabled():
+        return "tf32"
+    return cfg.dot_precision
 
 
 _SIDE_STREAMS: dict = {}
