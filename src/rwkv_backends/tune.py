@@ -23,7 +23,10 @@ CANDIDATES = {
     # (ieee dots for 16-bit inputs were 4.2x slower at the same accuracy bar: NOTES change 3.)
     "chunk_fwd": dict(chunk_size=(16, 32), block_v=(32, 64), num_warps=(4, 8), num_stages=(1, 2, 3),
                       dot_precision=("tf32",)),
-    "chunk_bwd": dict(chunk_size=(16, 32), num_warps=(4, 8), num_stages=(1, 2, 3), dot_precision=("tf32",)),
+    # "bf16": the gradient kernels' products on bfloat16 operands (its in-chunk pair products stay
+    # tf32: kernels/wkv7.py `_pair_dot`). Half the tensor-core steps and operand registers: training
+    # B8 T4096 H32 8.85 -> 6.91 ms on the H100, gradient errors up to 3.7e-3 (NOTES change 43).
+    "chunk_bwd": dict(chunk_size=(16, 32), num_warps=(4, 8), num_stages=(1, 2, 3), dot_precision=("tf32", "bf16")),
     "chunk_prep": dict(chunk_size=(16, 32), block_k=(16, 32), num_warps=(2, 4), dot_precision=("tf32",)),
     # Timed on the matrices of chunk_prep's table entry at the same chunk size.
     "chunk_fwd_loaded": dict(chunk_size=(16, 32), block_v=(16, 32, 64), num_warps=(4,), num_stages=(1, 3),
@@ -35,7 +38,7 @@ CANDIDATES = {
                                  dot_precision=("tf32",)),
     # The segmented backward of two-pass training: segments give the programs, so wide V blocks.
     "chunk_bwd_split": dict(chunk_size=(16,), block_v=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3),
-                            dot_precision=("tf32",)),
+                            dot_precision=("tf32", "bf16")),
     "chunk_recompute": dict(chunk_size=(16,), block_v=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 3),
                             dot_precision=("tf32",)),
     "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
@@ -161,8 +164,9 @@ def _runner(kernel, cfg, x, for_error_check=False):
         return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)[:2]
     if kernel in ("chunk_bwd_split", "chunk_recompute"):
         return _segmented_training_backward(kernel, cfg, x)
-    # chunk_bwd, as in training: the forward has stored the chunk matrices, the backward loads them.
-    fwd_cfg = KernelConfig(chunk_size=cfg.chunk_size, dot_precision=cfg.dot_precision)
+    # chunk_bwd, as in training: the forward (its table entry, at this chunk size) has stored the
+    # chunk matrices, the backward loads them.
+    fwd_cfg = _table_config("chunk_fwd", x["k"].shape[-1]).with_(chunk_size=cfg.chunk_size)
     mats = launch.empty_mats(x["k"], None, cfg.chunk_size)
     launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd_cfg, mats=mats,
                          mats_mode="store")
@@ -187,11 +191,15 @@ def _error(kernel, cfg, K):
     return max(relative_error(g, t.grad) for g, t in zip(out[:6], ins))
 
 
-def candidates(kernel, vendor, V=None):
+def candidates(kernel, vendor, V=None, fixed=None):
     """Every config the sweep tries for `kernel` on a `vendor` device. With the head size V, V blocks
     wider than V are left out: they launch exactly as the block of V itself (the H100's K = 64
-    sweep timed block_v 128 beside 64 and picked it, a name for the same launch)."""
+    sweep timed block_v 128 beside 64 and picked it, a name for the same launch). `fixed`
+    ({field: values}) narrows the fields the kernel sweeps to those values."""
     grid = dict(CANDIDATES[kernel]) | VENDOR_CANDIDATES.get(vendor, {}).get(kernel, {})
+    for name, values in (fixed or {}).items():
+        if name in grid:
+            grid[name] = tuple(v for v in grid[name] if v in values)
     configs = [KernelConfig.make(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     if V is not None and "block_v" in grid:
         configs = [cfg for cfg in configs if cfg.block_v <= padded_head(V)]
@@ -209,12 +217,12 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def sweep(kernel, shape, K, vendor):
+def sweep(kernel, shape, K, vendor, fixed=None):
     from triton.testing import do_bench
     B, T, H = shape
     x = _inputs(B, T, H, K, seed=0)
     results = []
-    for cfg in candidates(kernel, vendor, V=K):
+    for cfg in candidates(kernel, vendor, V=K, fixed=fixed):
         try:
             err = _error(kernel, cfg, K)
             limit = MAX_BF16_ERROR * (2 if kernel in BACKWARD_KERNELS else 1)
@@ -272,13 +280,37 @@ def pick(ranked: dict) -> dict:
     return best
 
 
+def _parse_only(items) -> dict:
+    """--only FIELD=V1,V2 ... as {field: values}, the values typed as the field's (int or str)."""
+    fields = KernelConfig.__dataclass_fields__
+    fixed = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or name not in fields or name == "vendor_options" or not values:
+            raise ValueError(f"--only: expected FIELD=V1,V2 with FIELD one of "
+                             f"{sorted(set(fields) - {'vendor_options'})}, got {item!r}")
+        kind = type(getattr(KernelConfig(), name))
+        try:
+            fixed[name] = tuple(kind(v) for v in values.split(","))
+        except ValueError:
+            raise ValueError(f"--only: {name} takes {kind.__name__} values, got {values!r}") from None
+    return fixed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwkv_backends.tune", description=__doc__)
     p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,chunk_prep,chunk_fwd_loaded,chunk_transition,"
                                         "chunk_fwd_transition,chunk_bwd_split,chunk_recompute,recurrent_fwd")
     p.add_argument("--K", type=int, default=64, help="head size to tune (table bucket 64 or 128)")
     p.add_argument("--out", default="", help="write the table entry as JSON here")
+    p.add_argument("--only", action="append", default=[], metavar="FIELD=V1,V2",
+                   help="sweep only these values of a config field (repeatable), e.g. num_warps=8 or "
+                        "dot_precision=tf32,bf16; fields a kernel does not sweep are ignored")
     args = p.parse_args(argv)
+    try:
+        fixed = _parse_only(args.only)
+    except ValueError as exc:
+        p.error(str(exc))
     if not torch.cuda.is_available():
         print("tune: needs the accelerator it tunes for (no device visible)")
         return 2
@@ -298,7 +330,7 @@ def main(argv=None) -> int:
     ranked = {}
     for kernel in args.kernels.split(","):
         print(f"{kernel} on {info.name} ({info.arch}), B,T,H = {shapes[kernel]}, K = V = {args.K}", flush=True)
-        ranked[kernel] = sweep(kernel, shapes[kernel], args.K, info.vendor)
+        ranked[kernel] = sweep(kernel, shapes[kernel], args.K, info.vendor, fixed)
     entry = {kernel: {head_bucket(args.K, args.K): cfg.as_dict() | {"_ms": round(ms, 4), "_err": err,
                                                                       "_peak_mib": round(peak, 1)}}
              for kernel, (ms, err, cfg, peak) in pick(ranked).items()}
