@@ -18,8 +18,8 @@ _DEFAULT = {
     "recurrent_fwd": {"64": C(block_v=16, num_warps=2), "128": C(block_v=32, num_warps=4)},
 }
 
-# sm90, measured on an H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27. tf32 applies to
-# 16-bit inputs only; float32 inputs always get "ieee". Every entry comes from
+# sm90, measured on an H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27. tf32 and bf16
+# dots apply to 16-bit inputs only; float32 inputs always get "ieee". Every entry comes from
 # `python -m rwkv_backends.tune` on that card:
 # - chunk_fwd and chunk_bwd, K/V <= 64: benchmarks/tune-sm90-2026-11-27.json; chunk_bwd from
 #   tune-sm90-2026-11-27c.json (num_stages 2: 9.79 -> 8.86 ms for recompute + backward).
@@ -35,8 +35,13 @@ _SM90 = {
     # (2 stages: 1.59 and 3.17 ms). The loads of the next chunk no longer wait for this one's dots.
     "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, num_stages=3, dot_precision="tf32"),
                   "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
-    "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32"),
-                  "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32")},
+    # bf16 operands (NOTES change 43; the in-chunk pair products stay tf32), from the tune tool:
+    # tune-sm90-2026-11-27-bf16-bwd64.json, recompute + backward 7.48 ms (tf32, 2 stages) -> 5.41 ms,
+    # largest gradient error 3.0e-3 -> 3.7e-3 (bf16 inputs; fla-core's on the same inputs 4.0e-3).
+    # 3 stages and 2 stages are within 1% (5.41 and 5.44 ms). The 128 bucket keeps 2 stages (its
+    # shared memory at 3 was not measured).
+    "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=3, dot_precision="bf16"),
+                  "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="bf16")},
     # fp32 state: BV 32 and BV 64 tie (98.2 and 98.3 us at B256 H32, interleaved); a 16-bit state
     # runs 72 us at BV 32 and 65 us at BV 64, so 64.
     "recurrent_fwd": {"64": C(block_v=64, num_warps=4), "128": C(block_v=32, num_warps=2)},
@@ -59,8 +64,11 @@ _SM90 = {
     # one V block wins: training B1 T16384 H32 10.72 ms at BV 64 (BV 32: 12.63 at 4 warps, 14.01 at
     # 8), peak 1.12 GB against 2.53 GB at BV 32; K = V = 128, B4 T4096 H16: 12.51 ms at BV 128
     # against 14.62 at BV 64. Hand-run sweep, benchmarks/results-h100-2026-11-27e-segments.json.
-    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="tf32"),
-                        "128": C(chunk_size=16, block_v=128, num_warps=8, num_stages=2, dot_precision="tf32")},
+    # bf16 operands since NOTES change 43, from the tune tool: K = 64 (B1 T16384 H32)
+    # tune-sm90-2026-11-27-bf16-split64.json, 5.02 ms (tf32) -> 3.97 ms at 3 stages; K = 128
+    # (B4 T4096 H16) tune-sm90-2026-11-27-bf16-split128.json, 10.55 -> 6.32 ms at BV 128.
+    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=3, dot_precision="bf16"),
+                        "128": C(chunk_size=16, block_v=128, num_warps=8, num_stages=2, dot_precision="bf16")},
     # The recompute gets its programs from the segments, so one V block (the chunk matrices built
     # once, not once per block): B1 T16384 H32 training 9.76 ms at BV 16, 8.79 at BV 32, 8.25 at
     # BV 64 (results-h100-2026-11-27f-segments.json). At K = V = 128 the forward's chunk size is
