@@ -173,6 +173,79 @@ def test_chunk_forward_fills_a_given_states_buffer():
 
 
 @interpreter
+@pytest.mark.parametrize("regime, varlen, segmented, with_state", [
+    ("realistic", False, False, True), ("strong", True, False, True), ("unit", True, True, False),
+    ("realistic", False, True, True)])
+def test_backward_from_the_forwards_u_matches_the_rebuilt_one(regime, varlen, segmented, with_state):
+    """Training may keep U (keep_u): the chunk states are then rebuilt from it (chunk_states, one
+    multiply-add per chunk on the chain) and the gradient kernel loads it. Storing U must not change
+    the forward's outputs, and the gradients must be those of the backward that rebuilds U from the
+    chunk matrices, and the float64 reference's: one walk and segments, two V blocks in the forward
+    (each stores its U columns), an empty sequence and strong decay included."""
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.conformance import Case, make_inputs, relative_error
+    from rwkv_backends.kernels import launch
+    from rwkv_backends.reference import wkv7_reference
+    x = make_inputs(Case("backward", "float32", regime, 1 if varlen else 2, 70, 2, 24, 32), 9, "cpu")
+    cu = torch.tensor([0, 0, 21, 70]) if varlen else None
+    N = 3 if varlen else 2
+    state = torch.randn(N, 2, 24, 32) if with_state else None
+    dstate = torch.randn(N, 2, 24, 32)
+    ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    fwd = KernelConfig(chunk_size=16, block_v=16)
+    bwd = KernelConfig(chunk_size=16, block_v=32, keep_u=True)
+    kw = dict(scale=0.8, cu_seqlens=cu, w_form="log")
+    u = launch.empty_u(x["v"], bwd.keep_u)
+    if segmented:
+        seg = launch.empty_states(x["k"], x["v"], cu, 32)
+        o, s, mats = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd, programs_per_sequence=2,
+                                            seg_states=seg, seg_len=32, u=u)
+        o_plain, s_plain, _ = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
+                                                     programs_per_sequence=2)
+        segments = dict(seg_states=seg, seg_len=32)
+    else:
+        mats = launch.empty_mats(x["k"], cu, 16)
+        o, s, _ = launch.chunk_forward(*ins, state, **kw, cfg=fwd, mats=mats, mats_mode="store", u=u)
+        o_plain, s_plain, _ = launch.chunk_forward(*ins, state, **kw, cfg=fwd)
+        segments = {}
+    assert torch.equal(o, o_plain) and torch.equal(s, s_plain)
+    g_u = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats, u=u,
+                                cfg_states=KernelConfig(block_v=16, num_warps=2), **segments)
+    g_plain = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
+                                    **segments)
+    ref_ins = [t.double().requires_grad_(True) for t in ins]
+    ref_state = state.double().requires_grad_(True) if with_state else None
+    o_ref, s_ref = wkv7_reference(*ref_ins, ref_state, scale=0.8, cu_seqlens=cu)
+    torch.autograd.backward((o_ref, s_ref), (x["do"].double(), dstate.double()))
+    want = [t.grad for t in ref_ins] + [ref_state.grad if with_state else None]
+    for name, got, same, ref in zip(("r", "w", "k", "v", "a", "b", "state"), g_u, g_plain, want):
+        if ref is None:
+            assert got is None and same is None
+            continue
+        assert relative_error(got, same) < 1e-6, name
+        assert relative_error(got, ref) < 1e-4, name
+
+
+@interpreter
+def test_chunk_states_rebuilds_the_forwards_chunk_states():
+    """chunk_states walks S' = γ S + B̃ᵀ U + K̃ᵀ V on the forward's U: the chunk start states the
+    forward itself walked through, into the buffer it is given."""
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.conformance import Case, make_inputs, relative_error
+    from rwkv_backends.kernels import launch
+    x = make_inputs(Case("forward", "float32", "strong", 2, 45, 2, 24, 32), 3, "cpu")
+    ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    u = launch.empty_u(x["v"], "float32")
+    cfg = KernelConfig(chunk_size=16, block_v=16)
+    _, _, walked = launch.chunk_forward(*ins, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg,
+                                        store_states=True, u=u)
+    buf = launch.empty_states(x["k"], x["v"], None, 16).fill_(float("nan"))
+    got = launch.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=None, w_form="log",
+                              cfg=cfg.with_(block_v=32), states=buf)
+    assert got is buf and relative_error(got, walked) < 1e-6
+
+
+@interpreter
 def test_strong_decay_raw_w_gradient_keeps_its_margin(simulate):
     """As the PyTorch backend's test of the same name: the backward's s = t pairs stay out of dL.
     Before, dw's error was 5.0e-5 over these 8 seeds (and 1e-4 is the ceiling); now 1.3e-5."""
@@ -207,13 +280,13 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     jobs = [("chunk_fwd", KernelConfig()), ("chunk_bwd", KernelConfig()),
             ("chunk_prep", KernelConfig(chunk_size=32, block_k=32)), ("chunk_fwd_loaded", KernelConfig(block_v=16)),
             ("chunk_bwd_split", KernelConfig(block_v=32, num_warps=8)), ("chunk_dstate", KernelConfig(block_v=16)),
-            ("chunk_recompute", KernelConfig()),
+            ("chunk_recompute", KernelConfig()), ("chunk_states", KernelConfig(num_warps=2, num_stages=3)),
             ("chunk_transition", KernelConfig(chunk_size=32, block_k=32, num_warps=2)),
             ("chunk_fwd_transition", KernelConfig(chunk_size=32, block_v=16, num_warps=2, num_stages=4)),
             ("chunk_dstate_transition", KernelConfig(chunk_size=32, block_v=16, num_warps=2, num_stages=4)),
             ("recurrent_fwd", KernelConfig(block_v=16, num_warps=2)),
             # bf16 operands: the interpreter cannot run them (triton#11584), so CI compiles them here
-            ("chunk_bwd", KernelConfig(num_warps=8, num_stages=3, dot_precision="bf16")),
+            ("chunk_bwd", KernelConfig(num_warps=8, num_stages=3, dot_precision="bf16", keep_u=True)),
             ("chunk_bwd_split", KernelConfig(block_v=32, num_warps=8, dot_precision="bf16"))]
     rc, results, stderr = compile_in_subprocess(jobs, arch=90)
     assert rc == 0, stderr[-2000:]

@@ -13,11 +13,15 @@ from dataclasses import asdict, dataclass, field, replace
 # Kernels the tables tune. "chained_dots" marks kernels whose results of one tl.dot feed another
 # (triton#4492 concerns those); "uses" names the KernelConfig fields the kernel reads.
 _CHUNK_FIELDS = ("chunk_size", "block_v", "num_warps", "num_stages", "dot_precision")
+_GRADIENT_FIELDS = _CHUNK_FIELDS + ("keep_u",)
 KERNELS = {
     "chunk_fwd": {"chained_dots": True, "uses": _CHUNK_FIELDS,
                   "doc": "chunked forward (training and prefill); builds the chunk matrices in its loop"},
-    "chunk_bwd": {"chained_dots": True, "uses": _CHUNK_FIELDS,
+    "chunk_bwd": {"chained_dots": True, "uses": _GRADIENT_FIELDS,
                   "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state"},
+    "chunk_states": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages", "dot_precision"),
+                     "doc": "the backward's chunk-state recompute from the U the training forward kept (when the "
+                            "gradient kernel's keep_u asks for it), at the gradient kernel's chunk size"},
     "chunk_prep": {"chained_dots": True, "uses": ("chunk_size", "block_k", "num_warps", "num_stages", "dot_precision"),
                    "doc": "every chunk's matrices in one launch, all chunks in parallel (two-pass prefill)"},
     "chunk_fwd_loaded": {"chained_dots": True, "uses": _CHUNK_FIELDS,
@@ -28,7 +32,7 @@ KERNELS = {
     "chunk_fwd_transition": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages", "dot_precision"),
                              "doc": "the walk over chunk_transition's transitions, at its chunk size; the state-gradient "
                                     "sweep of that training takes the same launch shape"},
-    "chunk_bwd_split": {"chained_dots": True, "uses": _CHUNK_FIELDS,
+    "chunk_bwd_split": {"chained_dots": True, "uses": _GRADIENT_FIELDS,
                         "doc": "chunked backward, V split over programs, for few (sequence, head) pairs (two-pass "
                                "training; its chunk size rules the prep and forward there)"},
     "chunk_recompute": {"chained_dots": True, "uses": _CHUNK_FIELDS,
@@ -54,6 +58,10 @@ class KernelConfig:
     # Precision of tl.dot on float32 operands inside the kernel. Float32 *inputs* always get "ieee"
     # unless the caller opts in (SPEC §2: no silent TF32); tables may pick "tf32" for 16-bit inputs.
     dot_precision: str = "ieee"
+    # Gradient kernels: the training forward keeps U (U_t = a_tᵀ h_{t-1}, float32) for them, and
+    # the backward rebuilds the chunk states from it (chunk_states) instead of from the chunk
+    # matrices (kernels/launch.py `empty_u`).
+    keep_u: bool = False
     # Vendor-specific launch keywords passed through to the Triton launcher, e.g. Intel's
     # grf_mode, AMD's waves_per_eu / matrix_instr_nonkdim. Kept as a sorted tuple of pairs so
     # the config stays hashable (it is part of the dispatch cache key).
@@ -70,6 +78,8 @@ class KernelConfig:
             raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.dot_precision not in DOT_PRECISIONS:
             raise ValueError(f"dot_precision: expected one of {DOT_PRECISIONS}, got {self.dot_precision!r}")
+        if not isinstance(self.keep_u, bool):
+            raise ValueError(f"keep_u: expected True or False, got {self.keep_u!r}")
 
     @classmethod
     def make(cls, **kw) -> "KernelConfig":

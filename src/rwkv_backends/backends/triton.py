@@ -77,9 +77,14 @@ def transition_programs(pairs: int, multiprocessors: int) -> int:
 
 
 class TritonChunk(Variant):
+    """One program per (sequence, head, V block) walks the chunks with the state on chip (chunk_fwd);
+    training keeps the chunk matrices (and U where chunk_bwd's keep_u asks), and the backward
+    rebuilds the chunk states (chunk_states from U, or a forward that loads the matrices) before
+    the gradient kernel walks the chunks back (chunk_bwd)."""
+
     name = "triton.chunk"
     backend = "triton"
-    kernels = ("chunk_fwd", "chunk_bwd")
+    kernels = ("chunk_fwd", "chunk_bwd", "chunk_states")
 
     def reasons(self, problem, device, runtime=True):
         return common_reasons(problem, device, runtime)
@@ -89,7 +94,7 @@ class TritonChunk(Variant):
         cfg_fwd, cfg_bwd = plan.configs["chunk_fwd"], plan.configs["chunk_bwd"]
         if problem.needs_grad:
             return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
-                                    cfg_fwd, cfg_bwd)
+                                    cfg_fwd, cfg_bwd, None, 1, 0, None, False, plan.configs["chunk_states"])
         o, ht, _ = chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                  w_form=problem.w_form, cfg=cfg_fwd, store_final=problem.output_final_state)
         return o, ht
@@ -118,12 +123,13 @@ class TritonChunkTwoPass(Variant):
     pass 2 walks the chunks, loading them, with V split over more programs (chunk_fwd_loaded), at
     chunk_prep's chunk size. Training also keeps the start state of each segment of the sequence;
     the backward sweeps the state gradient back to every segment's end, then recomputes the chunk
-    states (chunk_recompute) and the gradients (chunk_bwd_split) of all segments at once.
+    states (chunk_recompute; chunk_states where chunk_bwd_split's keep_u has the forward keep U) and
+    the gradients (chunk_bwd_split) of all segments at once.
     benchmarks/NOTES.md, changes 11 and 24."""
 
     name = "triton.chunk_twopass"
     backend = "triton"
-    kernels = ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute")
+    kernels = ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute", "chunk_states")
 
     def reasons(self, problem, device, runtime=True):
         return common_reasons(problem, device, runtime) + few_pairs_reasons(problem, device)
@@ -140,7 +146,8 @@ class TritonChunkTwoPass(Variant):
         if problem.needs_grad:
             return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
                                     cfg_fwd, plan.configs["chunk_bwd_split"], cfg_prep, per_sequence,
-                                    training_segments(problem, plan), plan.configs["chunk_recompute"])
+                                    training_segments(problem, plan), plan.configs["chunk_recompute"], False,
+                                    plan.configs["chunk_states"])
         o, ht, _ = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                    w_form=problem.w_form, cfg_prep=cfg_prep, cfg_fwd=cfg_fwd,
                                    programs_per_sequence=per_sequence, store_final=problem.output_final_state)

@@ -34,12 +34,17 @@ def _signature(kernel: str, dtype: str):
     if kernel in ("chunk_fwd", "chunk_fwd_loaded", "chunk_recompute"):
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "states", "mats", "chunk_offsets", "cu_seqlens"]
         ptr = {n: t for n in names[:7]} | {"h0": "*fp32", "ht": "*fp32", "states": "*fp32", "mats": "*fp32",
-                                             "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": "*fp32"} | segs
+                                             "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": "*fp32"} | segs \
+            | {"u": "*fp32"}
     elif kernel in ("chunk_bwd", "chunk_bwd_split"):
         names = ["r", "w", "k", "v", "a", "b", "do", "dht", "states", "mats", "chunk_offsets", "cu_seqlens"]
         ptr = ({n: t for n in names} | {"dht": "*fp32", "states": "*fp32", "mats": "*fp32", "chunk_offsets": "*i64",
-                                        "cu_seqlens": "*i32", "seg_ds": "*fp32"} | segs
+                                        "cu_seqlens": "*i32", "seg_ds": "*fp32"} | segs | {"u": "*fp32"}
                | {n: t for n in ("dr", "dw", "dk", "dv", "da", "db")} | {"dh0": "*fp32"})
+    elif kernel == "chunk_states":
+        ptr = ({n: t for n in ("w", "k", "v", "b")} | {"u": "*fp32", "h0": "*fp32", "states": "*fp32",
+               "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": "*fp32"} | segs)
+        return ptr | {"T": "i32", "seg_chunks": "i32"}
     elif kernel == "chunk_dstate":
         ptr = ({n: t for n in ("r", "w", "a", "b", "do")} | {"dht": "*fp32", "mats": "*fp32", "seg_ds": "*fp32",
                "dh0": "*fp32", "chunk_offsets": "*i64"} | segs | {"cu_seqlens": "*i32"})
@@ -78,16 +83,19 @@ def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats
         # (SEGMENTS=1, the two-pass training forward).
         loaded = kernel == "chunk_fwd_loaded"
         return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_STATES=False,
-                           MATS=2 if loaded else mats, SEGMENTS=1 if loaded else 0, IS_VARLEN=False,
-                           DOT_PRECISION=prec)
+                           MATS=2 if loaded else mats, SEGMENTS=1 if loaded else 0, STORE_U=mats != 0,
+                           IS_VARLEN=False, DOT_PRECISION=prec)
     if kernel == "chunk_recompute":
         # every segment at once, building and storing the chunk matrices, storing the chunk states
         return base | dict(BT=cfg.chunk_size, HAS_STATE=True, STORE_FINAL=False, STORE_O=False, STORE_STATES=True,
-                           MATS=1, SEGMENTS=2, IS_VARLEN=False, DOT_PRECISION=prec)
+                           MATS=1, SEGMENTS=2, STORE_U=False, IS_VARLEN=False, DOT_PRECISION=prec)
+    if kernel == "chunk_states":
+        return base | dict(BT=cfg.chunk_size, HAS_STATE=True, SEGMENTS=0, IS_VARLEN=False, DOT_PRECISION=prec)
     if kernel in ("chunk_bwd", "chunk_bwd_split"):
         # chunk_bwd_split runs segments in parallel (SEGMENTS=2), as two-pass training does.
         return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, SPLIT_V=BV < V,
-                           SEGMENTS=2 if kernel == "chunk_bwd_split" else 0, DOT_PRECISION=prec)
+                           SEGMENTS=2 if kernel == "chunk_bwd_split" else 0, HAS_U=cfg.keep_u,
+                           DOT_PRECISION=prec)
     if kernel == "chunk_dstate":
         return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, DOT_PRECISION=prec)
     return base | dict(HAS_STATE=True, STORE_FINAL=True, IS_VARLEN=False)
@@ -102,7 +110,7 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
 
     from . import wkv7 as kern
     fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_fwd_loaded": kern.chunk_fwd_kernel,
-          "chunk_recompute": kern.chunk_fwd_kernel,
+          "chunk_recompute": kern.chunk_fwd_kernel, "chunk_states": kern.chunk_states_kernel,
           "chunk_bwd": kern.chunk_bwd_kernel, "chunk_bwd_split": kern.chunk_bwd_kernel,
           "chunk_prep": kern.chunk_prep_kernel, "chunk_dstate": kern.chunk_dstate_kernel,
           "chunk_transition": kern.chunk_transition_kernel, "chunk_fwd_transition": kern.chunk_transition_fwd_kernel,

@@ -2,9 +2,11 @@
 chunked forward to the chunked backward. The torch.library op wraps `TritonWKV7`.
 
 What forward saves for backward: the inputs, the initial state and the chunk matrices it built
-(4 x C x C float32 per chunk and head, 16 C bytes per token and head). Backward recomputes the
-chunk start states with a lighter forward pass that loads those matrices (`MATS_LOAD`: no outputs,
-no in-chunk products, no inverse) into a temporary buffer.
+(4 x C x C float32 per chunk and head, 16 C bytes per token and head), and U where the gradient
+kernel's `keep_u` asks for it (float32, 4 bytes per token, head and V column). Backward recomputes
+the chunk start states into a temporary buffer: from U with one multiply-add per chunk on the
+chain (chunk_states), or else with a lighter forward pass that loads those matrices (`MATS_LOAD`:
+no outputs, no in-chunk products, no inverse).
 
 The two-pass variant's training forward also saves the start state of each segment of the
 sequence (a few per sequence). Its backward then sweeps the state gradient back to every
@@ -137,11 +139,49 @@ def empty_states(k, v, cu_seqlens, steps: int):
                        device=k.device)
 
 
+def empty_u(v, keep_u: bool):
+    """A float32 buffer for the forward's U (U_t = a_tᵀ h_{t-1}, per token, head and V column), or
+    None: what a gradient kernel's `keep_u` asks training to keep. With it, the backward's state
+    recompute needs no chunk matrices and has one multiply-add per chunk on its chain
+    (chunk_states), and the gradient kernel loads U instead of rebuilding it from S (NOTES change
+    45). Float32, because the recompute feeds U's rounding into every later state: a bfloat16 U
+    doubled r's gradient error at T = 4096 with no decay on some channels (2.5e-3 -> 4.8e-3, bf16
+    inputs on the H100), for no time saved."""
+    return torch.empty(v.shape, dtype=torch.float32, device=v.device) if keep_u else None
+
+
+def chunk_states(w, k, v, b, u, h0, *, cu_seqlens, cfg: KernelConfig, w_form, states, seg_states=None, seg_len=0):
+    """Fills `states` (from `empty_states` at cfg's chunk size) with every chunk's start state, from
+    the forward's U: one program per (V block, sequence, head) walking from h0, or with
+    `seg_states` one per segment as well, walking from the segment's start state."""
+    w, k, v, b, u, h0, cu_seqlens = _contiguous(w, k, v, b, u, h0, cu_seqlens)
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = _num_sequences(B, cu_seqlens)
+    BT, BV = cfg.chunk_size, min(_pow2(V), cfg.block_v)
+    offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
+    grid, seg_offsets, seg_chunks = (_cdiv(V, BV), N * H), None, 1
+    if seg_states is not None:
+        seg_chunks = _chunks_per_segment(seg_len, BT)
+        seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, k.device)
+        grid = grid + (_cdiv(T, seg_len),)
+    kern.chunk_states_kernel[grid](
+        w, k, v, b, u, h0 if h0 is not None else v, states, offsets if offsets is not None else v,
+        cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
+        seg_offsets if seg_offsets is not None else v, T, seg_chunks,
+        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
+        SEGMENTS=SEG_MODES["none" if seg_states is None else "walk"], IS_VARLEN=cu_seqlens is not None,
+        DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
+    )
+    return states
+
+
 def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: KernelConfig,
                   store_o=True, store_final=True, store_states=False, mats=None, mats_mode="build",
-                  seg_states=None, seg_len=0, seg_mode="none", states=None):
+                  seg_states=None, seg_len=0, seg_mode="none", states=None, u=None):
     """(o, final state, chunk start states or None). `states`: with store_states, the buffer to
-    fill (from `empty_states`) instead of a new one. `mats_mode`: "build" the chunk matrices
+    fill (from `empty_states`) instead of a new one. `u`: a float32 buffer shaped like v (from
+    `empty_u`) to store U in, for the backward (chunk_states, chunk_backward's `u`). `mats_mode`: "build" the chunk matrices
     in the loop, or also "store" them into `mats` (from `empty_mats`), or "load" them from `mats`.
     `seg_mode`: "store" the start state of each segment of `seg_len` steps into `seg_states` (from
     `empty_states`), or "walk" every segment at once from those states (the backward's
@@ -175,10 +215,10 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
         mats if mats is not None else v,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
         seg_states if seg_states is not None else v, seg_offsets if seg_offsets is not None else v,
-        float(scale), T, seg_chunks,
+        u if u is not None else v, float(scale), T, seg_chunks,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
         STORE_FINAL=store_final, STORE_O=store_o, STORE_STATES=store_states, MATS=MATS_MODES[mats_mode],
-        SEGMENTS=SEG_MODES[seg_mode], IS_VARLEN=cu_seqlens is not None,
+        SEGMENTS=SEG_MODES[seg_mode], STORE_U=u is not None, IS_VARLEN=cu_seqlens is not None,
         DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
     )
     return (o if store_o else None), (ht if store_final else None), (states if store_states else None)
@@ -205,7 +245,7 @@ def chunk_prepare(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, progr
 
 def twopass_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_prep: KernelConfig,
                     cfg_fwd: KernelConfig, programs_per_sequence: int, store_o=True, store_final=True,
-                    seg_states=None, seg_len=0):
+                    seg_states=None, seg_len=0, u=None):
     """Pass 1 builds every chunk's matrices (chunk_prepare), pass 2 walks the chunks loading them,
     both at cfg_prep's chunk size; with `seg_states`, pass 2 also stores the start state of each
     segment of `seg_len` steps there. Returns (o or None, final state or None, the chunk matrices)."""
@@ -214,8 +254,7 @@ def twopass_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_prep
     o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
                              cfg=cfg_fwd.with_(chunk_size=cfg_prep.chunk_size), store_o=store_o,
                              store_final=store_final, mats=mats, mats_mode="load", seg_states=seg_states,
-                             seg_len=seg_len,
-                             seg_mode="none" if seg_states is None else "store")
+                             seg_len=seg_len, seg_mode="none" if seg_states is None else "store", u=u)
     return o, ht, mats
 
 
@@ -306,7 +345,8 @@ def transition_dstate(do, dht, trans, r_eff, seg_ds, dh0, *, scale, cu_seqlens, 
 
 def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                    cfg_fwd: KernelConfig, cfg_bwd: KernelConfig, mats=None, seg_states=None, seg_len=0,
-                   cfg_recompute: KernelConfig | None = None, transitions=None):
+                   cfg_recompute: KernelConfig | None = None, transitions=None, u=None,
+                   cfg_states: KernelConfig | None = None):
     """Gradients (dr, dw, dk, dv, da, db, dh0). `mats`: the chunk matrices a forward stored, or None
     to build them here; they are rebuilt (in the state recompute) unless they have the backward's
     chunk size.
@@ -318,7 +358,11 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     (default cfg_fwd's), always at the backward's chunk size.
 
     `transitions`: (M, R̃) from transition_twopass, in place of `mats`: the sweep walks them
-    (transition_dstate, at cfg_fwd's chunk size and launch shape)."""
+    (transition_dstate, at cfg_fwd's chunk size and launch shape).
+
+    `u`: the U the forward stored (chunk_forward's `u`). The gradient kernel loads it; and where
+    `mats` has the backward's chunk size, the state recompute is chunk_states (no matrices), with
+    `cfg_states`' launch shape (default: the recompute's)."""
     r, w, k, v, a, b, h0, do, dht, cu_seqlens = _contiguous(r, w, k, v, a, b, h0, do, dht, cu_seqlens)
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -326,7 +370,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     segmented = seg_states is not None and (mats is not None or transitions is not None)
     fwd_mats = mats
     # The backward walks the chunks with its own chunk size.
-    cfg_states = (cfg_recompute if segmented and cfg_recompute else cfg_fwd).with_(chunk_size=cfg_bwd.chunk_size)
+    cfg_rebuild = (cfg_recompute if segmented and cfg_recompute else cfg_fwd).with_(chunk_size=cfg_bwd.chunk_size)
     have = mats is not None and mats.shape[-1] == cfg_bwd.chunk_size
     if not have:
         mats = empty_mats(k, cu_seqlens, cfg_bwd.chunk_size)
@@ -341,10 +385,15 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(k.device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_states,
-                      store_o=False, store_final=False, store_states=True, states=states, mats=mats,
-                      mats_mode="load" if have else "store", seg_states=seg_states if segmented else None,
-                      seg_len=seg_len, seg_mode="walk" if segmented else "none")
+        if u is not None and have:
+            chunk_states(w, k, v, b, u, h0, cu_seqlens=cu_seqlens, w_form=w_form, states=states,
+                         cfg=(cfg_states or cfg_rebuild).with_(chunk_size=cfg_bwd.chunk_size),
+                         seg_states=seg_states if segmented else None, seg_len=seg_len)
+        else:
+            chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_rebuild,
+                          store_o=False, store_final=False, store_states=True, states=states, mats=mats,
+                          mats_mode="load" if have else "store", seg_states=seg_states if segmented else None,
+                          seg_len=seg_len, seg_mode="walk" if segmented else "none")
     BT, BK = cfg_bwd.chunk_size, _pow2(K)
     BV = min(_pow2(V), cfg_bwd.block_v)
     NV = _cdiv(V, BV)
@@ -388,10 +437,11 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
         seg_ds if seg_ds is not None else v, seg_offsets if seg_offsets is not None else v,
+        u if u is not None else v,
         dr, dw, dk, dv, da, db, dh0, float(scale), T, 0 if NV == 1 else r.numel(), seg_chunks,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
         STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None, SPLIT_V=NV > 1,
-        SEGMENTS=SEG_MODES["walk" if segmented else "none"],
+        SEGMENTS=SEG_MODES["walk" if segmented else "none"], HAS_U=u is not None,
         DOT_PRECISION=_dot_precision(cfg_bwd, k.dtype), **_launch_options(cfg_bwd),
     )
     if NV > 1:
@@ -491,17 +541,20 @@ class TritonWKV7(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, scale, w_form, cfg_fwd, cfg_bwd, cfg_prep=None,
-                prep_programs=1, segments=0, cfg_recompute=None, transitions=False):
+                prep_programs=1, segments=0, cfg_recompute=None, transitions=False, cfg_states=None):
         """With `cfg_prep`, the two-pass forward: chunk_prepare builds every chunk's matrices
         (`prep_programs` programs per sequence), and the forward loads them. With `segments` > 1 the
         forward runs at cfg_prep's chunk size and stores the start state of about that many segments
         per sequence; the backward runs the segments in parallel. Without, everything runs at the
         backward's chunk size, so that it can load the forward's matrices.
 
+        Unless `transitions`, the forward also keeps U when cfg_bwd's `keep_u` asks for it; the
+        backward then rebuilds the chunk states from it with `cfg_states`' launch shape.
+
         With `transitions`, cfg_prep is chunk_transition's config and cfg_fwd the walk's (at that
         chunk size): the forward keeps the transitions the state-gradient sweep walks, and the
         segments' start states."""
-        mats = seg_states = kept = None
+        mats = seg_states = kept = u = None
         seg_len = 0
         if transitions:
             seg_states, seg_len = segment_states(k, v, cu_seqlens, max(segments, 1),
@@ -513,28 +566,30 @@ class TritonWKV7(torch.autograd.Function):
             if segments > 1:
                 seg_states, seg_len = segment_states(k, v, cu_seqlens, segments,
                                                      (cfg_prep.chunk_size, cfg_bwd.chunk_size))
+            u = empty_u(v, cfg_bwd.keep_u)
             o, ht, mats = twopass_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
                                           cfg_prep=cfg_prep if seg_states is not None
                                           else cfg_prep.with_(chunk_size=cfg_bwd.chunk_size),
                                           cfg_fwd=cfg_fwd, programs_per_sequence=prep_programs,
-                                          seg_states=seg_states, seg_len=seg_len)
+                                          seg_states=seg_states, seg_len=seg_len, u=u)
         else:
             if cfg_bwd.chunk_size == cfg_fwd.chunk_size:
                 mats = empty_mats(k, cu_seqlens, cfg_fwd.chunk_size)
+            u = empty_u(v, cfg_bwd.keep_u)
             o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens, w_form=w_form,
-                                     cfg=cfg_fwd, mats=mats, mats_mode="build" if mats is None else "store")
-        ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states, *(kept or (None, None)))
-        ctx.opts = (scale, w_form, cfg_fwd, cfg_bwd, seg_len, cfg_recompute)
+                                     cfg=cfg_fwd, mats=mats, mats_mode="build" if mats is None else "store", u=u)
+        ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states, u, *(kept or (None, None)))
+        ctx.opts = (scale, w_form, cfg_fwd, cfg_bwd, seg_len, cfg_recompute, cfg_states)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states, trans, r_eff = ctx.saved_tensors
-        scale, w_form, cfg_fwd, cfg_bwd, seg_len, cfg_recompute = ctx.opts
+        r, w, k, v, a, b, h0, cu_seqlens, mats, seg_states, u, trans, r_eff = ctx.saved_tensors
+        scale, w_form, cfg_fwd, cfg_bwd, seg_len, cfg_recompute, cfg_states = ctx.opts
         if do is None:
             do = torch.zeros_like(v)
         grads = chunk_backward(r, w, k, v, a, b, h0, do, dht, scale=scale, cu_seqlens=cu_seqlens,
                                w_form=w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd, mats=mats,
                                seg_states=seg_states, seg_len=seg_len, cfg_recompute=cfg_recompute,
-                               transitions=None if trans is None else (trans, r_eff))
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+                               transitions=None if trans is None else (trans, r_eff), u=u, cfg_states=cfg_states)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None)

@@ -509,13 +509,16 @@ def chunk_transition_dstate_kernel(
 
 @triton.jit
 def chunk_fwd_kernel(
-    r, w, k, v, a, b, o, h0, ht, states, mats, chunk_offsets, cu_seqlens, seg_states, seg_offsets, scale, T,
+    r, w, k, v, a, b, o, h0, ht, states, mats, chunk_offsets, cu_seqlens, seg_states, seg_offsets, u, scale, T,
     seg_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     W_FORM: tl.constexpr, HAS_STATE: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_O: tl.constexpr,
-    STORE_STATES: tl.constexpr, MATS: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    STORE_STATES: tl.constexpr, MATS: tl.constexpr, SEGMENTS: tl.constexpr, STORE_U: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """With STORE_U (training), U (float32, v's layout) is stored as well: the backward then
+    rebuilds the chunk states from it without the chunk matrices (chunk_states_kernel) and the
+    gradient kernel loads it instead of recomputing it."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
@@ -562,6 +565,8 @@ def chunk_fwd_kernel(
                     tl.store(_mat_ptrs(mats, c, i_h, MAT_RK, H, BT, False), A_rk)
         Z = _dot(a_hat, S, DOT_PRECISION) + _dot(A_ak, v_c, DOT_PRECISION)
         U = _dot(Tinv, Z, DOT_PRECISION)                           # U_t = a_tᵀ h_{t-1}
+        if STORE_U:
+            tl.store(u + p_v, U, mask=m_tv)
         if STORE_O:
             O = _dot(r_hat, S, DOT_PRECISION) + _dot(A_rb, U, DOT_PRECISION) \
                 + _dot(A_rk, v_c, DOT_PRECISION)
@@ -571,6 +576,53 @@ def chunk_fwd_kernel(
             + _dot(tl.trans(k_c * tail), v_c, DOT_PRECISION)
     if STORE_FINAL:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_tile, S, mask=m_kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk start states from the forward's U (the backward's recompute, when the forward stored U):
+# S' = γ ⊙ S + B̃ᵀ U + K̃ᵀ V. Neither product takes S, so the chain from chunk to chunk is one
+# multiply-add, and no chunk matrix is read: the loaded forward's recompute has three dependent
+# products per chunk (Z, U, S') and reads the inverse and A_ak.
+
+@triton.jit
+def chunk_states_kernel(
+    w, k, v, b, u, h0, states, chunk_offsets, cu_seqlens, seg_states, seg_offsets, T, seg_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    W_FORM: tl.constexpr, HAS_STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Stores every chunk's start state, as chunk_fwd_kernel with STORE_STATES. SEGMENTS is
+    SEG_NONE (one program walks the sequence from h0) or SEG_WALK (program (i_v, i_nh, i_seg)
+    walks segment i_seg from the start state the forward stored)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k, o_v, m_kv, s_tile = _state_block(i_v, K, V, BK, BV)
+    c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    if SEGMENTS == SEG_WALK:
+        i_s, c_begin, c_end = _segment_range(seg_offsets, i_n, tl.program_id(2), T, n_chunks, seg_chunks, BT,
+                                             IS_VARLEN)
+        S = tl.load(seg_states + (i_s * H + i_h) * K * V + s_tile, mask=m_kv & (c_begin < c_end), other=0.0)
+    else:
+        c_begin = 0
+        c_end = n_chunks
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_STATE:
+            S += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    for i_c in range(c_begin, c_end):
+        tok0 = bos + i_c * BT
+        tl.store(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, S, mask=m_kv)
+        # r and a are not needed: k and b stand in for them (the unused loads are dropped).
+        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(k, w, k, b, b, tok0, eos, i_h, H, K, BT, BK, W_FORM, K)
+        p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
+        v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        U = tl.load(u + p_v, mask=m_tv, other=0.0)
+        G_last = tl.sum(L, axis=0)                                   # rows past eos carry L = 0
+        tail = tl.exp(G_last[None, :] - tl.cumsum(L, axis=0))
+        S = S * tl.exp(G_last)[:, None] \
+            + _dot(tl.trans(b_c * tail), U, DOT_PRECISION) \
+            + _dot(tl.trans(k_c * tail), v_c, DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,14 +654,15 @@ def _grad_start_state(r_hat, a_hat, G_last, dO, dS, dZ, DOT_PRECISION: tl.conste
 
 @triton.jit
 def chunk_bwd_kernel(
-    r, w, k, v, a, b, do, dht, states, mats, chunk_offsets, cu_seqlens, seg_ds, seg_offsets,
+    r, w, k, v, a, b, do, dht, states, mats, chunk_offsets, cu_seqlens, seg_ds, seg_offsets, u,
     dr, dw, dk, dv, da, db, dh0, scale, T, part_stride, seg_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     W_FORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    SPLIT_V: tl.constexpr, SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_V: tl.constexpr, SEGMENTS: tl.constexpr, HAS_U: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """With SEGMENTS == SEG_WALK, program (i_v, i_nh, i_seg) walks segment i_seg only, from the
-    state gradient chunk_dstate_kernel stored at its end; that sweep also writes dh0."""
+    state gradient chunk_dstate_kernel stored at its end; that sweep also writes dh0. With HAS_U,
+    U comes from the forward (`u`) instead of from S: three products and two matrix loads fewer."""
     i_nh = tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
@@ -645,17 +698,20 @@ def chunk_bwd_kernel(
         G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
         safe = _factorable(G_last)
         c = c0 + i_c
-        Tinv = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, False))
         Tinv_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, True))
-        A_ak = tl.load(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, False))
         A_ak_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, True))
         A_rb_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_RB, H, BT, True))
         A_rk_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_RK, H, BT, True))
         gamma = tl.exp(G_last)
         b_t = b_c * tail
         k_t = k_c * tail
-        Z = _dot(a_hat, S, DOT_PRECISION) + _dot(A_ak, v_c, DOT_PRECISION)
-        U = _dot(Tinv, Z, DOT_PRECISION)
+        if HAS_U:
+            U = tl.load(u + p_v, mask=m_tv, other=0.0)
+        else:
+            Tinv = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, False))
+            A_ak = tl.load(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, False))
+            Z = _dot(a_hat, S, DOT_PRECISION) + _dot(A_ak, v_c, DOT_PRECISION)
+            U = _dot(Tinv, Z, DOT_PRECISION)
 
         # Through O = R̂ S + A_rb U + A_rk V and S' = γ S + B̃ᵀ U + K̃ᵀ V, then U = (I - A_ab)^-1 Z.
         dU, dZ = _grad_u_z(A_rb_t, Tinv_t, dO, b_c, tail, dS, DOT_PRECISION)
