@@ -100,7 +100,8 @@ def test_few_sequence_head_pairs_take_a_two_pass_variant():
         wide = plan(_problem(info.device_type, B=4, T=4096, H=16, K=128, V=128, needs_grad=needs_grad), info,
                     runtime=False)
         assert wide.variant.name == "triton.chunk_twopass"
-        assert set(wide.configs) == {"chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute"}
+        assert set(wide.configs) == {"chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute",
+                                     "chunk_states"}
         assert any("cost more than they save" in r for r in wide.rejected["triton.chunk_transition"])
         many = plan(_problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=needs_grad), info,
                     runtime=False)
@@ -314,3 +315,12 @@ def test_tune_only_narrows_the_swept_fields():
     for bad in (["warps=8"], ["num_warps"], ["num_warps=eight"], ["vendor_options=1"]):
         with pytest.raises(ValueError, match="--only"):
             _parse_only(bad)
+    # A value outside a kernel's grid would leave it nothing to sweep: a clear error instead.
+    with pytest.raises(ValueError, match="chunk_bwd sweeps num_warps over"):
+        candidates("chunk_bwd", "nvidia", fixed={"num_warps": (3,)})
+    assert _parse_only(["keep_u=true,0"]) == {"keep_u": (True, False)}
+    assert {c.keep_u for c in candidates("chunk_bwd", "nvidia", fixed={"keep_u": (True,)})} == {True}
+    with pytest.raises(ValueError, match="--only"):
+        _parse_only(["keep_u=maybe"])
+    with pytest.raises(ValueError, match="keep_u"):
+        KernelConfig(keep_u="float32")

@@ -26,7 +26,10 @@ CANDIDATES = {
     # "bf16": the gradient kernels' products on bfloat16 operands (its in-chunk pair products stay
     # tf32: kernels/wkv7.py `_pair_dot`). Half the tensor-core steps and operand registers: training
     # B8 T4096 H32 8.85 -> 6.91 ms on the H100, gradient errors up to 3.7e-3 (NOTES change 43).
-    "chunk_bwd": dict(chunk_size=(16, 32), num_warps=(4, 8), num_stages=(1, 2, 3), dot_precision=("tf32", "bf16")),
+    # keep_u: the training forward keeps U and the backward rebuilds the chunk states from it
+    # (chunk_states): training B8 T4096 H32 6.82 -> 6.36 ms on the H100 (NOTES change 45).
+    "chunk_bwd": dict(chunk_size=(16, 32), num_warps=(4, 8), num_stages=(1, 2, 3), dot_precision=("tf32", "bf16"),
+                      keep_u=(False, True)),
     "chunk_prep": dict(chunk_size=(16, 32), block_k=(16, 32), num_warps=(2, 4), dot_precision=("tf32",)),
     # Timed on the matrices of chunk_prep's table entry at the same chunk size.
     "chunk_fwd_loaded": dict(chunk_size=(16, 32), block_v=(16, 32, 64), num_warps=(4,), num_stages=(1, 3),
@@ -38,7 +41,9 @@ CANDIDATES = {
                                  dot_precision=("tf32",)),
     # The segmented backward of two-pass training: segments give the programs, so wide V blocks.
     "chunk_bwd_split": dict(chunk_size=(16,), block_v=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3),
-                            dot_precision=("tf32", "bf16")),
+                            dot_precision=("tf32", "bf16"), keep_u=(False, True)),
+    # Timed alone, on the U of the training forward that the table's chunk_bwd entry asks for.
+    "chunk_states": dict(block_v=(32, 64), num_warps=(1, 2, 4), num_stages=(2, 3, 4), dot_precision=("tf32",)),
     "chunk_recompute": dict(chunk_size=(16,), block_v=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 3),
                             dot_precision=("tf32",)),
     "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
@@ -49,7 +54,7 @@ VENDOR_CANDIDATES = {
     # programs, 132 SMs) runs in two waves; capped at 128 it spills more but fits two per SM.
     "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128})}},
 }
-BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split", "chunk_recompute")
+BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split", "chunk_recompute", "chunk_states")
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
 MAX_BF16_ERROR = 3.0e-3
 
@@ -92,13 +97,15 @@ def _segmented_training_backward(kernel, cfg, x):
                                      detect(DEVICE).multiprocessors)
     seg_states, seg_len = launch.segment_states(x["k"], x["v"], None, segments,
                                                 (cfgs["chunk_prep"].chunk_size, cfgs["chunk_bwd_split"].chunk_size))
+    u = launch.empty_u(x["v"], cfgs["chunk_bwd_split"].keep_u)
     _, _, mats = launch.twopass_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
                                         cfg_prep=cfgs["chunk_prep"], cfg_fwd=cfgs["chunk_fwd_loaded"],
-                                        programs_per_sequence=4, seg_states=seg_states, seg_len=seg_len)
+                                        programs_per_sequence=4, seg_states=seg_states, seg_len=seg_len, u=u)
     return lambda: launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
                                          w_form="log", cfg_fwd=cfgs["chunk_fwd_loaded"],
                                          cfg_bwd=cfgs["chunk_bwd_split"], mats=mats, seg_states=seg_states,
-                                         seg_len=seg_len, cfg_recompute=cfgs["chunk_recompute"])
+                                         seg_len=seg_len, cfg_recompute=cfgs["chunk_recompute"], u=u,
+                                         cfg_states=_table_config("chunk_states", K))
 
 
 def _transition_programs(x) -> int:
@@ -164,14 +171,27 @@ def _runner(kernel, cfg, x, for_error_check=False):
         return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)[:2]
     if kernel in ("chunk_bwd_split", "chunk_recompute"):
         return _segmented_training_backward(kernel, cfg, x)
-    # chunk_bwd, as in training: the forward (its table entry, at this chunk size) has stored the
-    # chunk matrices, the backward loads them.
-    fwd_cfg = _table_config("chunk_fwd", x["k"].shape[-1]).with_(chunk_size=cfg.chunk_size)
-    mats = launch.empty_mats(x["k"], None, cfg.chunk_size)
+    # chunk_bwd (and chunk_states), as in training: the forward (its table entry, at this chunk
+    # size) has stored the chunk matrices and U if keep_u asks for it, the backward loads them.
+    K = x["k"].shape[-1]
+    bwd_cfg = _table_config("chunk_bwd", K) if kernel == "chunk_states" else cfg
+    fwd_cfg = _table_config("chunk_fwd", K).with_(chunk_size=bwd_cfg.chunk_size)
+    states_cfg = cfg if kernel == "chunk_states" else _table_config("chunk_states", K)
+    mats = launch.empty_mats(x["k"], None, bwd_cfg.chunk_size)
+    u = launch.empty_u(x["v"], bwd_cfg.keep_u)
     launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd_cfg, mats=mats,
-                         mats_mode="store")
+                         mats_mode="store", u=u)
+    if kernel == "chunk_states" and not for_error_check:
+        if u is None:
+            raise ValueError("chunk_states: the table's chunk_bwd entry keeps no U (keep_u False), so training "
+                             "never runs chunk_states here")
+        states = launch.empty_states(x["k"], x["v"], None, bwd_cfg.chunk_size)
+        return lambda: launch.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=None,
+                                           cfg=states_cfg.with_(chunk_size=bwd_cfg.chunk_size), w_form="log",
+                                           states=states)
     return lambda: launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
-                                         w_form="log", cfg_fwd=fwd_cfg, cfg_bwd=cfg, mats=mats)
+                                         w_form="log", cfg_fwd=fwd_cfg, cfg_bwd=bwd_cfg, mats=mats, u=u,
+                                         cfg_states=states_cfg)
 
 
 def _error(kernel, cfg, K):
@@ -199,7 +219,10 @@ def candidates(kernel, vendor, V=None, fixed=None):
     grid = dict(CANDIDATES[kernel]) | VENDOR_CANDIDATES.get(vendor, {}).get(kernel, {})
     for name, values in (fixed or {}).items():
         if name in grid:
-            grid[name] = tuple(v for v in grid[name] if v in values)
+            kept = tuple(v for v in grid[name] if v in values)
+            if not kept:
+                raise ValueError(f"--only: {kernel} sweeps {name} over {grid[name]}; none of {values} is among them")
+            grid[name] = kept
     configs = [KernelConfig.make(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     if V is not None and "block_v" in grid:
         configs = [cfg for cfg in configs if cfg.block_v <= padded_head(V)]
@@ -280,6 +303,16 @@ def pick(ranked: dict) -> dict:
     return best
 
 
+def _parse_bool(text: str) -> bool:
+    # bool("false") is True: flags are read by name
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(text)
+
+
 def _parse_only(items) -> dict:
     """--only FIELD=V1,V2 ... as {field: values}, the values typed as the field's (int or str)."""
     fields = KernelConfig.__dataclass_fields__
@@ -291,7 +324,7 @@ def _parse_only(items) -> dict:
                              f"{sorted(set(fields) - {'vendor_options'})}, got {item!r}")
         kind = type(getattr(KernelConfig(), name))
         try:
-            fixed[name] = tuple(kind(v) for v in values.split(","))
+            fixed[name] = tuple(_parse_bool(v) if kind is bool else kind(v) for v in values.split(","))
         except ValueError:
             raise ValueError(f"--only: {name} takes {kind.__name__} values, got {values!r}") from None
     return fixed
@@ -299,8 +332,9 @@ def _parse_only(items) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwkv_backends.tune", description=__doc__)
-    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,chunk_prep,chunk_fwd_loaded,chunk_transition,"
-                                        "chunk_fwd_transition,chunk_bwd_split,chunk_recompute,recurrent_fwd")
+    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,chunk_states,chunk_prep,chunk_fwd_loaded,"
+                                        "chunk_transition,chunk_fwd_transition,chunk_bwd_split,chunk_recompute,"
+                                        "recurrent_fwd")
     p.add_argument("--K", type=int, default=64, help="head size to tune (table bucket 64 or 128)")
     p.add_argument("--out", default="", help="write the table entry as JSON here")
     p.add_argument("--only", action="append", default=[], metavar="FIELD=V1,V2",
@@ -311,12 +345,21 @@ def main(argv=None) -> int:
         fixed = _parse_only(args.only)
     except ValueError as exc:
         p.error(str(exc))
+    unknown = [k for k in args.kernels.split(",") if k not in CANDIDATES]
+    if unknown:
+        p.error(f"--kernels: unknown {', '.join(unknown)}; known: {', '.join(CANDIDATES)}")
     if not torch.cuda.is_available():
         print("tune: needs the accelerator it tunes for (no device visible)")
         return 2
     from .device import detect, versions
     info = detect("cuda")
-    shapes = {"chunk_fwd": (8, 4096, 32), "chunk_bwd": (8, 4096, 32), "recurrent_fwd": (256, 1, 32),
+    try:                                 # a value outside a kernel's grid would sweep nothing
+        for kernel in args.kernels.split(","):
+            candidates(kernel, info.vendor, V=args.K, fixed=fixed)
+    except ValueError as exc:
+        p.error(str(exc))
+    shapes = {"chunk_fwd": (8, 4096, 32), "chunk_bwd": (8, 4096, 32), "chunk_states": (8, 4096, 32),
+              "recurrent_fwd": (256, 1, 32),
               # the two-pass prefill serves few (sequence, head) pairs: one long sequence
               "chunk_prep": (1, 16384, 32), "chunk_fwd_loaded": (1, 16384, 32), "chunk_bwd_split": (1, 16384, 32),
               "chunk_recompute": (1, 16384, 32), "chunk_transition": (1, 16384, 32),
