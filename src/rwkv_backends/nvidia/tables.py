@@ -15,6 +15,7 @@ _DEFAULT = {
     "chunk_fwd_transition": {"64": C(block_v=16, num_warps=2), "128": C(block_v=64, num_warps=4)},
     "chunk_bwd_split": {"64": C(chunk_size=16, block_v=32, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
     "chunk_recompute": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
+    "chunk_states": {"64": C(block_v=64, num_warps=4), "128": C(block_v=64, num_warps=4)},
     "recurrent_fwd": {"64": C(block_v=16, num_warps=2), "128": C(block_v=32, num_warps=4)},
 }
 
@@ -40,8 +41,16 @@ _SM90 = {
     # largest gradient error 3.0e-3 -> 3.7e-3 (bf16 inputs; fla-core's on the same inputs 4.0e-3).
     # 3 stages and 2 stages are within 1% (5.41 and 5.44 ms). The 128 bucket keeps 2 stages (its
     # shared memory at 3 was not measured).
-    "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=3, dot_precision="bf16"),
+    # keep_u (NOTES change 45): training keeps U (float32), the backward rebuilds the chunk states
+    # from it (chunk_states) and the gradient kernel loads it. The tune tool,
+    # tune-sm90-2026-11-27-u-bwd64.json: recompute + backward 5.41 -> 4.84 ms; training B8 T4096 H32
+    # 6.82 -> 6.36 ms, H64 13.59 -> 12.72 ms (results-h100-2026-11-27-u.json).
+    "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=3, dot_precision="bf16", keep_u=True),
                   "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="bf16")},
+    # The state recompute from U at B8 T4096 H32, from the tune tool (tune-sm90-2026-11-27-u-states64.json):
+    # 0.687 ms at BV 32, 1 warp, 3 stages; the forward's launch shape took 0.91 ms and the recompute
+    # from the chunk matrices it replaces 0.94 (hand-run sweep, results-h100-2026-11-27-u.json).
+    "chunk_states": {"64": C(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32")},
     # fp32 state: BV 32 and BV 64 tie (98.2 and 98.3 us at B256 H32, interleaved); a 16-bit state
     # runs 72 us at BV 32 and 65 us at BV 64, so 64.
     "recurrent_fwd": {"64": C(block_v=64, num_warps=4), "128": C(block_v=32, num_warps=2)},
@@ -79,6 +88,8 @@ _SM90 = {
     # tune-sm90-2026-11-27-segmented64.json (chunk_bwd_split 5.62 ms at these shapes, chunk_recompute
     # 5.56, each within noise of the fastest); K = 128, chunk_bwd_split at B4 T4096 H16: 11.27 ms at
     # this entry, 13.0 ms at BV 64 (NOTES). chunk_recompute at K = 128 is not swept.
+    # No K = V = 128 gradient entry keeps U (keep_u): at B4 T4096 H16 training was slower with it,
+    # 7.93 -> 8.58 ms (results-h100-2026-11-27-u.json).
 }
 
 TABLES = {
