@@ -120,6 +120,26 @@ def _segment_range(seg_offsets, i_n, i_seg, T, n_chunks, seg_chunks, BT: tl.cons
 
 
 @triton.jit
+def _walk_start(start, seg_start, seg_offsets, i_n, i_h, i_nh, T, n_chunks, seg_chunks, m_kv, s_tile,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, HAS_START: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The chunks [begin, end) a walking program takes and the [BK, BV] tile it starts from. With
+    SEG_WALK: segment program_id(2), from the tile stored for that segment in `seg_start`. Otherwise
+    the whole sequence, from `start` (one [K, V] per sequence and head) if HAS_START, else zeros."""
+    if SEGMENTS == SEG_WALK:
+        i_s, c_begin, c_end = _segment_range(seg_offsets, i_n, tl.program_id(2), T, n_chunks, seg_chunks, BT,
+                                             IS_VARLEN)
+        X = tl.load(seg_start + (i_s * H + i_h) * K * V + s_tile, mask=m_kv & (c_begin < c_end), other=0.0)
+    else:
+        c_begin = 0
+        c_end = n_chunks
+        X = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_START:
+            X += tl.load(start + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    return c_begin, c_end, X
+
+
+@triton.jit
 def _state_block(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Columns o_v of V block i_v, and the offsets and mask of that block of a [K, V] state."""
     o_k = tl.arange(0, BK)
@@ -525,18 +545,11 @@ def chunk_fwd_kernel(
     o_k, o_v, m_kv, s_tile = _state_block(i_v, K, V, BK, BV)
     c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
-    if SEGMENTS == SEG_WALK:                 # one segment, from the start state the forward stored
-        i_s, c_begin, c_end = _segment_range(seg_offsets, i_n, tl.program_id(2), T, n_chunks, seg_chunks, BT,
-                                             IS_VARLEN)
-        S = tl.load(seg_states + (i_s * H + i_h) * K * V + s_tile, mask=m_kv & (c_begin < c_end), other=0.0)
-    else:
-        c_begin = 0
-        c_end = n_chunks
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-        if HAS_STATE:
-            S += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
-        if SEGMENTS == SEG_STORE:
-            s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
+    # SEG_WALK: one segment, from the start state the forward stored
+    c_begin, c_end, S = _walk_start(h0, seg_states, seg_offsets, i_n, i_h, i_nh, T, n_chunks, seg_chunks, m_kv, s_tile,
+                                    H, K, V, BT, BK, BV, HAS_STATE, SEGMENTS, IS_VARLEN)
+    if SEGMENTS == SEG_STORE:
+        s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
     for i_c in range(c_begin, c_end):
         tok0 = bos + i_c * BT
         if STORE_STATES:
@@ -600,16 +613,8 @@ def chunk_states_kernel(
     o_k, o_v, m_kv, s_tile = _state_block(i_v, K, V, BK, BV)
     c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
-    if SEGMENTS == SEG_WALK:
-        i_s, c_begin, c_end = _segment_range(seg_offsets, i_n, tl.program_id(2), T, n_chunks, seg_chunks, BT,
-                                             IS_VARLEN)
-        S = tl.load(seg_states + (i_s * H + i_h) * K * V + s_tile, mask=m_kv & (c_begin < c_end), other=0.0)
-    else:
-        c_begin = 0
-        c_end = n_chunks
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-        if HAS_STATE:
-            S += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    c_begin, c_end, S = _walk_start(h0, seg_states, seg_offsets, i_n, i_h, i_nh, T, n_chunks, seg_chunks, m_kv, s_tile,
+                                    H, K, V, BT, BK, BV, HAS_STATE, SEGMENTS, IS_VARLEN)
     for i_c in range(c_begin, c_end):
         tok0 = bos + i_c * BT
         tl.store(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, S, mask=m_kv)
@@ -677,16 +682,9 @@ def chunk_bwd_kernel(
     cols = tl.arange(0, BT)[None, :]
     c0 = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
-    if SEGMENTS == SEG_WALK:
-        i_s, c_begin, c_end = _segment_range(seg_offsets, i_n, tl.program_id(2), T, n_chunks, seg_chunks, BT,
-                                             IS_VARLEN)
-        dS = tl.load(seg_ds + (i_s * H + i_h) * K * V + s_tile, mask=m_kv & (c_begin < c_end), other=0.0)
-    else:
-        c_begin = 0
-        c_end = n_chunks
-        dS = tl.zeros([BK, BV], dtype=tl.float32)                   # gradient of the chunk's end state
-        if HAS_DHT:
-            dS += tl.load(dht + i_nh.to(tl.int64) * K * V + s_tile, mask=m_kv, other=0.0)
+    # dS: the gradient of the chunk's end state, from the sweep's at the segment's end (SEG_WALK) or dht
+    c_begin, c_end, dS = _walk_start(dht, seg_ds, seg_offsets, i_n, i_h, i_nh, T, n_chunks, seg_chunks, m_kv, s_tile,
+                                     H, K, V, BT, BK, BV, HAS_DHT, SEGMENTS, IS_VARLEN)
     for j in range(0, c_end - c_begin):
         i_c = c_end - 1 - j
         tok0 = bos + i_c * BT
