@@ -85,6 +85,17 @@ def test_backward_split_by_v_blocks_matches_one_block(regime, varlen, V):
         assert relative_error(g2, g1) < 1e-5, name          # the shares add in another order
 
 
+def _reference_gradients(ins, state, do, dstate, **kw):
+    """Gradients of r, w, k, v, a, b and the initial state (None without one) from the float64
+    reference, for the outputs' gradients do and dstate."""
+    from rwkv_backends.reference import wkv7_reference
+    ref_ins = [t.double().requires_grad_(True) for t in ins]
+    ref_state = state.double().requires_grad_(True) if state is not None else None
+    o_ref, s_ref = wkv7_reference(*ref_ins, ref_state, **kw)
+    torch.autograd.backward((o_ref, s_ref), (do.double(), dstate.double()))
+    return [t.grad for t in ref_ins] + [ref_state.grad if state is not None else None]
+
+
 @interpreter
 @pytest.mark.parametrize("regime, varlen, seg_len, V, with_state, fwd_chunk, transitions", [
     ("realistic", False, 32, 32, True, 16, False), ("strong", True, 16, 32, True, 16, False),
@@ -103,7 +114,6 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
     from rwkv_backends.kernels import launch
-    from rwkv_backends.reference import wkv7_reference
     x = make_inputs(Case("backward", "float32", regime, 1 if varlen else 2, 70, 2, 16, V), 8, "cpu")
     cu = torch.tensor([0, 0, 21, 70]) if varlen else None
     N = 3 if varlen else 2
@@ -137,11 +147,7 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
         g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
                                       seg_states=seg, seg_len=seg_len)
     g_one = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats)
-    ref_ins = [t.double().requires_grad_(True) for t in ins]
-    ref_state = state.double().requires_grad_(True) if with_state else None
-    o_ref, s_ref = wkv7_reference(*ref_ins, ref_state, scale=0.8, cu_seqlens=cu)
-    torch.autograd.backward((o_ref, s_ref), (x["do"].double(), dstate.double()))
-    want = [t.grad for t in ref_ins] + [ref_state.grad if with_state else None]
+    want = _reference_gradients(ins, state, x["do"], dstate, scale=0.8, cu_seqlens=cu)
     for name, got, same, ref in zip(("r", "w", "k", "v", "a", "b", "state"), g_seg, g_one, want):
         if ref is None:
             assert got is None and same is None
@@ -185,7 +191,6 @@ def test_backward_from_the_forwards_u_matches_the_rebuilt_one(regime, varlen, se
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
     from rwkv_backends.kernels import launch
-    from rwkv_backends.reference import wkv7_reference
     x = make_inputs(Case("backward", "float32", regime, 1 if varlen else 2, 70, 2, 24, 32), 9, "cpu")
     cu = torch.tensor([0, 0, 21, 70]) if varlen else None
     N = 3 if varlen else 2
@@ -213,11 +218,7 @@ def test_backward_from_the_forwards_u_matches_the_rebuilt_one(regime, varlen, se
                                 cfg_states=KernelConfig(block_v=16, num_warps=2), **segments)
     g_plain = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
                                     **segments)
-    ref_ins = [t.double().requires_grad_(True) for t in ins]
-    ref_state = state.double().requires_grad_(True) if with_state else None
-    o_ref, s_ref = wkv7_reference(*ref_ins, ref_state, scale=0.8, cu_seqlens=cu)
-    torch.autograd.backward((o_ref, s_ref), (x["do"].double(), dstate.double()))
-    want = [t.grad for t in ref_ins] + [ref_state.grad if with_state else None]
+    want = _reference_gradients(ins, state, x["do"], dstate, scale=0.8, cu_seqlens=cu)
     for name, got, same, ref in zip(("r", "w", "k", "v", "a", "b", "state"), g_u, g_plain, want):
         if ref is None:
             assert got is None and same is None
