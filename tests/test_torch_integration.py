@@ -64,8 +64,14 @@ def test_compile_strong_decay_and_clampw():
 
 
 @pytest.mark.skipif(HAS_GPU or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run")
-def test_compile_through_the_triton_plan(simulate):
+@pytest.mark.parametrize("variant", [None, "triton.chunk", "triton.chunk_twopass"])
+def test_compile_through_the_triton_plan(simulate, monkeypatch, variant):
+    """The op's backward reruns the variant's training forward for what it keeps, then its backward:
+    the planned variant (chunk transitions here), the one-pass one (which keeps U on sm90) and the
+    two-pass one."""
     simulate("nvidia:sm90")
+    if variant:
+        monkeypatch.setenv("RWKV_BACKENDS_BACKEND", variant)
     torch._dynamo.reset()
     _compiled_matches_reference(_x(seed=5, T=37), True)
 

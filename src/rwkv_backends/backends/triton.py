@@ -76,34 +76,55 @@ def transition_programs(pairs: int, multiprocessors: int) -> int:
     return -(-TRANSITION_PROGRAMS_PER_SM * multiprocessors // pairs)
 
 
-class TritonChunk(Variant):
+class _TrainedVariant(Variant):
+    """A chunked Triton variant: training goes through kernels/launch.py's TrainingPlan, which
+    `training(problem, plan)` builds, whether eagerly (the autograd Function) or from the
+    torch.library op's backward."""
+
+    backend = "triton"
+
+    def training(self, problem, plan):
+        raise NotImplementedError
+
+    def train(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import TritonWKV7
+        return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
+                                self.training(problem, plan))
+
+    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
+        # The torch.library op's backward (torch.compile) starts from the inputs alone: it runs the
+        # training forward again for what that keeps (no outputs), then the same backward.
+        from ..kernels.launch import training_backward, training_forward
+        how = self.training(problem, plan)
+        common = dict(scale=problem.scale, cu_seqlens=cu_seqlens, w_form=problem.w_form, how=how)
+        _, _, kept, seg_len = training_forward(r, w, k, v, a, b, state, **common, store_o=False, store_final=False)
+        return training_backward(r, w, k, v, a, b, state, do, dstate, kept, seg_len, **common)
+
+
+class TritonChunk(_TrainedVariant):
     """One program per (sequence, head, V block) walks the chunks with the state on chip (chunk_fwd);
     training keeps the chunk matrices (and U where chunk_bwd's keep_u asks), and the backward
     rebuilds the chunk states (chunk_states from U, or a forward that loads the matrices) before
     the gradient kernel walks the chunks back (chunk_bwd)."""
 
     name = "triton.chunk"
-    backend = "triton"
     kernels = ("chunk_fwd", "chunk_bwd", "chunk_states")
 
     def reasons(self, problem, device, runtime=True):
         return common_reasons(problem, device, runtime)
 
-    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import TritonWKV7, chunk_forward
-        cfg_fwd, cfg_bwd = plan.configs["chunk_fwd"], plan.configs["chunk_bwd"]
-        if problem.needs_grad:
-            return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
-                                    cfg_fwd, cfg_bwd, None, 1, 0, None, False, plan.configs["chunk_states"])
-        o, ht, _ = chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
-                                 w_form=problem.w_form, cfg=cfg_fwd, store_final=problem.output_final_state)
-        return o, ht
+    def training(self, problem, plan):
+        from ..kernels.launch import TrainingPlan
+        return TrainingPlan(plan.configs["chunk_fwd"], plan.configs["chunk_bwd"], cfg_states=plan.configs["chunk_states"])
 
-    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import chunk_backward
-        return chunk_backward(r, w, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens,
-                              w_form=problem.w_form, cfg_fwd=plan.configs["chunk_fwd"],
-                              cfg_bwd=plan.configs["chunk_bwd"])
+    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import chunk_forward
+        if problem.needs_grad:
+            return self.train(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
+        o, ht, _ = chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
+                                 w_form=problem.w_form, cfg=plan.configs["chunk_fwd"],
+                                 store_final=problem.output_final_state)
+        return o, ht
 
 
 def few_pairs_reasons(problem, device) -> list:
@@ -117,7 +138,7 @@ def few_pairs_reasons(problem, device) -> list:
     return []
 
 
-class TritonChunkTwoPass(Variant):
+class TritonChunkTwoPass(_TrainedVariant):
     """Few (sequence, head) pairs: one program per pair would leave most of the device idle while it
     walks its chunks. Pass 1 builds every chunk's matrices with all chunks in parallel (chunk_prep);
     pass 2 walks the chunks, loading them, with V split over more programs (chunk_fwd_loaded), at
@@ -128,7 +149,6 @@ class TritonChunkTwoPass(Variant):
     benchmarks/NOTES.md, changes 11 and 24."""
 
     name = "triton.chunk_twopass"
-    backend = "triton"
     kernels = ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute", "chunk_states")
 
     def reasons(self, problem, device, runtime=True):
@@ -139,39 +159,26 @@ class TritonChunkTwoPass(Variant):
         # A few programs per multiprocessor in pass 1: each walks every P-th chunk of its sequence.
         return -(-4 * plan.device.multiprocessors // (problem.N * problem.H))
 
+    def training(self, problem, plan):
+        from ..kernels.launch import TrainingPlan
+        return TrainingPlan(plan.configs["chunk_fwd_loaded"], plan.configs["chunk_bwd_split"],
+                            cfg_prep=plan.configs["chunk_prep"], prep_programs=self._prep_programs(problem, plan),
+                            segments=training_segments(problem, plan), cfg_recompute=plan.configs["chunk_recompute"],
+                            cfg_states=plan.configs["chunk_states"])
+
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import TritonWKV7, twopass_forward
-        cfg_prep, cfg_fwd = plan.configs["chunk_prep"], plan.configs["chunk_fwd_loaded"]
-        per_sequence = self._prep_programs(problem, plan)
+        from ..kernels.launch import twopass_forward
         if problem.needs_grad:
-            return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
-                                    cfg_fwd, plan.configs["chunk_bwd_split"], cfg_prep, per_sequence,
-                                    training_segments(problem, plan), plan.configs["chunk_recompute"], False,
-                                    plan.configs["chunk_states"])
+            return self.train(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
         o, ht, _ = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
-                                   w_form=problem.w_form, cfg_prep=cfg_prep, cfg_fwd=cfg_fwd,
-                                   programs_per_sequence=per_sequence, store_final=problem.output_final_state)
+                                   w_form=problem.w_form, cfg_prep=plan.configs["chunk_prep"],
+                                   cfg_fwd=plan.configs["chunk_fwd_loaded"],
+                                   programs_per_sequence=self._prep_programs(problem, plan),
+                                   store_final=problem.output_final_state)
         return o, ht
 
-    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
-        # The torch.library op's backward (torch.compile) starts from the inputs alone: it rebuilds
-        # what the training forward keeps (the chunk matrices and the segments' start states), then
-        # runs the segmented backward.
-        from ..kernels.launch import chunk_backward, segment_states, twopass_forward
-        cfg_prep, cfg_fwd = plan.configs["chunk_prep"], plan.configs["chunk_fwd_loaded"]
-        cfg_bwd = plan.configs["chunk_bwd_split"]
-        seg_states, seg_len = segment_states(k, v, cu_seqlens, training_segments(problem, plan),
-                                             (cfg_prep.chunk_size, cfg_bwd.chunk_size))
-        _, _, mats = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
-                                     w_form=problem.w_form, cfg_prep=cfg_prep, cfg_fwd=cfg_fwd,
-                                     programs_per_sequence=self._prep_programs(problem, plan), store_o=False,
-                                     store_final=False, seg_states=seg_states, seg_len=seg_len)
-        return chunk_backward(r, w, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens,
-                              w_form=problem.w_form, cfg_fwd=cfg_fwd, cfg_bwd=cfg_bwd, mats=mats,
-                              seg_states=seg_states, seg_len=seg_len, cfg_recompute=plan.configs["chunk_recompute"])
 
-
-class TritonChunkTransition(Variant):
+class TritonChunkTransition(_TrainedVariant):
     """Few (sequence, head) pairs at K, V <= 64: the two-pass variant with a shorter dependent chain.
     Pass 1 builds every chunk's transition (S' = M S + P V, O = R̃ S + Q V: kernels/wkv7.py) with
     all chunks in parallel; pass 2 walks them, one K x K product per chunk on the chain where the
@@ -180,7 +187,6 @@ class TritonChunkTransition(Variant):
     triton.chunk_twopass. benchmarks/NOTES.md, change 36."""
 
     name = "triton.chunk_transition"
-    backend = "triton"
     kernels = ("chunk_transition", "chunk_fwd_transition", "chunk_bwd_split", "chunk_recompute")
 
     def reasons(self, problem, device, runtime=True):
@@ -200,33 +206,23 @@ class TritonChunkTransition(Variant):
         cfg_trans = plan.configs["chunk_transition"]
         return cfg_trans, plan.configs["chunk_fwd_transition"].with_(chunk_size=cfg_trans.chunk_size)
 
-    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import TritonWKV7, transition_twopass
+    def training(self, problem, plan):
+        from ..kernels.launch import TrainingPlan
         cfg_trans, cfg_walk = self._configs(plan)
+        return TrainingPlan(cfg_walk, plan.configs["chunk_bwd_split"], cfg_prep=cfg_trans,
+                            prep_programs=self._programs(problem, plan), segments=training_segments(problem, plan),
+                            cfg_recompute=plan.configs["chunk_recompute"], transitions=True)
+
+    def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels.launch import transition_twopass
         if problem.needs_grad:
-            return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form, cfg_walk,
-                                    plan.configs["chunk_bwd_split"], cfg_trans, self._programs(problem, plan),
-                                    training_segments(problem, plan), plan.configs["chunk_recompute"], True)
+            return self.train(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
+        cfg_trans, cfg_walk = self._configs(plan)
         o, ht, _ = transition_twopass(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                       w_form=problem.w_form, cfg_trans=cfg_trans, cfg_walk=cfg_walk,
                                       programs_per_sequence=self._programs(problem, plan),
                                       store_final=problem.output_final_state)
         return o, ht
-
-    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
-        # As triton.chunk_twopass: rebuild what the training forward keeps, then the backward.
-        from ..kernels.launch import chunk_backward, segment_states, transition_twopass
-        cfg_trans, cfg_walk = self._configs(plan)
-        cfg_bwd = plan.configs["chunk_bwd_split"]
-        seg_states, seg_len = segment_states(k, v, cu_seqlens, training_segments(problem, plan),
-                                             (cfg_trans.chunk_size, cfg_bwd.chunk_size))
-        _, _, kept = transition_twopass(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
-                                        w_form=problem.w_form, cfg_trans=cfg_trans, cfg_walk=cfg_walk,
-                                        programs_per_sequence=self._programs(problem, plan), store_o=False,
-                                        store_final=False, seg_states=seg_states, seg_len=seg_len)
-        return chunk_backward(r, w, k, v, a, b, state, do, dstate, scale=problem.scale, cu_seqlens=cu_seqlens,
-                              w_form=problem.w_form, cfg_fwd=cfg_walk, cfg_bwd=cfg_bwd, seg_states=seg_states,
-                              seg_len=seg_len, cfg_recompute=plan.configs["chunk_recompute"], transitions=kept)
 
 
 class TritonRecurrent(Variant):
