@@ -324,3 +324,14 @@ def test_tune_only_narrows_the_swept_fields():
         _parse_only(["keep_u=maybe"])
     with pytest.raises(ValueError, match="keep_u"):
         KernelConfig(keep_u="float32")
+
+
+def test_tune_skips_chunk_states_where_no_u_is_kept(monkeypatch):
+    """chunk_states only runs where the chunk_bwd entry keeps U: the tool says so instead of
+    sweeping a kernel training never runs."""
+    from rwkv_backends import tune
+    for keep in (True, False):
+        monkeypatch.setattr(tune, "_table_config", lambda kernel, K, keep=keep: KernelConfig(keep_u=keep))
+        skipped = tune.unsweepable(["chunk_bwd", "chunk_states"], 64)
+        assert ("chunk_states" in skipped) == (not keep)
+        assert "chunk_bwd" not in skipped

@@ -303,6 +303,16 @@ def pick(ranked: dict) -> dict:
     return best
 
 
+def unsweepable(kernels, K) -> dict:
+    """{kernel: why} for requested kernels that this device's tables never run, so that a sweep of
+    them would time nothing real: chunk_states runs only where the chunk_bwd entry keeps U."""
+    why = {}
+    if "chunk_states" in kernels and not _table_config("chunk_bwd", K).keep_u:
+        why["chunk_states"] = (f"the table's chunk_bwd entry at K = {K} keeps no U (keep_u False), so training never "
+                               "runs chunk_states; paste a chunk_bwd entry with keep_u first")
+    return why
+
+
 def _parse_bool(text: str) -> bool:
     # bool("false") is True: flags are read by name
     lowered = text.strip().lower()
@@ -371,7 +381,11 @@ def main(argv=None) -> int:
         # chose BV 16, which at 64 pairs made four waves of backward programs: 14 -> 23 ms).
         shapes |= {k: (4, 4096, 16) for k in ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute")}
     ranked = {}
+    skipped = unsweepable(args.kernels.split(","), args.K)
     for kernel in args.kernels.split(","):
+        if kernel in skipped:
+            print(f"{kernel}: not swept: {skipped[kernel]}", flush=True)
+            continue
         print(f"{kernel} on {info.name} ({info.arch}), B,T,H = {shapes[kernel]}, K = V = {args.K}", flush=True)
         ranked[kernel] = sweep(kernel, shapes[kernel], args.K, info.vendor, fixed)
     entry = {kernel: {head_bucket(args.K, args.K): cfg.as_dict() | {"_ms": round(ms, 4), "_err": err,
