@@ -131,6 +131,13 @@ def _chunks_per_segment(seg_len: int, BT: int) -> int:
     return seg_len // BT
 
 
+def _segment_launch(cu_seqlens, N, T, seg_len, BT, device) -> tuple:
+    """What a kernel walking segments of `seg_len` steps at chunk size BT takes: (chunks per segment,
+    packed sequences' offsets into the segment buffers or None, the most segments one sequence can
+    have: the grid's third size when every segment runs at once)."""
+    return _chunks_per_segment(seg_len, BT), _chunk_offsets(cu_seqlens, N, seg_len, device), _cdiv(T, seg_len)
+
+
 def empty_states(k, v, cu_seqlens, steps: int):
     """A buffer for one float32 [K, V] state per head and per `steps` steps of each sequence: every
     chunk's start state (steps = the chunk size), or every segment's (steps = its length)."""
@@ -163,9 +170,8 @@ def chunk_states(w, k, v, b, u, h0, *, cu_seqlens, cfg: KernelConfig, w_form, st
     offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
     grid, seg_offsets, seg_chunks = (_cdiv(V, BV), N * H), None, 1
     if seg_states is not None:
-        seg_chunks = _chunks_per_segment(seg_len, BT)
-        seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, k.device)
-        grid = grid + (_cdiv(T, seg_len),)
+        seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
+        grid = grid + (n_segments,)
     kern.chunk_states_kernel[grid](
         w, k, v, b, u, h0 if h0 is not None else v, states, offsets if offsets is not None else v,
         cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
@@ -182,8 +188,9 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
                   seg_states=None, seg_len=0, seg_mode="none", states=None, u=None):
     """(o, final state, chunk start states or None). `states`: with store_states, the buffer to
     fill (from `empty_states`) instead of a new one. `u`: a float32 buffer shaped like v (from
-    `empty_u`) to store U in, for the backward (chunk_states, chunk_backward's `u`). `mats_mode`: "build" the chunk matrices
-    in the loop, or also "store" them into `mats` (from `empty_mats`), or "load" them from `mats`.
+    `empty_u`) to store U in, for the backward (chunk_states, chunk_backward's `u`). `mats_mode`:
+    "build" the chunk matrices in the loop, or also "store" them into `mats` (from `empty_mats`), or
+    "load" them from `mats`.
     `seg_mode`: "store" the start state of each segment of `seg_len` steps into `seg_states` (from
     `empty_states`), or "walk" every segment at once from those states (the backward's
     recompute; no o, no final state)."""
@@ -207,10 +214,9 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
     grid = (_cdiv(V, BV), N * H)
     seg_offsets, seg_chunks = None, 1
     if seg_mode != "none":
-        seg_chunks = _chunks_per_segment(seg_len, BT)
-        seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, k.device)
+        seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
         if seg_mode == "walk":
-            grid = grid + (_cdiv(T, seg_len),)       # the most segments one sequence can have
+            grid = grid + (n_segments,)
     kern.chunk_fwd_kernel[grid](
         r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, states if store_states else v,
         mats if mats is not None else v,
@@ -297,8 +303,7 @@ def transition_forward(v, h0, trans, p_mat, q_mat, r_eff, *, scale, cu_seqlens, 
     offsets = _chunk_offsets(cu_seqlens, N, BT, v.device)
     seg_offsets, seg_chunks = None, 1
     if seg_states is not None:
-        seg_chunks = _chunks_per_segment(seg_len, BT)
-        seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, v.device)
+        seg_chunks, seg_offsets, _ = _segment_launch(cu_seqlens, N, T, seg_len, BT, v.device)
     kern.chunk_transition_fwd_kernel[(_cdiv(V, BV), N * H)](
         v, trans, p_mat, q_mat, r_eff, o, h0 if h0 is not None else v, ht, offsets if offsets is not None else v,
         cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
@@ -407,10 +412,9 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
     grid, seg_ds, seg_offsets, seg_chunks = (NV, N * H), None, None, 1
     if segmented:
-        seg_chunks = _chunks_per_segment(seg_len, BT)
-        seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, k.device)
+        seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
         seg_ds = torch.empty_like(seg_states)
-        grid = grid + (_cdiv(T, seg_len),)
+        grid = grid + (n_segments,)
         if transitions is not None:
             if transitions[0].shape[0] != _chunk_count(cu_seqlens, N, T, cfg_fwd.chunk_size):
                 raise ValueError(f"transitions: {transitions[0].shape[0]} chunk transitions per head, but cfg_fwd's "
