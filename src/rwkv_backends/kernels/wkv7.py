@@ -296,6 +296,16 @@ def _chunk_decays(r_c, a_c, L):
 
 
 @triton.jit
+def _advance_state(S, G_last, b_c, k_c, tail, U, v_c, DOT_PRECISION: tl.constexpr):
+    """The chunk's end state S' = γ ⊙ S + B̃ᵀ U + K̃ᵀ V (γ = e^{G_last}, B̃ = b ⊙ tail, K̃ = k ⊙ tail).
+    The forward and the state rebuild from U (chunk_states_kernel) take this one step, so that
+    the rebuilt states are the forward's."""
+    return S * tl.exp(G_last)[:, None] \
+        + _dot(tl.trans(b_c * tail), U, DOT_PRECISION) \
+        + _dot(tl.trans(k_c * tail), v_c, DOT_PRECISION)
+
+
+@triton.jit
 def _factorable(G_last):
     """True when the chunk's decay range is at most SAFE_RANGE, so the factored e^{G} / e^{-G}
     form is safe; otherwise the exact pairwise path runs."""
@@ -584,9 +594,7 @@ def chunk_fwd_kernel(
             O = _dot(r_hat, S, DOT_PRECISION) + _dot(A_rb, U, DOT_PRECISION) \
                 + _dot(A_rk, v_c, DOT_PRECISION)
             tl.store(o + p_v, (O * scale).to(o.dtype.element_ty), mask=m_tv)
-        S = S * tl.exp(G_last)[:, None] \
-            + _dot(tl.trans(b_c * tail), U, DOT_PRECISION) \
-            + _dot(tl.trans(k_c * tail), v_c, DOT_PRECISION)
+        S = _advance_state(S, G_last, b_c, k_c, tail, U, v_c, DOT_PRECISION)
     if STORE_FINAL:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_tile, S, mask=m_kv)
 
@@ -623,11 +631,8 @@ def chunk_states_kernel(
         p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
         v_c = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
         U = tl.load(u + p_v, mask=m_tv, other=0.0)
-        G_last = tl.sum(L, axis=0)                                   # rows past eos carry L = 0
-        tail = tl.exp(G_last[None, :] - tl.cumsum(L, axis=0))
-        S = S * tl.exp(G_last)[:, None] \
-            + _dot(tl.trans(b_c * tail), U, DOT_PRECISION) \
-            + _dot(tl.trans(k_c * tail), v_c, DOT_PRECISION)
+        G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)     # Â, R̂: unused, dropped
+        S = _advance_state(S, G_last, b_c, k_c, tail, U, v_c, DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
