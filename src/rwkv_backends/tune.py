@@ -324,7 +324,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_only(items) -> dict:
-    """--only FIELD=V1,V2 ... as {field: values}, the values typed as the field's (int or str)."""
+    """--only FIELD=V1,V2 ... as {field: values}, the values typed as the field's (int, str or bool)."""
     fields = KernelConfig.__dataclass_fields__
     fixed = {}
     for item in items:
@@ -355,7 +355,8 @@ def main(argv=None) -> int:
         fixed = _parse_only(args.only)
     except ValueError as exc:
         p.error(str(exc))
-    unknown = [k for k in args.kernels.split(",") if k not in CANDIDATES]
+    kernels = args.kernels.split(",")
+    unknown = [k for k in kernels if k not in CANDIDATES]
     if unknown:
         p.error(f"--kernels: unknown {', '.join(unknown)}; known: {', '.join(CANDIDATES)}")
     if not torch.cuda.is_available():
@@ -364,7 +365,7 @@ def main(argv=None) -> int:
     from .device import detect, versions
     info = detect("cuda")
     try:                                 # a value outside a kernel's grid would sweep nothing
-        for kernel in args.kernels.split(","):
+        for kernel in kernels:
             candidates(kernel, info.vendor, V=args.K, fixed=fixed)
     except ValueError as exc:
         p.error(str(exc))
@@ -381,8 +382,8 @@ def main(argv=None) -> int:
         # chose BV 16, which at 64 pairs made four waves of backward programs: 14 -> 23 ms).
         shapes |= {k: (4, 4096, 16) for k in ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_recompute")}
     ranked = {}
-    skipped = unsweepable(args.kernels.split(","), args.K)
-    for kernel in args.kernels.split(","):
+    skipped = unsweepable(kernels, args.K)
+    for kernel in kernels:
         if kernel in skipped:
             print(f"{kernel}: not swept: {skipped[kernel]}", flush=True)
             continue
