@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import known_issues
-from .device import DeviceInfo, triton_version
+from .device import DeviceInfo, interpreter_enabled, triton_version
 from .problem import Problem
 from .tuning import lookup
 
@@ -120,11 +120,14 @@ def plan(problem: Problem, device: DeviceInfo, backend: str | None = None, *,
         source = "backend" if backend else BACKEND_ENV
         raise ValueError(f"{source}: unknown backend {forced!r}; registered backends: {', '.join(backends())}; "
                          f"variants: {', '.join(sorted(_VARIANTS))}")
-    return _plan_cached(problem, device, forced, triton_version_as or triton_version(), runtime)
+    # The interpreter is part of the key: known issues (triton#11584, gluon-experimental) narrow
+    # configs under it.
+    return _plan_cached(problem, device, forced, triton_version_as or triton_version(), runtime, interpreter_enabled())
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: str | None, runtime: bool) -> Plan:
+def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: str | None, runtime: bool,
+                 interpreted: bool) -> Plan:
     from .vendors import preferences
     order = list(preferences(device).get(problem.problem_class, []))
     order += sorted(n for n in _VARIANTS if n not in order)
