@@ -206,6 +206,53 @@ def test_bf16_dots_run_as_tf32_only_under_the_interpreter(monkeypatch):
     assert launch._dot_precision(bf16, torch.float32) == "ieee"        # float32 inputs: never rounded
 
 
+@pytest.mark.parametrize("profile, tv, kept", [
+    ("nvidia:sm90", "3.6.0", True), ("nvidia:sm80", "3.6.1", True), ("nvidia:sm90", "3.5.0", False),
+    ("nvidia:sm90", "3.7.0", False), ("amd:gfx942", "3.6.0", False), ("intel:pvc", "3.6.0", False),
+])
+def test_gluon_gradient_kernel_only_where_it_was_checked(monkeypatch, profile, tv, kept):
+    """known issue gluon-experimental: the Gluon gradient kernel stays on only on NVIDIA sm80+ with the
+    Triton releases it ran on, never under the interpreter; elsewhere chunk_bwd runs in Triton."""
+    gluon = KernelConfig(num_warps=8, dot_precision="bf16", keep_u=True, gluon=True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg, by = known_issues.constrain("chunk_bwd", gluon, known_issues.active(dev.profile(profile), tv))
+    assert cfg.gluon == kept
+    assert ("gluon-experimental" in by) == (not kept)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg, by = known_issues.constrain("chunk_bwd", gluon, known_issues.active(dev.profile(profile), tv))
+    assert not cfg.gluon and "gluon-experimental" in by
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (dict(K=32), "K = 32"), (dict(V=128), "V = 128"), (dict(chunk_size=32), "chunk_size 32"),
+    (dict(block_v=32), "block_v 32"), (dict(dtype=torch.float32, dot_precision="ieee"), "float32 inputs"),
+    (dict(dot_precision="tf32"), "'tf32'"), (dict(has_u=False), "keep_u"), (dict(segmented=True), "segments"),
+])
+def test_gluon_gradient_kernel_says_why_it_cannot_take_a_launch(change, phrase):
+    from rwkv_backends.kernels import gluon_nvidia
+    fits = dict(K=64, V=64, chunk_size=16, block_v=64, dtype=torch.bfloat16, dot_precision="bf16", has_u=True,
+                segmented=False)
+    assert gluon_nvidia.unsupported(**fits) is None
+    assert gluon_nvidia.unsupported(**(fits | dict(dtype=torch.float16))) is None
+    assert phrase in gluon_nvidia.unsupported(**(fits | change))
+
+
+def test_plans_fall_back_from_the_gluon_gradient_kernel_and_say_why(monkeypatch):
+    """On the H100 with Triton 3.6 the sm90 table's gradient kernel is the Gluon one; a problem it
+    cannot take gets the Triton kernel with the same entry, and the config's source says why."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    info = dev.profile("nvidia:sm90")
+    p = plan(_problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=True), info,
+             triton_version_as="3.6.0", runtime=False)
+    assert p.variant.name == "triton.chunk" and p.configs["chunk_bwd"].gluon
+    assert "gluon off" not in p.config_sources["chunk_bwd"]
+    p = plan(_problem(info.device_type, B=8, T=4096, H=32, K=48, V=64, needs_grad=True), info,
+             triton_version_as="3.6.0", runtime=False)
+    assert p.variant.name == "triton.chunk" and not p.configs["chunk_bwd"].gluon
+    assert "gluon off: K = 48" in p.config_sources["chunk_bwd"]
+    assert p.configs["chunk_bwd"].keep_u and p.configs["chunk_bwd"].dot_precision == "bf16"
+
+
 def test_alchemist_gets_large_grf_and_narrow_tiles():
     issues = known_issues.active(dev.profile("intel:alchemist"), "3.6.0")
     cfg, by = known_issues.constrain("chunk_fwd", KernelConfig(block_v=64), issues)
@@ -259,7 +306,12 @@ def test_tune_sweeps_vendor_only_launch_options_on_that_vendor():
     from rwkv_backends.tune import candidates
     nvidia = candidates("chunk_bwd", "nvidia")
     assert any(dict(c.vendor_options) == {"maxnreg": 128} for c in nvidia)
-    assert len(nvidia) == 2 * len(candidates("chunk_bwd", "amd"))
+    triton_only = [c for c in nvidia if not c.gluon]
+    assert len(triton_only) == 2 * len(candidates("chunk_bwd", "amd"))
+    # the Gluon kernel launches with its own warps and stages: one candidate per field it reads
+    gluon = [c for c in nvidia if c.gluon]
+    assert gluon and len(gluon) == len({(c.dot_precision, c.keep_u, c.chunk_size) for c in gluon})
+    assert not any(c.gluon for c in candidates("chunk_bwd", "amd"))
     assert all(not c.vendor_options for c in candidates("chunk_bwd", "amd"))
 
 
@@ -311,7 +363,8 @@ def test_tune_only_narrows_the_swept_fields():
     some = candidates("chunk_bwd", "nvidia", fixed=fixed)
     assert some and all(c.num_warps == 8 for c in some)
     assert {c.dot_precision for c in some} == {"tf32", "bf16"}
-    assert len(some) == len(candidates("chunk_bwd", "nvidia")) // 2     # block_k: not swept, ignored
+    triton_only = [c for c in candidates("chunk_bwd", "nvidia") if not c.gluon]    # (Gluon's are folded)
+    assert len([c for c in some if not c.gluon]) == len(triton_only) // 2     # block_k: not swept, ignored
     for bad in (["warps=8"], ["num_warps"], ["num_warps=eight"], ["vendor_options=1"]):
         with pytest.raises(ValueError, match="--only"):
             _parse_only(bad)

@@ -288,11 +288,50 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             ("recurrent_fwd", KernelConfig(block_v=16, num_warps=2)),
             # bf16 operands: the interpreter cannot run them (triton#11584), so CI compiles them here
             ("chunk_bwd", KernelConfig(num_warps=8, num_stages=3, dot_precision="bf16", keep_u=True)),
-            ("chunk_bwd_split", KernelConfig(block_v=32, num_warps=8, dot_precision="bf16"))]
+            ("chunk_bwd_split", KernelConfig(block_v=32, num_warps=8, dot_precision="bf16")),
+            # the Gluon gradient kernel: only a card runs it, CI compiles it
+            ("chunk_bwd", KernelConfig(num_warps=8, dot_precision="bf16", keep_u=True, gluon=True))]
     rc, results, stderr = compile_in_subprocess(jobs, arch=90)
     assert rc == 0, stderr[-2000:]
     assert [r["kernel"] for r in results] == [k for k, _ in jobs]
     assert all(0 < r["shared_bytes"] <= 232448 for r in results)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("regime, w_form, seqlens, dtype", [
+    ("realistic", "log", (), "bfloat16"), ("strong", "raw", (), "bfloat16"), ("unit", "clampw", (), "float16"),
+    ("realistic", "log", (300, 0, 411), "bfloat16"),
+])
+def test_gpu_gluon_gradient_kernel_matches_the_triton_one(regime, w_form, seqlens, dtype):
+    """The Gluon gradient kernel is the Triton one's math with other layouts (and the decays' scans
+    as products): on the same forward's matrices, U and chunk states, every gradient agrees with the
+    Triton kernel's far inside the gradient ceiling, in every regime and w form, varlen included."""
+    import triton
+    from rwkv_backends import known_issues
+    from rwkv_backends.config import KernelConfig
+    from rwkv_backends.conformance.cases import make_inputs, relative_error
+    from rwkv_backends.device import detect
+    from rwkv_backends.kernels import launch
+    if any(i.id == "gluon-experimental" for i in known_issues.active(detect(torch.device("cuda")), triton.__version__)):
+        pytest.skip("the Gluon gradient kernel is not checked on this card or Triton release (known issue gluon-experimental)")
+    T = sum(seqlens) or 700
+    x = make_inputs(Case("backward", dtype, regime, 1 if seqlens else 2, T, 4, 64, 64, w_form=w_form, scale=0.125,
+                         seqlens=seqlens), 7, "cuda")
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    common = dict(scale=0.125, cu_seqlens=x["cu_seqlens"], w_form=w_form)
+    fwd = KernelConfig(num_warps=4, dot_precision="tf32")
+    mats = launch.empty_mats(x["k"], x["cu_seqlens"], 16)
+    u = launch.empty_u(x["v"], True)
+    launch.chunk_forward(*args, x["state"], **common, cfg=fwd, mats=mats, mats_mode="store", u=u)
+    grads = {}
+    for gluon in (False, True):
+        bwd = KernelConfig(num_warps=8, num_stages=3, dot_precision="bf16", keep_u=True, gluon=gluon)
+        grads[gluon] = launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=fwd,
+                                             cfg_bwd=bwd, mats=mats, u=u, cfg_states=KernelConfig(block_v=32))
+    for name, g, ref in zip(("dr", "dw", "dk", "dv", "da", "db", "dh0"), grads[True], grads[False]):
+        assert torch.isfinite(g).all(), name
+        assert relative_error(g, ref) < 2e-4, (name, relative_error(g, ref))
 
 
 @requires_gpu

@@ -17,7 +17,7 @@ _GRADIENT_FIELDS = _CHUNK_FIELDS + ("keep_u",)
 KERNELS = {
     "chunk_fwd": {"chained_dots": True, "uses": _CHUNK_FIELDS,
                   "doc": "chunked forward (training and prefill); builds the chunk matrices in its loop"},
-    "chunk_bwd": {"chained_dots": True, "uses": _GRADIENT_FIELDS,
+    "chunk_bwd": {"chained_dots": True, "uses": _GRADIENT_FIELDS + ("gluon",),
                   "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state"},
     "chunk_states": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages", "dot_precision"),
                      "doc": "the backward's chunk-state recompute from the U the training forward kept (when the "
@@ -62,6 +62,10 @@ class KernelConfig:
     # the backward rebuilds the chunk states from it (chunk_states) instead of from the chunk
     # matrices (kernels/launch.py `empty_u`).
     keep_u: bool = False
+    # chunk_bwd only: run the Gluon implementation (kernels/gluon_nvidia.py: NVIDIA sm80+, K = V = 64,
+    # 16-bit inputs, "bf16" dot precision, keep_u). It launches with its own 8 warps and pipeline,
+    # so num_warps, num_stages and vendor_options do not apply to it.
+    gluon: bool = False
     # Vendor-specific launch keywords passed through to the Triton launcher, e.g. Intel's
     # grf_mode, AMD's waves_per_eu / matrix_instr_nonkdim. Kept as a sorted tuple of pairs so
     # the config stays hashable (it is part of the dispatch cache key).
@@ -80,6 +84,8 @@ class KernelConfig:
             raise ValueError(f"dot_precision: expected one of {DOT_PRECISIONS}, got {self.dot_precision!r}")
         if not isinstance(self.keep_u, bool):
             raise ValueError(f"keep_u: expected True or False, got {self.keep_u!r}")
+        if not isinstance(self.gluon, bool):
+            raise ValueError(f"gluon: expected True or False, got {self.gluon!r}")
 
     @classmethod
     def make(cls, **kw) -> "KernelConfig":

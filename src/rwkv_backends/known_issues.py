@@ -9,6 +9,7 @@ triggers are avoided up front; combinations nobody has seen are probed by the do
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -50,6 +51,22 @@ def _avoid_eight_warps(kernel: str, cfg: KernelConfig) -> KernelConfig:
 
 def _no_bf16_dots(kernel: str, cfg: KernelConfig) -> KernelConfig:
     return cfg.with_(dot_precision="tf32") if cfg.dot_precision == "bf16" else cfg
+
+
+# The Triton releases the Gluon gradient kernel (kernels/gluon_nvidia.py) was compiled and checked on
+# a card with: triton.experimental.gluon is experimental, and its API moves between releases.
+GLUON_CHECKED_TRITON = ((3, 6),)
+
+
+def _gluon_unchecked(d: DeviceInfo, tv: tuple) -> bool:
+    """Where the Gluon gradient kernel has not been checked: off NVIDIA sm80+ (it issues mma.sync and
+    cp.async), on other Triton releases, and under the interpreter (which cannot run Gluon)."""
+    sm = re.match(r"sm(\d+)", d.arch or "") if d.vendor == "nvidia" else None
+    return interpreter_enabled() or sm is None or int(sm.group(1)) < 80 or not tv or tv[:2] not in GLUON_CHECKED_TRITON
+
+
+def _no_gluon(kernel: str, cfg: KernelConfig) -> KernelConfig:
+    return cfg.with_(gluon=False) if cfg.gluon else cfg
 
 
 def _alchemist_tiles(kernel: str, cfg: KernelConfig) -> KernelConfig:
@@ -121,6 +138,16 @@ CATALOG = (
               "rounding; the card's conformance runs check that",
         applies=lambda d, tv, pv: interpreter_enabled(),
         constrain=_no_bf16_dots,
+    ),
+    KnownIssue(
+        id="gluon-experimental",
+        link="https://github.com/triton-lang/triton/tree/main/python/tutorials/gluon",
+        summary="triton.experimental.gluon is experimental (its API changes between releases) and the "
+                "interpreter cannot run it: the Gluon gradient kernel is off here, chunk_bwd runs in Triton",
+        scope="everywhere except NVIDIA sm80 and later with Triton 3.6 outside TRITON_INTERPRET=1: the "
+              "Gluon kernel was compiled and checked on an H100 with Triton 3.6 only (NOTES change 51)",
+        applies=lambda d, tv, pv: _gluon_unchecked(d, tv),
+        constrain=_no_gluon,
     ),
     KnownIssue(
         id="interpreter",

@@ -113,6 +113,18 @@ class TritonChunk(_TrainedVariant):
     def reasons(self, problem, device, runtime=True):
         return common_reasons(problem, device, runtime)
 
+    def fit_configs(self, problem, device, configs):
+        # The table's gradient kernel may be the Gluon one, which takes only some problems (K = V = 64,
+        # 16-bit inputs, ...): for the others the Triton kernel runs, and the plan says why.
+        from ..kernels import gluon_nvidia
+        from ..kernels.launch import _dot_precision
+        cfg = configs["chunk_bwd"]
+        if not cfg.gluon:
+            return {}
+        why = gluon_nvidia.unsupported(problem.K, problem.V, cfg.chunk_size, cfg.block_v, problem.dtype,
+                                       _dot_precision(cfg, problem.dtype), cfg.keep_u, segmented=False)
+        return {"chunk_bwd": (cfg.with_(gluon=False), f"gluon off: {why}")} if why else {}
+
     def training(self, problem, plan):
         from ..kernels.launch import TrainingPlan
         return TrainingPlan(plan.configs["chunk_fwd"], plan.configs["chunk_bwd"], cfg_states=plan.configs["chunk_states"])

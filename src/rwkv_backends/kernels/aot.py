@@ -109,6 +109,8 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
     from triton.compiler import ASTSource
 
     from . import wkv7 as kern
+    if kernel == "chunk_bwd" and cfg.gluon:
+        return _compile_gluon_bwd(cfg, backend=backend, arch=arch, warp_size=warp_size, K=K, V=V, dtype=dtype)
     fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_fwd_loaded": kern.chunk_fwd_kernel,
           "chunk_recompute": kern.chunk_fwd_kernel, "chunk_states": kern.chunk_states_kernel,
           "chunk_bwd": kern.chunk_bwd_kernel, "chunk_bwd_split": kern.chunk_bwd_kernel,
@@ -124,6 +126,34 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
     meta = compiled.metadata
     return {"kernel": kernel, "shared_bytes": getattr(meta, "shared", None), "num_warps": cfg.num_warps,
             "registers": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None)}
+
+
+def _compile_gluon_bwd(cfg: KernelConfig, *, backend: str, arch, warp_size: int, K: int, V: int, dtype: str) -> dict:
+    """The Gluon gradient kernel (kernels/gluon_nvidia.py), as a training backward launches it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from . import gluon_nvidia
+    import torch
+    why = gluon_nvidia.unsupported(K, V, cfg.chunk_size, cfg.block_v, getattr(torch, dtype), cfg.dot_precision,
+                                   cfg.keep_u, segmented=False)
+    if why:
+        raise ValueError(f"cfg: gluon is set, but {why}")
+    fn = gluon_nvidia.chunk_bwd_gluon_kernel
+    t = "*" + _TYPES[dtype]
+    ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "do")} | {"dht": "*fp32", "states": "*fp32", "mats": "*fp32",
+           "chunk_offsets": "*i64", "cu_seqlens": "*i32", "u": "*fp32"}
+           | {n: t for n in ("dr", "dw", "dk", "dv", "da", "db")} | {"dh0": "*fp32"})
+    const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False)
+    sig = ptr | {"scale": "fp32", "T": "i32"} | {n: "constexpr" for n in const}
+    # Torch's allocations are 16-byte aligned, and the JIT specializes on that: cp.async needs it.
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptr}
+    compiled = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                              target=GPUTarget(backend, arch, warp_size), options={"num_warps": gluon_nvidia.NUM_WARPS})
+    return {"kernel": "chunk_bwd", "shared_bytes": getattr(compiled.metadata, "shared", None),
+            "num_warps": gluon_nvidia.NUM_WARPS, "registers": getattr(compiled, "n_regs", None),
+            "spills": getattr(compiled, "n_spills", None)}
 
 
 def compile_in_subprocess(jobs, *, arch: int, warp_size: int = 32, timeout: float = 900):

@@ -26,6 +26,7 @@ import triton
 
 from ..config import KernelConfig
 from ..device import interpreter_enabled
+from . import gluon_nvidia
 from . import wkv7 as kern
 
 try:                         # Triton 3.4 and later; CachedLaunch uses them on FAST_LAUNCH_TRITON only
@@ -438,6 +439,21 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
             )
     if side is not None:                 # the gradients need the recomputed states (and rebuilt matrices)
         torch.cuda.current_stream(k.device).wait_stream(side)
+    if cfg_bwd.gluon:
+        why = gluon_nvidia.unsupported(K, V, BT, BV, k.dtype, _dot_precision(cfg_bwd, k.dtype), u is not None,
+                                       segmented)
+        if why is None and interpreter_enabled():
+            why = "TRITON_INTERPRET=1: the interpreter cannot run Gluon kernels"
+        if why:
+            raise ValueError(f"cfg_bwd: gluon is set, but {why}")
+        gluon_nvidia.chunk_bwd_gluon_kernel[(1, N * H)](
+            r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
+            offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v, u,
+            dr, dw, dk, dv, da, db, dh0, float(scale), T,
+            H=H, K=K, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
+            IS_VARLEN=cu_seqlens is not None, num_warps=gluon_nvidia.NUM_WARPS,
+        )
+        return dr, dw, dk, dv, da, db, (dh0 if h0 is not None else None)
     kern.chunk_bwd_kernel[grid](
         r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
         offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,

@@ -1,0 +1,390 @@
+"""The gradient kernel (chunk_bwd) written in Gluon, Triton's layout-explicit dialect, for NVIDIA
+sm80 and later (mma.sync and cp.async). What `KernelConfig.gluon` selects; kernels/wkv7.py's
+chunk_bwd_kernel is the same math and the reference for it.
+
+Why a second implementation: the Triton kernel is latency-bound. Every tl.dot whose operand was
+computed in registers, every store and every decay scan changes layout through shared memory with
+all eight warps synchronised: about 89 barriers per 16-step chunk, one 8-warp program per
+multiprocessor (255 registers), 8 us per chunk. Here every register tile lives in one mma.sync
+accumulator layout (the eight warps side by side along the columns, so that reductions and scans
+over a chunk's 16 rows stay inside a warp), every product takes its operands from shared memory,
+and a chunk has seven barriers. The next chunk's inputs arrive by cp.async while this one computes.
+
+Scope (`unsupported()` says why a launch does not fit): K = V = 64, chunk 16, 16-bit inputs with
+the "bf16" dot precision (operands rounded to bfloat16, the in-chunk pair products tf32, as in the
+Triton kernel), U kept by the forward, one V block, whole sequences (no segments); varlen works.
+Not under TRITON_INTERPRET=1: the interpreter cannot run Gluon, so CI compiles this kernel for
+sm90 (tests/test_aot.py) and only a card runs it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+except ImportError as exc:   # pragma: no cover - Triton before Gluon
+    GLUON_IMPORT_ERROR = f"triton.experimental.gluon is not importable ({exc})"
+else:
+    GLUON_IMPORT_ERROR = None
+
+HEAD = 64
+CHUNK = 16
+NUM_WARPS = 8
+# The Triton releases this kernel was compiled and checked on a card with (Gluon is experimental
+# and its API moves between releases).
+CHECKED_TRITON = ("3.6.",)
+
+
+def unsupported(K: int, V: int, chunk_size: int, block_v: int, dtype: torch.dtype, dot_precision: str,
+                has_u: bool, segmented: bool) -> str | None:
+    """Why this kernel cannot take a launch (None: it can). Device and Triton-release checks are
+    known_issues' "gluon-experimental"."""
+    if GLUON_IMPORT_ERROR:
+        return GLUON_IMPORT_ERROR
+    if (K, V) != (HEAD, HEAD):
+        return f"K = {K}, V = {V}: the Gluon gradient kernel is laid out for K = V = {HEAD}"
+    if chunk_size != CHUNK:
+        return f"chunk_size {chunk_size}: the Gluon gradient kernel takes chunks of {CHUNK}"
+    if block_v < HEAD:
+        return f"block_v {block_v}: the Gluon gradient kernel takes all {HEAD} V columns in one program"
+    if dtype not in (torch.bfloat16, torch.float16) or dot_precision != "bf16":
+        return (f"{str(dtype).replace('torch.', '')} inputs with dot precision {dot_precision!r}: the Gluon "
+                "gradient kernel rounds operands to bfloat16 (16-bit inputs, dot precision 'bf16')")
+    if not has_u:
+        return "keep_u is off: the Gluon gradient kernel loads the U the forward kept"
+    if segmented:
+        return "segments: the Gluon gradient kernel walks whole sequences"
+    return None
+
+
+if GLUON_IMPORT_ERROR is None:
+    SAFE_RANGE = gl.constexpr(60.0)                       # kernels/wkv7.py SAFE_RANGE
+    CLAMPW_BOUND = gl.constexpr(0.6065306597126334)       # exp(-0.5)
+
+    @gluon.jit
+    def _log_decay(w, W_FORM: gl.constexpr):
+        if W_FORM == 1:
+            L = -gl.exp(w)
+        elif W_FORM == 2:
+            L = -CLAMPW_BOUND / (1.0 + gl.exp(-w))
+        else:
+            L = w
+        return L
+
+    @gluon.jit
+    def _dlog_decay(dL, w, L, W_FORM: gl.constexpr):
+        if W_FORM == 1:
+            dw = dL * L
+        elif W_FORM == 2:
+            dw = dL * L * (1.0 - 1.0 / (1.0 + gl.exp(-w)))
+        else:
+            dw = dL
+        return dw
+
+    @gluon.jit
+    def _tf32_head(x):
+        """x cut to tf32's 10 mantissa bits: x - head is exact in float32, so a tf32 product with the
+        head plus one with the remainder loses about 2^-21 of x, not 2^-11."""
+        return (x.to(gl.int32, bitcast=True) & -8192).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _issue_copies(r, w, k, a, b, v, do, u, states, mats, raw16, raw_u, raw_s, raw_m, stage, i_c, bos, eos, c0,
+                      i_h, H: gl.constexpr, K: gl.constexpr, BT: gl.constexpr):
+        """cp.async of chunk i_c's inputs into raw buffer `stage`: no registers are held while they fly."""
+        V: gl.constexpr = K
+        ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [8, 1], [1, 0])   # [16, 64] in 4-element pieces
+        MATS: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [8, 1], [1, 0])   # [64, 16]: the four matrices
+        o_t = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, ROWS))
+        o_k = gl.arange(0, K, layout=gl.SliceLayout(0, ROWS))
+        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        m = (o_t < eos)[:, None] & (o_k < K)[None, :]
+        base = stage * 7
+        cp.async_copy_global_to_shared(raw16.index(base + 0), r + p, mask=m)
+        cp.async_copy_global_to_shared(raw16.index(base + 1), w + p, mask=m)
+        cp.async_copy_global_to_shared(raw16.index(base + 2), k + p, mask=m)
+        cp.async_copy_global_to_shared(raw16.index(base + 3), a + p, mask=m)
+        cp.async_copy_global_to_shared(raw16.index(base + 4), b + p, mask=m)
+        cp.async_copy_global_to_shared(raw16.index(base + 5), v + p, mask=m)
+        cp.async_copy_global_to_shared(raw16.index(base + 6), do + p, mask=m)
+        cp.async_copy_global_to_shared(raw_u.index(stage), u + p, mask=m)
+        c = c0 + i_c
+        o_r = gl.arange(0, K, layout=gl.SliceLayout(1, ROWS))
+        cp.async_copy_global_to_shared(raw_s.index(stage), states + (c * H + i_h) * K * V + o_r[:, None] * V + o_k[None, :])
+        m_r = gl.arange(0, 4 * BT, layout=gl.SliceLayout(1, MATS))
+        m_c = gl.arange(0, BT, layout=gl.SliceLayout(0, MATS))
+        cp.async_copy_global_to_shared(raw_m.index(stage), mats + (c * H + i_h) * 4 * BT * BT + m_r[:, None] * BT + m_c[None, :])
+        cp.commit_group()
+
+    @gluon.jit
+    def chunk_bwd_gluon_kernel(
+        r, w, k, v, a, b, do, dht, states, mats, chunk_offsets, cu_seqlens, u,
+        dr, dw, dk, dv, da, db, dh0, scale, T,
+        H: gl.constexpr, K: gl.constexpr, BT: gl.constexpr, W_FORM: gl.constexpr,
+        HAS_DHT: gl.constexpr, STORE_DH0: gl.constexpr, IS_VARLEN: gl.constexpr,
+    ):
+        """kernels/wkv7.py chunk_bwd_kernel with HAS_U, one V block, no segments; program (0, i_nh)."""
+        V: gl.constexpr = K
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 8], instr_shape=[16, 8])
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        # Swizzled: unswizzled buffers made the kernel 1.6x slower (bank conflicts of the operand loads).
+        SH16: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        SH32: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
+
+        i_nh = gl.program_id(1)
+        i_n = i_nh // H
+        i_h = i_nh % H
+        if IS_VARLEN:
+            bos = gl.load(cu_seqlens + i_n).to(gl.int64)
+            eos = gl.load(cu_seqlens + i_n + 1).to(gl.int64)
+            c0 = gl.load(chunk_offsets + i_n).to(gl.int64)
+        else:
+            bos = i_n.to(gl.int64) * T
+            eos = bos + T
+            c0 = i_n.to(gl.int64) * gl.cdiv(T, BT)
+        n_chunks = gl.cdiv(eos - bos, BT).to(gl.int32)
+
+        t_idx = gl.arange(0, BT, layout=ROW)
+        kk = gl.arange(0, K, layout=COL)
+        kr = gl.arange(0, K, layout=ROW)
+        tc = gl.arange(0, BT, layout=COL)
+        rows = t_idx[:, None]
+        cols = tc[None, :]
+        s_tile = kr[:, None] * V + kk[None, :]
+        z_tv = gl.zeros([BT, V], gl.float32, MMA)
+        z_tt = gl.zeros([BT, BT], gl.float32, MMA)
+
+        # Raw inputs, two stages (this chunk's and the next one's, arriving by cp.async).
+        raw16 = gl.allocate_shared_memory(r.dtype.element_ty, [14, BT, K], SH16)  # r w k a b v do, per stage
+        raw_u = gl.allocate_shared_memory(gl.float32, [2, BT, V], SH32)
+        raw_s = gl.allocate_shared_memory(gl.float32, [2, K, V], SH32)
+        raw_m = gl.allocate_shared_memory(gl.float32, [2, 4 * BT, BT], SH32)
+        # Operands of the products, written once per chunk.
+        sm_do = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
+        sm_u = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
+        sm_v = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
+        sm_s = gl.allocate_shared_memory(gl.bfloat16, [K, V], SH16)
+        sm_ds = gl.allocate_shared_memory(gl.bfloat16, [K, V], SH16)
+        sm_bt = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SH16)
+        sm_kt = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SH16)
+        sm_rh = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SH16)
+        sm_ah = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SH16)
+        sm_du = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
+        sm_dz = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
+        sm_mat = gl.allocate_shared_memory(gl.bfloat16, [4, BT, BT], SH16)       # Tinv, A_ak, A_rb, A_rk
+        sm_bf = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)             # pair products: tf32
+        sm_kf = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_ah32 = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_rh32 = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_da = gl.allocate_shared_memory(gl.float32, [4, BT, BT], SH32)        # dA_ab, dA_ak, dA_rb, dA_rk
+        # Scans over a chunk's rows as products with 0/1 triangles (the mma layout has no scan).
+        sm_tri = gl.allocate_shared_memory(gl.float32, [2, BT, BT], SH32)       # [t, s]: s <= t, s < t
+        sm_l = gl.allocate_shared_memory(gl.float32, [2, BT, K], SH32)          # L's tf32 head, remainder
+        sm_dl = gl.allocate_shared_memory(gl.float32, [4, BT, K], SH32)         # dG's and dGm's
+        sm_tri.index(0).store(gl.where(rows >= cols, 1.0, 0.0) + z_tt)
+        sm_tri.index(1).store(gl.where(rows > cols, 1.0, 0.0) + z_tt)
+
+        dS = gl.zeros([K, V], gl.float32, MMA)      # the gradient of the current chunk's end state
+        if HAS_DHT:
+            dS += gl.load(dht + i_nh.to(gl.int64) * K * V + s_tile)
+        if n_chunks > 0:
+            _issue_copies(r, w, k, a, b, v, do, u, states, mats, raw16, raw_u, raw_s, raw_m, 0, n_chunks - 1,
+                          bos, eos, c0, i_h, H, K, BT)
+        for j in range(0, n_chunks):
+            i_c = n_chunks - 1 - j
+            o_t = bos + i_c * BT + t_idx
+            m_t = (o_t < eos)[:, None] & (kk < K)[None, :]
+            p = (o_t[:, None] * H + i_h) * K + kk[None, :]
+            st = j % 2
+            cp.wait_group(0)
+            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk j - 1
+            if j + 1 < n_chunks:
+                _issue_copies(r, w, k, a, b, v, do, u, states, mats, raw16, raw_u, raw_s, raw_m, 1 - st, i_c - 1,
+                              bos, eos, c0, i_h, H, K, BT)
+            r_c = gl.where(m_t, raw16.index(st * 7 + 0).load(MMA).to(gl.float32), 0.0)
+            w_c = gl.where(m_t, raw16.index(st * 7 + 1).load(MMA).to(gl.float32), 0.0)
+            k_c = gl.where(m_t, raw16.index(st * 7 + 2).load(MMA).to(gl.float32), 0.0)
+            a_c = gl.where(m_t, raw16.index(st * 7 + 3).load(MMA).to(gl.float32), 0.0)
+            b_c = gl.where(m_t, raw16.index(st * 7 + 4).load(MMA).to(gl.float32), 0.0)
+            v_c = gl.where(m_t, raw16.index(st * 7 + 5).load(MMA).to(gl.float32), 0.0)
+            dO = gl.where(m_t, raw16.index(st * 7 + 6).load(MMA).to(gl.float32), 0.0) * scale
+            U = gl.where(m_t, raw_u.index(st).load(MMA), 0.0)
+            S = raw_s.index(st).load(MMA)
+            L = gl.where(m_t, _log_decay(w_c, W_FORM), 0.0)
+
+            # G = cumsum(L) over the rows, G_last from G's own last row (as the Triton kernel's
+            # comment on tail says: taken from a separate sum, tail rounds to 1 +- 3e-5).
+            L_hi = _tf32_head(L)
+            sm_l.index(0).store(L_hi)
+            sm_l.index(1).store(L - L_hi)
+            gl.thread_barrier()
+            incl = sm_tri.index(0).load(A32)
+            G = mma_v2(incl, sm_l.index(0).load(B32), z_tv, input_precision="tf32")
+            G = mma_v2(incl, sm_l.index(1).load(B32), G, input_precision="tf32")
+            Gm = G - L
+            G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
+            a_hat = a_c * gl.exp(Gm)
+            r_hat = r_c * gl.exp(G)
+            tail = gl.exp(G_last[None, :] - G)
+            gamma = gl.exp(G_last)
+            b_t = b_c * tail
+            k_t = k_c * tail
+            e_neg = gl.exp(-G)                          # inf past SAFE_RANGE: only the safe path reads it
+            b_f = b_c * e_neg
+            k_f = k_c * e_neg
+            safe = gl.min(G_last, 0) >= -SAFE_RANGE
+
+            sm_do.store(dO.to(gl.bfloat16))
+            sm_u.store(U.to(gl.bfloat16))
+            sm_v.store(v_c.to(gl.bfloat16))
+            sm_s.store(S.to(gl.bfloat16))
+            sm_ds.store(dS.to(gl.bfloat16))
+            sm_bt.store(b_t.to(gl.bfloat16))
+            sm_kt.store(k_t.to(gl.bfloat16))
+            sm_rh.store(r_hat.to(gl.bfloat16))
+            sm_ah.store(a_hat.to(gl.bfloat16))
+            for i in gl.static_range(4):
+                sm_mat.index(i).store(raw_m.index(st).slice(i * BT, BT, 0).load(MMA).to(gl.bfloat16))
+            sm_bf.store(b_f)
+            sm_kf.store(k_f)
+            sm_ah32.store(a_hat)
+            sm_rh32.store(r_hat)
+            gl.thread_barrier()
+
+            # The chain to the previous chunk: dU = A_rbᵀ dO + B̃ dS, dZ = Tinvᵀ dU.
+            dU = mma_v2(sm_mat.index(2).permute((1, 0)).load(A16), sm_do.load(B16), z_tv)
+            dU = mma_v2(sm_bt.load(A16), sm_ds.load(B16), dU)
+            sm_du.store(dU.to(gl.bfloat16))
+            gl.thread_barrier()
+            dZ = mma_v2(sm_mat.index(0).permute((1, 0)).load(A16), sm_du.load(B16), z_tv)
+            sm_dz.store(dZ.to(gl.bfloat16))
+            gl.thread_barrier()
+
+            dz_a = sm_dz.load(A16)
+            do_a = sm_do.load(A16)
+            ut_b = sm_u.permute((1, 0)).load(B16)
+            vt_b = sm_v.permute((1, 0)).load(B16)
+            dA_ab = gl.where(rows > cols, mma_v2(dz_a, ut_b, z_tt), 0.0)
+            dA_ak = gl.where(rows > cols, mma_v2(dz_a, vt_b, z_tt), 0.0)
+            dA_rb = gl.where(rows >= cols, mma_v2(do_a, ut_b, z_tt), 0.0)
+            dA_rk = gl.where(rows >= cols, mma_v2(do_a, vt_b, z_tt), 0.0)
+            sm_da.index(0).store(dA_ab)
+            sm_da.index(1).store(dA_ak)
+            sm_da.index(2).store(dA_rb)
+            sm_da.index(3).store(dA_rk)
+            dz_b = sm_dz.load(B16)
+            do_b = sm_do.load(B16)
+            dv_c = mma_v2(sm_mat.index(1).permute((1, 0)).load(A16), dz_b, z_tv)
+            dv_c = mma_v2(sm_mat.index(3).permute((1, 0)).load(A16), do_b, dv_c)
+            dv_c = mma_v2(sm_kt.load(A16), sm_ds.load(B16), dv_c)
+            st_b = sm_s.permute((1, 0)).load(B16)
+            d_ahat = mma_v2(dz_a, st_b, z_tv)
+            d_rhat = mma_v2(do_a, st_b, z_tv)
+            dst_b = sm_ds.permute((1, 0)).load(B16)
+            d_bt = mma_v2(sm_u.load(A16), dst_b, z_tv)
+            d_kt = mma_v2(sm_v.load(A16), dst_b, z_tv)
+            d_gamma = gl.convert_layout(gl.sum(dS * S, 1), COL)
+            gamma_k = gl.convert_layout(gamma, ROW)
+            dS_prev = mma_v2(sm_rh.permute((1, 0)).load(A16), do_b, gamma_k[:, None] * dS)
+            dS_prev = mma_v2(sm_ah.permute((1, 0)).load(A16), dz_b, dS_prev)
+            gl.thread_barrier()
+
+            # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
+            if safe:
+                bf_b = sm_bf.load(B32)
+                kf_b = sm_kf.load(B32)
+                d_ahat = mma_v2(sm_da.index(0).load(A32), bf_b, d_ahat, input_precision="tf32")
+                d_ahat = mma_v2(sm_da.index(1).load(A32), kf_b, d_ahat, input_precision="tf32")
+                d_rhat = mma_v2(sm_da.index(2).load(A32), bf_b, d_rhat, input_precision="tf32")
+                d_rhat = mma_v2(sm_da.index(3).load(A32), kf_b, d_rhat, input_precision="tf32")
+                ah_b = sm_ah32.load(B32)
+                rh_b = sm_rh32.load(B32)
+                d_bf = mma_v2(sm_da.index(0).permute((1, 0)).load(A32), ah_b, z_tv, input_precision="tf32")
+                d_bf = mma_v2(sm_da.index(2).permute((1, 0)).load(A32), rh_b, d_bf, input_precision="tf32")
+                d_kf = mma_v2(sm_da.index(1).permute((1, 0)).load(A32), ah_b, z_tv, input_precision="tf32")
+                d_kf = mma_v2(sm_da.index(3).permute((1, 0)).load(A32), rh_b, d_kf, input_precision="tf32")
+                db_c = d_bf * e_neg
+                dk_c = d_kf * e_neg
+                dG = -(d_bf * b_f + d_kf * k_f)
+                dGm = z_tv
+                da_pair = z_tv
+                dr_pair = z_tv
+            else:
+                # The exact per-pair path (kernels/wkv7.py explains the s = t terms kept apart).
+                db_c = z_tv
+                dk_c = z_tv
+                dG = z_tv
+                dGm = z_tv
+                da_pair = z_tv
+                dr_pair = z_tv
+                rb_tt = gl.sum(gl.where(rows == cols, dA_rb, 0.0), 1)[:, None]
+                rk_tt = gl.sum(gl.where(rows == cols, dA_rk, 0.0), 1)[:, None]
+                for s in range(BT):
+                    at_s = rows == s
+                    G_s = gl.sum(gl.where(at_s, G, 0.0), 0)
+                    b_s = gl.sum(gl.where(at_s, b_c, 0.0), 0)
+                    k_s = gl.sum(gl.where(at_s, k_c, 0.0), 0)
+                    E = gl.exp(gl.where(rows > s, Gm - G_s[None, :], float("-inf")))
+                    F = gl.exp(gl.where(rows >= s, G - G_s[None, :], float("-inf")))
+                    F = gl.where(rows > s, F, 0.0)
+                    col_s = cols == s
+                    g_ab = gl.sum(gl.where(col_s, dA_ab, 0.0), 1)[:, None]
+                    g_ak = gl.sum(gl.where(col_s, dA_ak, 0.0), 1)[:, None]
+                    g_rb = gl.sum(gl.where(col_s, dA_rb, 0.0), 1)[:, None]
+                    g_rk = gl.sum(gl.where(col_s, dA_rk, 0.0), 1)[:, None]
+                    da_pair += (g_ab * b_s[None, :] + g_ak * k_s[None, :]) * E
+                    dr_pair += (g_rb * b_s[None, :] + g_rk * k_s[None, :]) * F
+                    aE = a_c * E
+                    rF = r_c * F
+                    db_s = gl.sum(g_ab * aE + g_rb * rF, 0)
+                    dk_s = gl.sum(g_ak * aE + g_rk * rF, 0)
+                    db_c = gl.where(at_s, db_s[None, :], db_c)
+                    dk_c = gl.where(at_s, dk_s[None, :], dk_c)
+                    dG = gl.where(at_s, dG - (b_s * db_s + k_s * dk_s)[None, :], dG)
+                dGm += a_c * da_pair
+                dG += r_c * dr_pair
+                dr_pair += rb_tt * b_c + rk_tt * k_c
+                db_c += rb_tt * r_c
+                dk_c += rk_tt * r_c
+            da_c = d_ahat * gl.exp(Gm) + da_pair
+            dr_c = d_rhat * gl.exp(G) + dr_pair
+            dGm += d_ahat * a_hat
+            dG += d_rhat * r_hat
+            db_c += d_bt * tail
+            dk_c += d_kt * tail
+            tail_terms = d_bt * b_t + d_kt * k_t
+            dG -= tail_terms
+            dG_last = gl.sum(tail_terms, 0) + d_gamma * gamma
+
+            # dL_t = Σ_{s >= t} dG_s + Σ_{s > t} dGm_s + dG_last (L enters G, Gm and G_last).
+            dG_hi = _tf32_head(dG)
+            dGm_hi = _tf32_head(dGm)
+            sm_dl.index(0).store(dG_hi)
+            sm_dl.index(1).store(dG - dG_hi)
+            sm_dl.index(2).store(dGm_hi)
+            sm_dl.index(3).store(dGm - dGm_hi)
+            gl.thread_barrier()
+            incl_t = sm_tri.index(0).permute((1, 0)).load(A32)
+            strict_t = sm_tri.index(1).permute((1, 0)).load(A32)
+            dL = mma_v2(incl_t, sm_dl.index(0).load(B32), dG_last[None, :] + z_tv, input_precision="tf32")
+            dL = mma_v2(incl_t, sm_dl.index(1).load(B32), dL, input_precision="tf32")
+            dL = mma_v2(strict_t, sm_dl.index(2).load(B32), dL, input_precision="tf32")
+            dL = mma_v2(strict_t, sm_dl.index(3).load(B32), dL, input_precision="tf32")
+            dw_c = _dlog_decay(dL, w_c, L, W_FORM)
+            gl.store(dr + p, dr_c.to(dr.dtype.element_ty), mask=m_t)
+            gl.store(dw + p, dw_c.to(dw.dtype.element_ty), mask=m_t)
+            gl.store(dk + p, dk_c.to(dk.dtype.element_ty), mask=m_t)
+            gl.store(da + p, da_c.to(da.dtype.element_ty), mask=m_t)
+            gl.store(db + p, db_c.to(db.dtype.element_ty), mask=m_t)
+            gl.store(dv + p, dv_c.to(dv.dtype.element_ty), mask=m_t)
+            dS = dS_prev
+        if STORE_DH0:
+            gl.store(dh0 + i_nh.to(gl.int64) * K * V + s_tile, dS)
