@@ -305,33 +305,39 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 ])
 def test_gpu_gluon_gradient_kernel_matches_the_triton_one(regime, w_form, seqlens, dtype):
     """The Gluon gradient kernel is the Triton one's math with other layouts (and the decays' scans
-    as products): on the same forward's matrices, U and chunk states, every gradient agrees with the
-    Triton kernel's far inside the gradient ceiling, in every regime and w form, varlen included."""
+    as products): on the same forward's matrices, U and chunk states, every gradient is as close to
+    the float64 reference as the Triton kernel's, in every regime and w form, varlen included."""
     import triton
     from rwkv_backends import known_issues
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance.cases import make_inputs, relative_error
     from rwkv_backends.device import detect
     from rwkv_backends.kernels import launch
+    from rwkv_backends.reference import wkv7_reference
     if any(i.id == "gluon-experimental" for i in known_issues.active(detect(torch.device("cuda")), triton.__version__)):
         pytest.skip("the Gluon gradient kernel is not checked on this card or Triton release (known issue gluon-experimental)")
     T = sum(seqlens) or 700
     x = make_inputs(Case("backward", dtype, regime, 1 if seqlens else 2, T, 4, 64, 64, w_form=w_form, scale=0.125,
                          seqlens=seqlens), 7, "cuda")
-    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    names = ("r", "w", "k", "v", "a", "b")
+    args = [x[n] for n in names]
     common = dict(scale=0.125, cu_seqlens=x["cu_seqlens"], w_form=w_form)
+    leaves = [t.double().requires_grad_(True) for t in args + [x["state"]]]
+    o, s = wkv7_reference(*leaves, **common)
+    torch.autograd.backward((o, s), (x["do"].double(), x["dstate"].double()))
     fwd = KernelConfig(num_warps=4, dot_precision="tf32")
     mats = launch.empty_mats(x["k"], x["cu_seqlens"], 16)
     u = launch.empty_u(x["v"], True)
     launch.chunk_forward(*args, x["state"], **common, cfg=fwd, mats=mats, mats_mode="store", u=u)
-    grads = {}
+    errors = {}
     for gluon in (False, True):
         bwd = KernelConfig(num_warps=8, num_stages=3, dot_precision="bf16", keep_u=True, gluon=gluon)
-        grads[gluon] = launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=fwd,
-                                             cfg_bwd=bwd, mats=mats, u=u, cfg_states=KernelConfig(block_v=32))
-    for name, g, ref in zip(("dr", "dw", "dk", "dv", "da", "db", "dh0"), grads[True], grads[False]):
-        assert torch.isfinite(g).all(), name
-        assert relative_error(g, ref) < 2e-4, (name, relative_error(g, ref))
+        grads = launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=fwd, cfg_bwd=bwd,
+                                      mats=mats, u=u, cfg_states=KernelConfig(block_v=32))
+        assert all(torch.isfinite(g).all() for g in grads)
+        errors[gluon] = [relative_error(g, t.grad) for g, t in zip(grads, leaves)]
+    for name, ours, theirs in zip(names + ("state",), errors[True], errors[False]):
+        assert ours <= 1.1 * theirs + 1e-4, (name, ours, theirs)
 
 
 @requires_gpu
