@@ -59,9 +59,12 @@ GLUON_CHECKED_TRITON = ((3, 6),)
 
 
 def _gluon_unchecked(d: DeviceInfo, tv: tuple) -> bool:
-    """Where the Gluon gradient kernel has not been checked: off NVIDIA sm80+ (it issues mma.sync and
-    cp.async), on other Triton releases, and under the interpreter (which cannot run Gluon)."""
-    sm = re.match(r"sm(\d+)", d.arch or "") if d.vendor == "nvidia" else None
+    """NVIDIA devices where the Gluon gradient kernel has not been checked: before sm80 (it issues
+    mma.sync and cp.async), other Triton releases, and the interpreter (which cannot run Gluon).
+    Other vendors have no Gluon kernel at all (TritonChunk.fit_configs keeps it off there)."""
+    if d.vendor != "nvidia":
+        return False
+    sm = re.match(r"sm(\d+)", d.arch or "")
     return interpreter_enabled() or sm is None or int(sm.group(1)) < 80 or not tv or tv[:2] not in GLUON_CHECKED_TRITON
 
 
@@ -144,7 +147,7 @@ CATALOG = (
         link="https://github.com/triton-lang/triton/tree/main/python/tutorials/gluon",
         summary="triton.experimental.gluon is experimental (its API changes between releases) and the "
                 "interpreter cannot run it: the Gluon gradient kernel is off here, chunk_bwd runs in Triton",
-        scope="everywhere except NVIDIA sm80 and later with Triton 3.6 outside TRITON_INTERPRET=1: the "
+        scope="NVIDIA devices before sm80, Triton releases other than 3.6, and TRITON_INTERPRET=1: the "
               "Gluon kernel was compiled and checked on an H100 with Triton 3.6 only (NOTES change 51)",
         applies=lambda d, tv, pv: _gluon_unchecked(d, tv),
         constrain=_no_gluon,

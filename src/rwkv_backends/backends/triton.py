@@ -121,8 +121,11 @@ class TritonChunk(_TrainedVariant):
         cfg = configs["chunk_bwd"]
         if not cfg.gluon:
             return {}
-        why = gluon_nvidia.unsupported(problem.K, problem.V, cfg.chunk_size, cfg.block_v, problem.dtype,
-                                       _dot_precision(cfg, problem.dtype), cfg.keep_u, segmented=False)
+        if device.vendor != "nvidia":
+            why = f"the Gluon gradient kernel is written for NVIDIA (mma.sync, cp.async), not {device.vendor}"
+        else:
+            why = gluon_nvidia.unsupported(problem.K, problem.V, cfg.chunk_size, cfg.block_v, problem.dtype,
+                                           _dot_precision(cfg, problem.dtype), cfg.keep_u, segmented=False)
         return {"chunk_bwd": (cfg.with_(gluon=False), f"gluon off: {why}")} if why else {}
 
     def training(self, problem, plan):

@@ -47,8 +47,9 @@ _SM90 = {
     # 6.82 -> 6.36 ms, H64 13.59 -> 12.72 ms (results-h100-2026-11-27-u.json).
     # gluon (NOTES change 51): the Gluon gradient kernel (kernels/gluon_nvidia.py; its own 8 warps and
     # cp.async pipeline). B8 T4096 H32 training 6.36 -> 5.29 ms, the gradient kernel 4.19 -> 3.05 ms
-    # (results-h100-2026-11-27r-gluon.json). Where it cannot run, the plan falls back to the Triton
-    # kernel with this entry's other fields and says why.
+    # (results-h100-2026-11-27r-gluon.json); the tune tool picked it, recompute + backward 3.74 ms
+    # (tune-sm90-2026-11-27-gluon-bwd64.json). Where it cannot run, the plan falls back to the Triton
+    # kernel with this entry's other fields (they were tuned for it) and says why.
     "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=3, dot_precision="bf16", keep_u=True,
                           gluon=True),
                   "128": C(chunk_size=16, block_v=64, num_warps=8, num_stages=2, dot_precision="bf16")},
