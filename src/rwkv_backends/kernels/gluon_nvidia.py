@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from . import wkv7 as kern
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -34,9 +36,6 @@ else:
 HEAD = 64
 CHUNK = 16
 NUM_WARPS = 8
-# The Triton releases this kernel was compiled and checked on a card with (Gluon is experimental
-# and its API moves between releases).
-CHECKED_TRITON = ("3.6.",)
 
 
 def unsupported(K: int, V: int, chunk_size: int, block_v: int, dtype: torch.dtype, dot_precision: str,
@@ -62,28 +61,12 @@ def unsupported(K: int, V: int, chunk_size: int, block_v: int, dtype: torch.dtyp
 
 
 if GLUON_IMPORT_ERROR is None:
-    SAFE_RANGE = gl.constexpr(60.0)                       # kernels/wkv7.py SAFE_RANGE
-    CLAMPW_BOUND = gl.constexpr(0.6065306597126334)       # exp(-0.5)
+    SAFE_RANGE = kern.SAFE_RANGE
 
-    @gluon.jit
-    def _log_decay(w, W_FORM: gl.constexpr):
-        if W_FORM == 1:
-            L = -gl.exp(w)
-        elif W_FORM == 2:
-            L = -CLAMPW_BOUND / (1.0 + gl.exp(-w))
-        else:
-            L = w
-        return L
-
-    @gluon.jit
-    def _dlog_decay(dL, w, L, W_FORM: gl.constexpr):
-        if W_FORM == 1:
-            dw = dL * L
-        elif W_FORM == 2:
-            dw = dL * L * (1.0 - 1.0 / (1.0 + gl.exp(-w)))
-        else:
-            dw = dL
-        return dw
+    # The decay forms are kernels/wkv7.py's, compiled by Gluon's frontend (their tl.* calls are
+    # the builtins Gluon shares with Triton).
+    _log_decay = gluon.jit(kern._log_decay.fn)
+    _dlog_decay = gluon.jit(kern._dlog_decay.fn)
 
     @gluon.jit
     def _tf32_head(x):
