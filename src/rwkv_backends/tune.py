@@ -227,7 +227,8 @@ def candidates(kernel, vendor, V=None, fixed=None):
             grid[name] = kept
     configs = [KernelConfig.make(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     # The Gluon kernel ignores the launch fields: one candidate per combination of the fields it reads.
-    configs = list(dict.fromkeys(cfg.with_(num_warps=8, num_stages=1, vendor_options=()) if cfg.gluon else cfg
+    from .kernels.gluon_nvidia import NUM_WARPS
+    configs = list(dict.fromkeys(cfg.with_(num_warps=NUM_WARPS, num_stages=1, vendor_options=()) if cfg.gluon else cfg
                                  for cfg in configs))
     if V is not None and "block_v" in grid:
         configs = [cfg for cfg in configs if cfg.block_v <= padded_head(V)]

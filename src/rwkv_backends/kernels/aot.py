@@ -130,12 +130,12 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
 
 def _compile_gluon_bwd(cfg: KernelConfig, *, backend: str, arch, warp_size: int, K: int, V: int, dtype: str) -> dict:
     """The Gluon gradient kernel (kernels/gluon_nvidia.py), as a training backward launches it."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import gluon_nvidia
-    import torch
     why = gluon_nvidia.unsupported(K, V, cfg.chunk_size, cfg.block_v, getattr(torch, dtype), cfg.dot_precision,
                                    cfg.keep_u, segmented=False)
     if why:

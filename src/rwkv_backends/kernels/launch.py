@@ -8,6 +8,9 @@ the chunk start states into a temporary buffer: from U with one multiply-add per
 chain (chunk_states), or else with a lighter forward pass that loads those matrices (`MATS_LOAD`:
 no outputs, no in-chunk products, no inverse).
 
+The gradient kernel of one-pass training is kernels/wkv7.py's chunk_bwd_kernel, or where the config
+asks for it (`gluon`) the same math in Gluon (kernels/gluon_nvidia.py, NVIDIA sm80+, K = V = 64).
+
 The two-pass variant's training forward also saves the start state of each segment of the
 sequence (a few per sequence). Its backward then sweeps the state gradient back to every
 segment's end, and recomputes the chunk states and the gradients of all segments at once.
