@@ -84,6 +84,13 @@ def _contiguous(*tensors):
     return [x if x is None or x.is_contiguous() else x.contiguous() for x in tensors]
 
 
+def _aligned16(*tensors):
+    """The Gluon kernels copy their inputs with cp.async, which moves at least 4 bytes and is compiled
+    for 16-byte-aligned pointers: a tensor whose storage starts elsewhere (a view at an odd offset)
+    is copied to a fresh, aligned allocation first."""
+    return [x if x is None or x.data_ptr() % 16 == 0 else x.clone() for x in tensors]
+
+
 def _num_sequences(B, cu_seqlens):
     """Sequences in the call: the batch, or the packed sequences of cu_seqlens."""
     return B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -449,6 +456,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
             why = "TRITON_INTERPRET=1: the interpreter cannot run Gluon kernels"
         if why:
             raise ValueError(f"cfg_bwd: gluon is set, but {why}")
+        r, w, k, v, a, b, do = _aligned16(r, w, k, v, a, b, do)
         gluon_nvidia.chunk_bwd_gluon_kernel[(1, N * H)](
             r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
             offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v, u,
