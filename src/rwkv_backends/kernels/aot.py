@@ -125,7 +125,30 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
     compiled = triton.compile(src, target=GPUTarget(backend, arch, warp_size), options=options)
     meta = compiled.metadata
     return {"kernel": kernel, "shared_bytes": getattr(meta, "shared", None), "num_warps": cfg.num_warps,
-            "registers": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None)}
+            "registers": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None)} \
+        | _resource_usage(compiled)
+
+
+def _resource_usage(compiled) -> dict:
+    """Registers and stack bytes (spills) from the cubin, read by the cuobjdump in Triton's wheel
+    (no GPU needed: n_regs and n_spills only exist once a kernel is loaded on a device). {} when the
+    target has no cubin or the tool is missing."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    cubin = compiled.asm.get("cubin") if hasattr(compiled, "asm") else None
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return {"registers": int(regs.group(1)), "stack_bytes": int(stack.group(1))} if regs and stack else {}
 
 
 def _compile_gluon_bwd(cfg: KernelConfig, *, backend: str, arch, warp_size: int, K: int, V: int, dtype: str) -> dict:
@@ -153,7 +176,7 @@ def _compile_gluon_bwd(cfg: KernelConfig, *, backend: str, arch, warp_size: int,
                               target=GPUTarget(backend, arch, warp_size), options={"num_warps": gluon_nvidia.NUM_WARPS})
     return {"kernel": "chunk_bwd", "shared_bytes": getattr(compiled.metadata, "shared", None),
             "num_warps": gluon_nvidia.NUM_WARPS, "registers": getattr(compiled, "n_regs", None),
-            "spills": getattr(compiled, "n_spills", None)}
+            "spills": getattr(compiled, "n_spills", None)} | _resource_usage(compiled)
 
 
 def compile_in_subprocess(jobs, *, arch: int, warp_size: int = 32, timeout: float = 900):
