@@ -403,3 +403,15 @@ def test_tune_skips_chunk_states_where_no_u_is_kept(monkeypatch):
         skipped = tune.unsweepable(["chunk_bwd", "chunk_states"], 64)
         assert ("chunk_states" in skipped) == (not keep)
         assert "chunk_bwd" not in skipped
+
+
+def test_tune_report_keeps_every_timed_candidate():
+    """--out holds the picked entry and the whole ranking, fastest first, so that a later change can
+    be compared with what was swept (the session-17 files kept the winner only)."""
+    from rwkv_backends.tune import tune_report
+    fast, slow = KernelConfig(num_warps=8, gluon=True), KernelConfig(num_warps=4)
+    ranked = {"chunk_bwd": [(3.74, 3.6e-3, fast, 1796.0), (4.84, 3.7e-3, slow, 1796.0)]}
+    report = tune_report(ranked, 64)
+    assert report["entry"]["chunk_bwd"]["64"]["gluon"] is True
+    assert [row["_ms"] for row in report["ranked"]["chunk_bwd"]] == [3.74, 4.84]
+    assert report["ranked"]["chunk_bwd"][1]["num_warps"] == 4

@@ -395,15 +395,25 @@ def main(argv=None) -> int:
             continue
         print(f"{kernel} on {info.name} ({info.arch}), B,T,H = {shapes[kernel]}, K = V = {args.K}", flush=True)
         ranked[kernel] = sweep(kernel, shapes[kernel], args.K, info.vendor, fixed)
-    entry = {kernel: {head_bucket(args.K, args.K): cfg.as_dict() | {"_ms": round(ms, 4), "_err": err,
-                                                                      "_peak_mib": round(peak, 1)}}
-             for kernel, (ms, err, cfg, peak) in pick(ranked).items()}
-    report = {"vendor": info.vendor, "arch": info.arch, "device": info.name, "versions": versions(), "entry": entry}
-    print(json.dumps(report, indent=1))
+    report = tune_report(ranked, args.K) | {"vendor": info.vendor, "arch": info.arch, "device": info.name,
+                                            "versions": versions()}
+    print(json.dumps({k: v for k, v in report.items() if k != "ranked"}, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     return 0
+
+
+def _row(ms, err, cfg, peak) -> dict:
+    return cfg.as_dict() | {"_ms": round(ms, 4), "_err": err, "_peak_mib": round(peak, 1)}
+
+
+def tune_report(ranked: dict, K: int) -> dict:
+    """The table entry `pick` chooses, and every candidate that ran, fastest first (what --out writes:
+    the ranking is what a later change is compared against)."""
+    bucket = head_bucket(K, K)
+    return {"entry": {kernel: {bucket: _row(*row)} for kernel, row in pick(ranked).items()},
+            "ranked": {kernel: [_row(*row) for row in rows] for kernel, rows in ranked.items()}}
 
 
 if __name__ == "__main__":
