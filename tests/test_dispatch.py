@@ -268,6 +268,21 @@ def test_plans_fall_back_from_the_gluon_gradient_kernel_and_say_why(monkeypatch)
     assert p.configs["chunk_bwd"].keep_u and p.configs["chunk_bwd"].dot_precision == "bf16"
 
 
+def test_gluon_can_be_switched_off_by_the_environment(monkeypatch):
+    """RWKV_BACKENDS_GLUON=0 plans the Triton gradient kernel where the table asks for the Gluon one,
+    says so, and is part of the plan's cache key (the same problem planned before and after)."""
+    from rwkv_backends.registry import GLUON_ENV
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    info = dev.profile("nvidia:sm90")
+    problem = _problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=True)
+    assert plan(problem, info, triton_version_as="3.6.0", runtime=False).configs["chunk_bwd"].gluon
+    monkeypatch.setenv(GLUON_ENV, "0")
+    off = plan(problem, info, triton_version_as="3.6.0", runtime=False)
+    assert not off.configs["chunk_bwd"].gluon and f"gluon off: {GLUON_ENV}=0" in off.config_sources["chunk_bwd"]
+    monkeypatch.setenv(GLUON_ENV, "1")
+    assert plan(problem, info, triton_version_as="3.6.0", runtime=False).configs["chunk_bwd"].gluon
+
+
 def test_alchemist_gets_large_grf_and_narrow_tiles():
     issues = known_issues.active(dev.profile("intel:alchemist"), "3.6.0")
     cfg, by = known_issues.constrain("chunk_fwd", KernelConfig(block_v=64), issues)

@@ -7,11 +7,12 @@ import os
 import torch
 
 from . import registry
-from .device import SIMULATE_ENV, detect
+from .device import SIMULATE_ENV, detect, interpreter_enabled
 from .problem import call_key, validate
 
-# A call's problem and plan follow from its metadata (call_key), the backend asked for, the two
-# environment variables that steer planning, and the registered variants. A decode loop repeats
+# A call's problem and plan follow from its metadata (call_key), the backend asked for, the
+# environment variables that steer planning (simulation, backend, Gluon, the interpreter), and the
+# registered variants. A decode loop repeats
 # the same call every token, and at B=1 the host's time is the step's time (NOTES changes 22 and
 # 27): a repeated call skips validation and planning. Only successes are kept.
 _PLANNED: dict = {}
@@ -23,7 +24,7 @@ def _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state
                    output_final_state=output_final_state)
     if key is not None:
         key = (key, backend, os.environ.get(SIMULATE_ENV), os.environ.get(registry.BACKEND_ENV),
-               registry.generation())
+               os.environ.get(registry.GLUON_ENV), interpreter_enabled(), registry.generation())
         try:
             planned = _PLANNED.get(key)
         except TypeError:                # an unhashable w_form, scale or backend: the full check names it

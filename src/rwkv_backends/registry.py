@@ -19,6 +19,9 @@ from .problem import Problem
 from .tuning import lookup
 
 BACKEND_ENV = "RWKV_BACKENDS_BACKEND"
+# "0" keeps the Gluon kernels off (the tables' `gluon` configs run their Triton kernels instead):
+# for comparing the two, or for a Triton build whose Gluon misbehaves before a known issue says so.
+GLUON_ENV = "RWKV_BACKENDS_GLUON"
 
 _VARIANTS: dict = {}
 _generation = 0            # bumped by register(): callers that cache plans key on it
@@ -120,14 +123,15 @@ def plan(problem: Problem, device: DeviceInfo, backend: str | None = None, *,
         source = "backend" if backend else BACKEND_ENV
         raise ValueError(f"{source}: unknown backend {forced!r}; registered backends: {', '.join(backends())}; "
                          f"variants: {', '.join(sorted(_VARIANTS))}")
-    # The interpreter is part of the key: known issues (triton#11584, gluon-experimental) narrow
-    # configs under it.
-    return _plan_cached(problem, device, forced, triton_version_as or triton_version(), runtime, interpreter_enabled())
+    # The interpreter and GLUON_ENV are part of the key: known issues (triton#11584,
+    # gluon-experimental) narrow configs under the one, and the other turns the Gluon kernels off.
+    return _plan_cached(problem, device, forced, triton_version_as or triton_version(), runtime, interpreter_enabled(),
+                        os.environ.get(GLUON_ENV))
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: str | None, runtime: bool,
-                 interpreted: bool) -> Plan:
+                 interpreted: bool, gluon_env: str | None) -> Plan:
     from .vendors import preferences
     order = list(preferences(device).get(problem.problem_class, []))
     order += sorted(n for n in _VARIANTS if n not in order)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
 
 from ..config import padded_head
 from ..device import interpreter_enabled, triton_target
-from ..registry import Variant, register
+from ..registry import GLUON_ENV, Variant, register
 
 MAX_HEAD = 128
 # Gradient programs per multiprocessor that the segmented backward's segments aim for, in both
@@ -121,7 +122,9 @@ class TritonChunk(_TrainedVariant):
         cfg = configs["chunk_bwd"]
         if not cfg.gluon:
             return {}
-        if device.vendor != "nvidia":
+        if os.environ.get(GLUON_ENV) == "0":
+            why = f"{GLUON_ENV}=0"
+        elif device.vendor != "nvidia":
             why = f"the Gluon gradient kernel is written for NVIDIA (mma.sync, cp.async), not {device.vendor}"
         else:
             why = gluon_nvidia.unsupported(problem.K, problem.V, cfg.chunk_size, cfg.block_v, problem.dtype,
