@@ -231,41 +231,68 @@ def test_gluon_gradient_kernel_is_nvidia_only(monkeypatch, profile):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     info = dev.profile(profile)
     assert "gluon-experimental" not in {i.id for i in known_issues.active(info, "3.6.0")}
-    gluon = KernelConfig(num_warps=8, dot_precision="bf16", keep_u=True, gluon=True)
+    configs = {"chunk_fwd": KernelConfig(dot_precision="tf32", gluon=True),
+               "chunk_bwd": KernelConfig(num_warps=8, dot_precision="bf16", keep_u=True, gluon=True),
+               "chunk_states": KernelConfig(dot_precision="tf32", gluon=True)}
     fitted = TritonChunk().fit_configs(_problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=True),
-                                       info, {"chunk_bwd": gluon})
-    cfg, why = fitted["chunk_bwd"]
-    assert not cfg.gluon and "written for NVIDIA" in why
+                                       info, configs)
+    assert set(fitted) == set(configs)
+    assert all(not cfg.gluon and "written for NVIDIA" in why for cfg, why in fitted.values())
 
 
+@pytest.mark.parametrize("kernel, precision", [("chunk_bwd", "bf16"), ("chunk_fwd", "tf32"), ("chunk_states", "tf32")])
 @pytest.mark.parametrize("change, phrase", [
     (dict(K=32), "K = 32"), (dict(V=128), "V = 128"), (dict(chunk_size=32), "chunk_size 32"),
-    (dict(block_v=32), "block_v 32"), (dict(dtype=torch.float32, dot_precision="ieee"), "float32 inputs"),
-    (dict(dot_precision="tf32"), "'tf32'"), (dict(has_u=False), "keep_u"), (dict(segmented=True), "segments"),
+    (dict(dtype=torch.float32, dot_precision="ieee"), "float32 inputs"), (dict(dot_precision="x"), "'x'"),
+    (dict(segmented=True), "segments"), (dict(T=1), "T = 1"),
 ])
-def test_gluon_gradient_kernel_says_why_it_cannot_take_a_launch(change, phrase):
+def test_gluon_kernels_say_why_they_cannot_take_a_launch(kernel, precision, change, phrase):
     from rwkv_backends.kernels import gluon_nvidia
-    fits = dict(K=64, V=64, chunk_size=16, block_v=64, dtype=torch.bfloat16, dot_precision="bf16", has_u=True,
+    fits = dict(K=64, V=64, chunk_size=16, block_v=64, dtype=torch.bfloat16, dot_precision=precision, has_u=True,
                 segmented=False)
-    assert gluon_nvidia.unsupported(**fits) is None
-    assert gluon_nvidia.unsupported(**(fits | dict(dtype=torch.float16))) is None
-    assert phrase in gluon_nvidia.unsupported(**(fits | change))
+    assert gluon_nvidia.unsupported(kernel, **fits) is None
+    assert gluon_nvidia.unsupported(kernel, **(fits | dict(dtype=torch.float16))) is None
+    assert phrase in gluon_nvidia.unsupported(kernel, **(fits | change))
 
 
-def test_plans_fall_back_from_the_gluon_gradient_kernel_and_say_why(monkeypatch):
-    """On the H100 with Triton 3.6 the sm90 table's gradient kernel is the Gluon one; a problem it
-    cannot take gets the Triton kernel with the same entry, and the config's source says why."""
+def test_gluon_kernels_say_why_for_what_only_some_of_them_take():
+    from rwkv_backends.kernels import gluon_nvidia
+    fits = dict(K=64, V=64, chunk_size=16, dtype=torch.bfloat16)
+    assert "keep_u" in gluon_nvidia.unsupported("chunk_bwd", **fits, block_v=64, dot_precision="bf16", has_u=False)
+    assert "block_v 32" in gluon_nvidia.unsupported("chunk_bwd", **fits, block_v=32, dot_precision="bf16")
+    assert "block_v 32" in gluon_nvidia.unsupported("chunk_fwd", **fits, block_v=32, dot_precision="tf32")
+    assert gluon_nvidia.unsupported("chunk_states", **fits, block_v=32, dot_precision="tf32") is None
+    for mode in (dict(mats_mode="load"), dict(store_states=True)):
+        assert "recompute" in gluon_nvidia.unsupported("chunk_fwd", **fits, block_v=64, dot_precision="tf32", **mode)
+    assert "no Gluon" in gluon_nvidia.unsupported("chunk_prep", **fits, block_v=64, dot_precision="tf32")
+
+
+def test_plans_fall_back_from_the_gluon_kernels_and_say_why(monkeypatch):
+    """On the H100 with Triton 3.6 the sm90 table's one-pass kernels are the Gluon ones; a problem they
+    cannot take gets the Triton kernels with the same entries, and each config's source says why."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     info = dev.profile("nvidia:sm90")
+    gluon_kernels = ("chunk_fwd", "chunk_bwd", "chunk_states")
     p = plan(_problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=True), info,
              triton_version_as="3.6.0", runtime=False)
-    assert p.variant.name == "triton.chunk" and p.configs["chunk_bwd"].gluon
-    assert "gluon off" not in p.config_sources["chunk_bwd"]
+    assert p.variant.name == "triton.chunk" and all(p.configs[k].gluon for k in gluon_kernels)
+    assert not any("gluon off" in p.config_sources[k] for k in gluon_kernels)
     p = plan(_problem(info.device_type, B=8, T=4096, H=32, K=48, V=64, needs_grad=True), info,
              triton_version_as="3.6.0", runtime=False)
-    assert p.variant.name == "triton.chunk" and not p.configs["chunk_bwd"].gluon
-    assert "gluon off: K = 48" in p.config_sources["chunk_bwd"]
+    assert p.variant.name == "triton.chunk" and not any(p.configs[k].gluon for k in gluon_kernels)
+    assert all("gluon off: K = 48" in p.config_sources[k] for k in gluon_kernels)
     assert p.configs["chunk_bwd"].keep_u and p.configs["chunk_bwd"].dot_precision == "bf16"
+    import dataclasses
+    fp32 = dataclasses.replace(_problem(info.device_type, B=8, T=4096, H=32, K=64, V=64, needs_grad=True),
+                               dtype=torch.float32, w_dtype=torch.float32)
+    p = plan(fp32, info, triton_version_as="3.6.0", runtime=False)
+    assert not any(p.configs[k].gluon for k in gluon_kernels)
+    assert "float32 inputs" in p.config_sources["chunk_fwd"]
+    # one-step sequences (the H100 conformance run's forward.B64T1 and varlen pieces): Triton compiles
+    # T = 1 as a constant, which the Gluon kernels' cp.async does not lower
+    p = plan(_problem(info.device_type, B=64, T=1, H=8, K=64, V=64, needs_grad=True), info,
+             triton_version_as="3.6.0", runtime=False)
+    assert not any(p.configs[k].gluon for k in gluon_kernels if k in p.configs)
 
 
 def test_gluon_can_be_switched_off_by_the_environment(monkeypatch):

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field, replace
 _CHUNK_FIELDS = ("chunk_size", "block_v", "num_warps", "num_stages", "dot_precision")
 _GRADIENT_FIELDS = _CHUNK_FIELDS + ("keep_u",)
 KERNELS = {
-    "chunk_fwd": {"chained_dots": True, "uses": _CHUNK_FIELDS,
+    "chunk_fwd": {"chained_dots": True, "uses": _CHUNK_FIELDS + ("gluon",),
                   "doc": "chunked forward (training and prefill); builds the chunk matrices in its loop"},
     "chunk_bwd": {"chained_dots": True, "uses": _GRADIENT_FIELDS + ("gluon",),
                   "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state"},
-    "chunk_states": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages", "dot_precision"),
+    "chunk_states": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages", "dot_precision", "gluon"),
                      "doc": "the backward's chunk-state recompute from the U the training forward kept (when the "
                             "gradient kernel's keep_u asks for it), at the gradient kernel's chunk size"},
     "chunk_prep": {"chained_dots": True, "uses": ("chunk_size", "block_k", "num_warps", "num_stages", "dot_precision"),
@@ -62,9 +62,10 @@ class KernelConfig:
     # the backward rebuilds the chunk states from it (chunk_states) instead of from the chunk
     # matrices (kernels/launch.py `empty_u`).
     keep_u: bool = False
-    # chunk_bwd only: run the Gluon implementation (kernels/gluon_nvidia.py: NVIDIA sm80+, K = V = 64,
-    # 16-bit inputs, "bf16" dot precision, keep_u). It launches with its own 8 warps and pipeline,
-    # so num_warps, num_stages and vendor_options do not apply to it.
+    # chunk_fwd, chunk_bwd and chunk_states: run the kernel's Gluon implementation
+    # (kernels/gluon_nvidia.py: NVIDIA sm80+, K = V = 64, 16-bit inputs; `unsupported()` there says
+    # what else each takes). It launches with its own warps, V block and pipeline (gluon_nvidia.LAUNCH),
+    # so num_warps, num_stages, block_v and vendor_options apply only to the Triton kernel.
     gluon: bool = False
     # Vendor-specific launch keywords passed through to the Triton launcher, e.g. Intel's
     # grf_mode, AMD's waves_per_eu / matrix_instr_nonkdim. Kept as a sorted tuple of pairs so

@@ -52,9 +52,10 @@ CANDIDATES = {
 VENDOR_CANDIDATES = {
     # At 255 registers and 8 warps one backward program fills an SM, so a B8 x H32 grid (256
     # programs, 132 SMs) runs in two waves; capped at 128 it spills more but fits two per SM.
-    # gluon: the Gluon gradient kernel (NVIDIA only). It launches with its own warps and pipeline, so
-    # its configs differ only where it reads them (candidates() folds the rest).
-    "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128}), "gluon": (False, True)}},
+    # gluon: the kernels' Gluon implementations (NVIDIA only). They launch with their own warps, V
+    # block and pipeline, so their configs differ only where they read them (candidates() folds the rest).
+    "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128}), "gluon": (False, True)},
+               "chunk_fwd": {"gluon": (False, True)}, "chunk_states": {"gluon": (False, True)}},
 }
 BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split", "chunk_recompute", "chunk_states")
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
@@ -226,9 +227,9 @@ def candidates(kernel, vendor, V=None, fixed=None):
                 raise ValueError(f"--only: {kernel} sweeps {name} over {grid[name]}; none of {values} is among them")
             grid[name] = kept
     configs = [KernelConfig.make(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
-    # The Gluon kernel ignores the launch fields: one candidate per combination of the fields it reads.
-    from .kernels.gluon_nvidia import NUM_WARPS
-    configs = list(dict.fromkeys(cfg.with_(num_warps=NUM_WARPS, num_stages=1, vendor_options=()) if cfg.gluon else cfg
+    # A Gluon kernel ignores the launch fields: one candidate per combination of the fields it reads.
+    from .kernels.gluon_nvidia import LAUNCH
+    configs = list(dict.fromkeys(cfg.with_(**LAUNCH[kernel], num_stages=1, vendor_options=()) if cfg.gluon else cfg
                                  for cfg in configs))
     if V is not None and "block_v" in grid:
         configs = [cfg for cfg in configs if cfg.block_v <= padded_head(V)]

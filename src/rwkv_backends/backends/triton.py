@@ -77,6 +77,31 @@ def transition_programs(pairs: int, multiprocessors: int) -> int:
     return -(-TRANSITION_PROGRAMS_PER_SM * multiprocessors // pairs)
 
 
+def gluon_fallbacks(problem, device, configs, kernels, segmented=False) -> dict:
+    """The tables may ask for a kernel's Gluon implementation, which takes only some problems (K = V =
+    64, 16-bit inputs, ...): for the others the Triton kernel runs with the entry's other fields, and
+    the plan's config_source says why. {kernel: (config, why)} as Variant.fit_configs returns."""
+    from ..kernels import gluon_nvidia
+    from ..kernels.launch import _dot_precision
+    changed = {}
+    for kernel in kernels:
+        cfg = configs[kernel]
+        if not cfg.gluon:
+            continue
+        if os.environ.get(GLUON_ENV) == "0":
+            why = f"{GLUON_ENV}=0"
+        elif device.vendor != "nvidia":
+            why = f"the Gluon kernels are written for NVIDIA (mma.sync, cp.async), not {device.vendor}"
+        else:
+            why = gluon_nvidia.unsupported(kernel, K=problem.K, V=problem.V, chunk_size=cfg.chunk_size,
+                                           block_v=cfg.block_v, dtype=problem.dtype,
+                                           dot_precision=_dot_precision(cfg, problem.dtype), T=problem.T,
+                                           has_u=cfg.keep_u, segmented=segmented)
+        if why:
+            changed[kernel] = (cfg.with_(gluon=False), f"gluon off: {why}")
+    return changed
+
+
 class _TrainedVariant(Variant):
     """A chunked Triton variant: training goes through kernels/launch.py's TrainingPlan, which
     `training(problem, plan)` builds, whether eagerly (the autograd Function) or from the
@@ -115,21 +140,7 @@ class TritonChunk(_TrainedVariant):
         return common_reasons(problem, device, runtime)
 
     def fit_configs(self, problem, device, configs):
-        # The table's gradient kernel may be the Gluon one, which takes only some problems (K = V = 64,
-        # 16-bit inputs, ...): for the others the Triton kernel runs, and the plan says why.
-        from ..kernels import gluon_nvidia
-        from ..kernels.launch import _dot_precision
-        cfg = configs["chunk_bwd"]
-        if not cfg.gluon:
-            return {}
-        if os.environ.get(GLUON_ENV) == "0":
-            why = f"{GLUON_ENV}=0"
-        elif device.vendor != "nvidia":
-            why = f"the Gluon gradient kernel is written for NVIDIA (mma.sync, cp.async), not {device.vendor}"
-        else:
-            why = gluon_nvidia.unsupported(problem.K, problem.V, cfg.chunk_size, cfg.block_v, problem.dtype,
-                                           _dot_precision(cfg, problem.dtype), cfg.keep_u, segmented=False)
-        return {"chunk_bwd": (cfg.with_(gluon=False), f"gluon off: {why}")} if why else {}
+        return gluon_fallbacks(problem, device, configs, ("chunk_fwd", "chunk_bwd", "chunk_states"))
 
     def training(self, problem, plan):
         from ..kernels.launch import TrainingPlan
@@ -171,6 +182,10 @@ class TritonChunkTwoPass(_TrainedVariant):
 
     def reasons(self, problem, device, runtime=True):
         return common_reasons(problem, device, runtime) + few_pairs_reasons(problem, device)
+
+    def fit_configs(self, problem, device, configs):
+        # Its chunk states are rebuilt segment by segment: no Gluon state rebuild (it walks whole sequences).
+        return gluon_fallbacks(problem, device, configs, ("chunk_states",), segmented=True)
 
     @staticmethod
     def _prep_programs(problem, plan):

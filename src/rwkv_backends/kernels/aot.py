@@ -109,8 +109,8 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
     from triton.compiler import ASTSource
 
     from . import wkv7 as kern
-    if kernel == "chunk_bwd" and cfg.gluon:
-        return _compile_gluon_bwd(cfg, backend=backend, arch=arch, warp_size=warp_size, K=K, V=V, dtype=dtype)
+    if cfg.gluon:
+        return _compile_gluon(kernel, cfg, backend=backend, arch=arch, warp_size=warp_size, K=K, V=V, dtype=dtype)
     fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_fwd_loaded": kern.chunk_fwd_kernel,
           "chunk_recompute": kern.chunk_fwd_kernel, "chunk_states": kern.chunk_states_kernel,
           "chunk_bwd": kern.chunk_bwd_kernel, "chunk_bwd_split": kern.chunk_bwd_kernel,
@@ -151,32 +151,52 @@ def _resource_usage(compiled) -> dict:
     return {"registers": int(regs.group(1)), "stack_bytes": int(stack.group(1))} if regs and stack else {}
 
 
-def _compile_gluon_bwd(cfg: KernelConfig, *, backend: str, arch, warp_size: int, K: int, V: int, dtype: str) -> dict:
-    """The Gluon gradient kernel (kernels/gluon_nvidia.py), as a training backward launches it."""
+def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size: int, K: int, V: int,
+                   dtype: str) -> dict:
+    """A Gluon kernel (kernels/gluon_nvidia.py) as training launches it."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import gluon_nvidia
-    why = gluon_nvidia.unsupported(K, V, cfg.chunk_size, cfg.block_v, getattr(torch, dtype), cfg.dot_precision,
-                                   cfg.keep_u, segmented=False)
+    prec = "ieee" if dtype == "float32" else cfg.dot_precision
+    why = gluon_nvidia.unsupported(kernel, K=K, V=V, chunk_size=cfg.chunk_size, block_v=cfg.block_v,
+                                   dtype=getattr(torch, dtype), dot_precision=prec, has_u=cfg.keep_u)
     if why:
         raise ValueError(f"cfg: gluon is set, but {why}")
-    fn = gluon_nvidia.chunk_bwd_gluon_kernel
     t = "*" + _TYPES[dtype]
-    ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "do")} | {"dht": "*fp32", "states": "*fp32", "mats": "*fp32",
-           "chunk_offsets": "*i64", "cu_seqlens": "*i32", "u": "*fp32"}
-           | {n: t for n in ("dr", "dw", "dk", "dv", "da", "db")} | {"dh0": "*fp32"})
-    const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False)
-    sig = ptr | {"scale": "fp32", "T": "i32"} | {n: "constexpr" for n in const}
+    f32 = "*fp32"
+    warps = gluon_nvidia.LAUNCH[kernel]["num_warps"]
+    if kernel == "chunk_bwd":
+        fn = gluon_nvidia.chunk_bwd_gluon_kernel
+        ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "do")} | {"dht": f32, "states": f32, "mats": f32,
+               "chunk_offsets": "*i64", "cu_seqlens": "*i32", "u": f32}
+               | {n: t for n in ("dr", "dw", "dk", "dv", "da", "db")} | {"dh0": f32})
+        scalars = {"scale": "fp32", "T": "i32"}
+        const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False)
+    elif kernel == "chunk_fwd":          # the training forward: it stores the chunk matrices and U
+        fn = gluon_nvidia.chunk_fwd_gluon_kernel
+        ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "o")} | {"h0": f32, "ht": f32, "mats": f32,
+               "chunk_offsets": "*i64", "cu_seqlens": "*i32", "u": f32})
+        scalars = {"scale": "fp32", "T": "i32"}
+        const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, HAS_STATE=True, STORE_FINAL=True, STORE_O=True,
+                     STORE_MATS=True, STORE_U=True, IS_VARLEN=False, NW=warps)
+    else:
+        fn = gluon_nvidia.chunk_states_gluon_kernel
+        ptr = ({n: t for n in ("w", "k", "v", "b")} | {"u": f32, "h0": f32, "states": f32, "chunk_offsets": "*i64",
+               "cu_seqlens": "*i32"})
+        scalars = {"T": "i32"}
+        const = dict(H=1, K=K, BV=gluon_nvidia.LAUNCH[kernel]["block_v"], BT=cfg.chunk_size, W_FORM=0,
+                     HAS_STATE=True, IS_VARLEN=False, NW=warps)
+    sig = ptr | scalars | {n: "constexpr" for n in const}
     # Torch's allocations are 16-byte aligned, and the JIT specializes on that: cp.async needs it.
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptr}
     compiled = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                              target=GPUTarget(backend, arch, warp_size), options={"num_warps": gluon_nvidia.NUM_WARPS})
-    return {"kernel": "chunk_bwd", "shared_bytes": getattr(compiled.metadata, "shared", None),
-            "num_warps": gluon_nvidia.NUM_WARPS, "registers": getattr(compiled, "n_regs", None),
-            "spills": getattr(compiled, "n_spills", None)} | _resource_usage(compiled)
+                              target=GPUTarget(backend, arch, warp_size), options={"num_warps": warps})
+    return {"kernel": kernel, "shared_bytes": getattr(compiled.metadata, "shared", None), "num_warps": warps,
+            "registers": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None)} \
+        | _resource_usage(compiled)
 
 
 def compile_in_subprocess(jobs, *, arch: int, warp_size: int = 32, timeout: float = 900):

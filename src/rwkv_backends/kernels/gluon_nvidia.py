@@ -1,20 +1,24 @@
-"""The gradient kernel (chunk_bwd) written in Gluon, Triton's layout-explicit dialect, for NVIDIA
-sm80 and later (mma.sync and cp.async). What `KernelConfig.gluon` selects; kernels/wkv7.py's
-chunk_bwd_kernel is the same math and the reference for it.
+"""The one-pass chunked path's kernels written in Gluon, Triton's layout-explicit dialect, for NVIDIA
+sm80 and later (mma.sync and cp.async): the gradient kernel (chunk_bwd), the forward (chunk_fwd) and
+the state rebuild from U (chunk_states). What `KernelConfig.gluon` selects for each; the kernels of
+kernels/wkv7.py are the same math and the reference for them.
 
-Why a second implementation: the Triton kernel is latency-bound. Every tl.dot whose operand was
-computed in registers, every store and every decay scan changes layout through shared memory with
-all eight warps synchronised: about 89 barriers per 16-step chunk, one 8-warp program per
-multiprocessor (255 registers), 8 us per chunk. Here every register tile lives in one mma.sync
-accumulator layout (the eight warps side by side along the columns, so that reductions and scans
-over a chunk's 16 rows stay inside a warp), every product takes its operands from shared memory,
-and a chunk has seven barriers. The next chunk's inputs arrive by cp.async while this one computes.
+Why a second implementation: the Triton kernels are latency-bound. In the gradient kernel every
+tl.dot whose operand was computed in registers, every store and every decay scan changes layout
+through shared memory with all eight warps synchronised: about 89 barriers per 16-step chunk, one
+8-warp program per multiprocessor (255 registers), 8 us per chunk. Here every register tile lives
+in one mma.sync accumulator layout (the warps side by side along the columns, so that reductions
+and scans over a chunk's 16 rows stay inside a warp), every product takes its operands from shared
+memory, the decays' scans are products with 0/1 triangles, and the next chunk's inputs arrive by
+cp.async while this one computes: seven barriers per chunk in the gradient kernel. The forward and
+the state rebuild gain less (Triton already ran them at two programs per multiprocessor; NOTES
+changes 54, 56), but they gain.
 
-Scope (`unsupported()` says why a launch does not fit): K = V = 64, chunk 16, 16-bit inputs with
-the "bf16" dot precision (operands rounded to bfloat16, the in-chunk pair products tf32, as in the
-Triton kernel), U kept by the forward, one V block, whole sequences (no segments); varlen works.
-Not under TRITON_INTERPRET=1: the interpreter cannot run Gluon, so CI compiles this kernel for
-sm90 (tests/test_aot.py) and only a card runs it.
+Scope (`unsupported()` says why a launch does not fit): K = V = 64, chunk 16, 16-bit inputs, the
+tables' dot precision for that kernel ("bf16" for the gradients, whose in-chunk pair products stay
+tf32 as in the Triton kernel; "tf32" for the forward and the state rebuild), whole sequences (no
+segments); varlen works. Not under TRITON_INTERPRET=1: the interpreter cannot run Gluon, so CI
+compiles these kernels for sm90 (ptxas) and only a card runs them.
 """
 
 from __future__ import annotations
@@ -35,28 +39,44 @@ else:
 
 HEAD = 64
 CHUNK = 16
-NUM_WARPS = 8
+# The launch each Gluon kernel takes whatever its config says (the tune tool folds its candidates to
+# these): warps, and the V columns of one program.
+LAUNCH = {"chunk_bwd": dict(num_warps=8, block_v=64), "chunk_fwd": dict(num_warps=4, block_v=64),
+          "chunk_states": dict(num_warps=4, block_v=64)}
+NUM_WARPS = LAUNCH["chunk_bwd"]["num_warps"]
+_PRECISION = {"chunk_bwd": "bf16", "chunk_fwd": "tf32", "chunk_states": "tf32"}
+_NAMES = {"chunk_bwd": "gradient kernel", "chunk_fwd": "forward", "chunk_states": "state rebuild"}
 
 
-def unsupported(K: int, V: int, chunk_size: int, block_v: int, dtype: torch.dtype, dot_precision: str,
-                has_u: bool, segmented: bool) -> str | None:
-    """Why this kernel cannot take a launch (None: it can). Device and Triton-release checks are
-    known_issues' "gluon-experimental"."""
+def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, dtype: torch.dtype,
+                dot_precision: str, T: int = 2, has_u: bool = True, segmented: bool = False,
+                mats_mode: str = "build", store_states: bool = False) -> str | None:
+    """Why `kernel`'s Gluon implementation cannot take a launch (None: it can). Device and
+    Triton-release checks are known_issues' "gluon-experimental"."""
+    if kernel not in LAUNCH:
+        return f"{kernel} has no Gluon implementation"
+    name = f"the Gluon {_NAMES[kernel]}"
     if GLUON_IMPORT_ERROR:
         return GLUON_IMPORT_ERROR
+    if T == 1:
+        # Triton compiles an integer argument equal to 1 as a constant; with T = 1 the kernels' masked
+        # cp.async fails to lower (Triton 3.6, found by the H100 conformance run; NOTES change 57).
+        return f"T = 1: {name} is not compiled for one-step sequences"
     if (K, V) != (HEAD, HEAD):
-        return f"K = {K}, V = {V}: the Gluon gradient kernel is laid out for K = V = {HEAD}"
+        return f"K = {K}, V = {V}: {name} is laid out for K = V = {HEAD}"
     if chunk_size != CHUNK:
-        return f"chunk_size {chunk_size}: the Gluon gradient kernel takes chunks of {CHUNK}"
-    if block_v < HEAD:
-        return f"block_v {block_v}: the Gluon gradient kernel takes all {HEAD} V columns in one program"
-    if dtype not in (torch.bfloat16, torch.float16) or dot_precision != "bf16":
-        return (f"{str(dtype).replace('torch.', '')} inputs with dot precision {dot_precision!r}: the Gluon "
-                "gradient kernel rounds operands to bfloat16 (16-bit inputs, dot precision 'bf16')")
-    if not has_u:
-        return "keep_u is off: the Gluon gradient kernel loads the U the forward kept"
+        return f"chunk_size {chunk_size}: {name} takes chunks of {CHUNK}"
+    if kernel != "chunk_states" and block_v < HEAD:
+        return f"block_v {block_v}: {name} takes all {HEAD} V columns in one program"
+    if dtype not in (torch.bfloat16, torch.float16) or dot_precision != _PRECISION[kernel]:
+        return (f"{str(dtype).replace('torch.', '')} inputs with dot precision {dot_precision!r}: {name} takes "
+                f"16-bit inputs at dot precision {_PRECISION[kernel]!r}")
+    if kernel == "chunk_bwd" and not has_u:
+        return f"keep_u is off: {name} loads the U the forward kept"
     if segmented:
-        return "segments: the Gluon gradient kernel walks whole sequences"
+        return f"segments: {name} walks whole sequences"
+    if kernel == "chunk_fwd" and (mats_mode == "load" or store_states):
+        return f"{name} builds the chunk matrices and stores no chunk states (the recompute runs in Triton)"
     return None
 
 
@@ -371,3 +391,318 @@ if GLUON_IMPORT_ERROR is None:
             dS = dS_prev
         if STORE_DH0:
             gl.store(dh0 + i_nh.to(gl.int64) * K * V + s_tile, dS)
+
+    @gluon.jit
+    def _issue_forward_copies(r, w, k, a, b, v, raw, stage, i_c, bos, eos, i_h, H: gl.constexpr, K: gl.constexpr,
+                              BT: gl.constexpr, NW: gl.constexpr):
+        """cp.async of chunk i_c's r, w, k, a, b, v into raw buffer `stage`."""
+        ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NW, 1], [1, 0])
+        o_t = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, ROWS))
+        o_k = gl.arange(0, K, layout=gl.SliceLayout(0, ROWS))
+        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        m = (o_t < eos)[:, None] & (o_k < K)[None, :]
+        base = stage * 6
+        cp.async_copy_global_to_shared(raw.index(base + 0), r + p, mask=m)
+        cp.async_copy_global_to_shared(raw.index(base + 1), w + p, mask=m)
+        cp.async_copy_global_to_shared(raw.index(base + 2), k + p, mask=m)
+        cp.async_copy_global_to_shared(raw.index(base + 3), a + p, mask=m)
+        cp.async_copy_global_to_shared(raw.index(base + 4), b + p, mask=m)
+        cp.async_copy_global_to_shared(raw.index(base + 5), v + p, mask=m)
+        cp.commit_group()
+
+    @gluon.jit
+    def chunk_fwd_gluon_kernel(
+        r, w, k, v, a, b, o, h0, ht, mats, chunk_offsets, cu_seqlens, u, scale, T,
+        H: gl.constexpr, K: gl.constexpr, BT: gl.constexpr, W_FORM: gl.constexpr, HAS_STATE: gl.constexpr,
+        STORE_FINAL: gl.constexpr, STORE_O: gl.constexpr, STORE_MATS: gl.constexpr, STORE_U: gl.constexpr,
+        IS_VARLEN: gl.constexpr, NW: gl.constexpr,
+    ):
+        """kernels/wkv7.py chunk_fwd_kernel building (and with STORE_MATS storing) the chunk matrices, one
+        V block, no segments, tf32 products; program (0, i_nh). The inverse's squarings run with
+        Z = Â S + A_ak V beside them; 9 barriers per chunk."""
+        V: gl.constexpr = K
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        SH16: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        SH32: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
+
+        i_nh = gl.program_id(1)
+        i_n = i_nh // H
+        i_h = i_nh % H
+        if IS_VARLEN:
+            bos = gl.load(cu_seqlens + i_n).to(gl.int64)
+            eos = gl.load(cu_seqlens + i_n + 1).to(gl.int64)
+            c0 = gl.load(chunk_offsets + i_n).to(gl.int64)
+        else:
+            bos = i_n.to(gl.int64) * T
+            eos = bos + T
+            c0 = i_n.to(gl.int64) * gl.cdiv(T, BT)
+        n_chunks = gl.cdiv(eos - bos, BT).to(gl.int32)
+
+        t_idx = gl.arange(0, BT, layout=ROW)
+        kk = gl.arange(0, K, layout=COL)
+        kr = gl.arange(0, K, layout=ROW)
+        tc = gl.arange(0, BT, layout=COL)
+        rows = t_idx[:, None]
+        cols = tc[None, :]
+        s_tile = kr[:, None] * V + kk[None, :]
+        m_off = rows * BT + cols
+        z_tv = gl.zeros([BT, V], gl.float32, MMA)
+        z_tt = gl.zeros([BT, BT], gl.float32, MMA)
+
+        raw = gl.allocate_shared_memory(r.dtype.element_ty, [12, BT, K], SH16)   # r w k a b v, two stages
+        sm_s = gl.allocate_shared_memory(gl.float32, [K, V], SH32)
+        sm_v = gl.allocate_shared_memory(gl.float32, [BT, V], SH32)
+        sm_ah = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_rh = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_bf = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_kf = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_bt = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_l = gl.allocate_shared_memory(gl.float32, [2, BT, K], SH32)
+        sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SH32)
+        sm_m = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SH32)       # A_ak, A_rb, A_rk
+        sm_n = gl.allocate_shared_memory(gl.float32, [BT, BT], SH32)          # N = A_ab
+        sm_p = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SH32)       # N^2, N^4, N^8
+        sm_x = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SH32)       # I + N, then its products
+        sm_z = gl.allocate_shared_memory(gl.float32, [BT, V], SH32)
+        sm_u = gl.allocate_shared_memory(gl.float32, [BT, V], SH32)
+        sm_tinv = gl.allocate_shared_memory(gl.float32, [BT, BT], SH32)
+        sm_tri.store(gl.where(rows >= cols, 1.0, 0.0) + z_tt)
+        eye = gl.where(rows == cols, 1.0, 0.0) + z_tt
+
+        S = gl.zeros([K, V], gl.float32, MMA)
+        if HAS_STATE:
+            S += gl.load(h0 + i_nh.to(gl.int64) * K * V + s_tile)
+        if n_chunks > 0:
+            _issue_forward_copies(r, w, k, a, b, v, raw, 0, 0, bos, eos, i_h, H, K, BT, NW)
+        for i_c in range(0, n_chunks):
+            o_t = bos + i_c * BT + t_idx
+            m_t = (o_t < eos)[:, None] & (kk < K)[None, :]
+            p = (o_t[:, None] * H + i_h) * K + kk[None, :]
+            st = i_c % 2
+            cp.wait_group(0)
+            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk i_c - 1
+            if i_c + 1 < n_chunks:
+                _issue_forward_copies(r, w, k, a, b, v, raw, 1 - st, i_c + 1, bos, eos, i_h, H, K, BT, NW)
+            r_c = gl.where(m_t, raw.index(st * 6 + 0).load(MMA).to(gl.float32), 0.0)
+            w_c = gl.where(m_t, raw.index(st * 6 + 1).load(MMA).to(gl.float32), 0.0)
+            k_c = gl.where(m_t, raw.index(st * 6 + 2).load(MMA).to(gl.float32), 0.0)
+            a_c = gl.where(m_t, raw.index(st * 6 + 3).load(MMA).to(gl.float32), 0.0)
+            b_c = gl.where(m_t, raw.index(st * 6 + 4).load(MMA).to(gl.float32), 0.0)
+            v_c = gl.where(m_t, raw.index(st * 6 + 5).load(MMA).to(gl.float32), 0.0)
+            L = gl.where(m_t, _log_decay(w_c, W_FORM), 0.0)
+            L_hi = _tf32_head(L)
+            sm_l.index(0).store(L_hi)
+            sm_l.index(1).store(L - L_hi)
+            gl.thread_barrier()
+            incl = sm_tri.load(A32)
+            G = mma_v2(incl, sm_l.index(0).load(B32), z_tv, input_precision="tf32")
+            G = mma_v2(incl, sm_l.index(1).load(B32), G, input_precision="tf32")
+            Gm = G - L
+            G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
+            a_hat = a_c * gl.exp(Gm)
+            r_hat = r_c * gl.exp(G)
+            tail = gl.exp(G_last[None, :] - G)
+            e_neg = gl.exp(-G)                          # inf past SAFE_RANGE: only the safe path reads it
+            safe = gl.min(G_last, 0) >= -SAFE_RANGE
+            sm_s.store(S)
+            sm_v.store(v_c)
+            sm_ah.store(a_hat)
+            sm_rh.store(r_hat)
+            sm_bf.store(b_c * e_neg)
+            sm_kf.store(k_c * e_neg)
+            sm_bt.store(b_c * tail)
+            sm_kt.store(k_c * tail)
+            gl.thread_barrier()
+
+            # The in-chunk matrices (kernels/wkv7.py _intra): factored where safe, pair by pair otherwise.
+            if safe:
+                ah_a = sm_ah.load(A32)
+                rh_a = sm_rh.load(A32)
+                bft_b = sm_bf.permute((1, 0)).load(B32)
+                kft_b = sm_kf.permute((1, 0)).load(B32)
+                A_ab = mma_v2(ah_a, bft_b, z_tt, input_precision="tf32")
+                A_ak = mma_v2(ah_a, kft_b, z_tt, input_precision="tf32")
+                A_rb = mma_v2(rh_a, bft_b, z_tt, input_precision="tf32")
+                A_rk = mma_v2(rh_a, kft_b, z_tt, input_precision="tf32")
+            else:
+                A_ab = z_tt
+                A_ak = z_tt
+                A_rb = z_tt
+                A_rk = z_tt
+                for s in range(BT):
+                    at_s = rows == s
+                    G_s = gl.sum(gl.where(at_s, G, 0.0), 0)
+                    b_s = gl.sum(gl.where(at_s, b_c, 0.0), 0)
+                    k_s = gl.sum(gl.where(at_s, k_c, 0.0), 0)
+                    E = gl.exp(gl.where(rows > s, Gm - G_s[None, :], float("-inf")))
+                    F = gl.exp(gl.where(rows >= s, G - G_s[None, :], float("-inf")))
+                    aE = a_c * E
+                    rF = r_c * F
+                    col_s = cols == s
+                    A_ab = gl.where(col_s, gl.sum(aE * b_s[None, :], 1)[:, None], A_ab)
+                    A_ak = gl.where(col_s, gl.sum(aE * k_s[None, :], 1)[:, None], A_ak)
+                    A_rb = gl.where(col_s, gl.sum(rF * b_s[None, :], 1)[:, None], A_rb)
+                    A_rk = gl.where(col_s, gl.sum(rF * k_s[None, :], 1)[:, None], A_rk)
+            A_ab = gl.where(rows > cols, A_ab, 0.0)
+            A_ak = gl.where(rows > cols, A_ak, 0.0)
+            A_rb = gl.where(rows >= cols, A_rb, 0.0)
+            A_rk = gl.where(rows >= cols, A_rk, 0.0)
+            # Tinv = (I + N)(I + N^2)(I + N^4)(I + N^8), N = A_ab (kernels/wkv7.py _unit_lower_inverse's
+            # products in its order), with Z = Â S + A_ak V beside the first squaring.
+            X = eye + A_ab
+            sm_n.store(A_ab)
+            sm_x.index(0).store(X)
+            sm_m.index(0).store(A_ak)
+            sm_m.index(1).store(A_rb)
+            sm_m.index(2).store(A_rk)
+            gl.thread_barrier()
+            P = mma_v2(sm_n.load(A32), sm_n.load(B32), z_tt, input_precision="tf32")
+            Z = mma_v2(sm_ah.load(A32), sm_s.load(B32), z_tv, input_precision="tf32")
+            Z = mma_v2(sm_m.index(0).load(A32), sm_v.load(B32), Z, input_precision="tf32")
+            sm_p.index(0).store(P)
+            sm_z.store(Z)
+            gl.thread_barrier()
+            X = mma_v2(sm_x.index(0).load(A32), sm_p.index(0).load(B32), X, input_precision="tf32")
+            P = mma_v2(sm_p.index(0).load(A32), sm_p.index(0).load(B32), z_tt, input_precision="tf32")
+            sm_x.index(1).store(X)
+            sm_p.index(1).store(P)
+            gl.thread_barrier()
+            X = mma_v2(sm_x.index(1).load(A32), sm_p.index(1).load(B32), X, input_precision="tf32")
+            P = mma_v2(sm_p.index(1).load(A32), sm_p.index(1).load(B32), z_tt, input_precision="tf32")
+            sm_x.index(2).store(X)
+            sm_p.index(2).store(P)
+            gl.thread_barrier()
+            Tinv = mma_v2(sm_x.index(2).load(A32), sm_p.index(2).load(B32), X, input_precision="tf32")
+            sm_tinv.store(Tinv)
+            if STORE_MATS:               # kernels/wkv7.py MAT_TINV, MAT_AK, MAT_RB, MAT_RK
+                mbase = mats + ((c0 + i_c) * H + i_h) * 4 * BT * BT
+                gl.store(mbase + m_off, Tinv)
+                gl.store(mbase + BT * BT + m_off, A_ak)
+                gl.store(mbase + 2 * BT * BT + m_off, A_rb)
+                gl.store(mbase + 3 * BT * BT + m_off, A_rk)
+            gl.thread_barrier()
+            U = mma_v2(sm_tinv.load(A32), sm_z.load(B32), z_tv, input_precision="tf32")     # U_t = a_tᵀ h_{t-1}
+            if STORE_U:
+                gl.store(u + p, U, mask=m_t)
+            sm_u.store(U)
+            gl.thread_barrier()
+            u_b = sm_u.load(B32)
+            v_b = sm_v.load(B32)
+            if STORE_O:
+                O = mma_v2(sm_rh.load(A32), sm_s.load(B32), z_tv, input_precision="tf32")
+                O = mma_v2(sm_m.index(1).load(A32), u_b, O, input_precision="tf32")
+                O = mma_v2(sm_m.index(2).load(A32), v_b, O, input_precision="tf32")
+                gl.store(o + p, (O * scale).to(o.dtype.element_ty), mask=m_t)
+            gamma = gl.convert_layout(gl.exp(G_last), ROW)
+            S = mma_v2(sm_bt.permute((1, 0)).load(A32), u_b, S * gamma[:, None], input_precision="tf32")
+            S = mma_v2(sm_kt.permute((1, 0)).load(A32), v_b, S, input_precision="tf32")
+        if STORE_FINAL:
+            gl.store(ht + i_nh.to(gl.int64) * K * V + s_tile, S)
+
+    @gluon.jit
+    def _issue_states_copies(w, k, b, v, u, raw16, raw_u, stage, i_c, bos, eos, i_h, i_v, H: gl.constexpr,
+                             K: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr, NW: gl.constexpr):
+        """cp.async of chunk i_c's w, k, b (all K columns) and v, U (V block i_v) into buffer `stage`."""
+        V: gl.constexpr = K
+        ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NW, 1], [1, 0])
+        o_t = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, ROWS))
+        o_k = gl.arange(0, K, layout=gl.SliceLayout(0, ROWS))
+        m = (o_t < eos)[:, None] & (o_k < K)[None, :]
+        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        base = stage * 4
+        cp.async_copy_global_to_shared(raw16.index(base + 0), w + p, mask=m)
+        cp.async_copy_global_to_shared(raw16.index(base + 1), k + p, mask=m)
+        cp.async_copy_global_to_shared(raw16.index(base + 2), b + p, mask=m)
+        VROWS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BV // 4), BV // 4], [NW, 1], [1, 0])
+        o_tv = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, VROWS))
+        o_v = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, VROWS))
+        mv = (o_tv < eos)[:, None] & (o_v < V)[None, :]
+        pv = (o_tv[:, None] * H + i_h) * V + o_v[None, :]
+        cp.async_copy_global_to_shared(raw16.index(base + 3).slice(0, BV, 1), v + pv, mask=mv)
+        cp.async_copy_global_to_shared(raw_u.index(stage), u + pv, mask=mv)
+        cp.commit_group()
+
+    @gluon.jit
+    def chunk_states_gluon_kernel(
+        w, k, v, b, u, h0, states, chunk_offsets, cu_seqlens, T,
+        H: gl.constexpr, K: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr, W_FORM: gl.constexpr,
+        HAS_STATE: gl.constexpr, IS_VARLEN: gl.constexpr, NW: gl.constexpr,
+    ):
+        """kernels/wkv7.py chunk_states_kernel without segments: S' = γ S + B̃ᵀ U + K̃ᵀ V, storing every
+        chunk's start state; program (i_v, i_nh). The decays' suffix sums come from a product with a
+        0/1 triangle on L taken straight from the landed w (no round trip): 3 barriers per chunk."""
+        V: gl.constexpr = K
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        SH16: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        SH32: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
+        i_v = gl.program_id(0)
+        i_nh = gl.program_id(1)
+        i_n = i_nh // H
+        i_h = i_nh % H
+        if IS_VARLEN:
+            bos = gl.load(cu_seqlens + i_n).to(gl.int64)
+            eos = gl.load(cu_seqlens + i_n + 1).to(gl.int64)
+            c0 = gl.load(chunk_offsets + i_n).to(gl.int64)
+        else:
+            bos = i_n.to(gl.int64) * T
+            eos = bos + T
+            c0 = i_n.to(gl.int64) * gl.cdiv(T, BT)
+        n_chunks = gl.cdiv(eos - bos, BT).to(gl.int32)
+        t_idx = gl.arange(0, BT, layout=ROW)
+        kk = gl.arange(0, K, layout=COL)
+        kr = gl.arange(0, K, layout=ROW)
+        vv = i_v * BV + gl.arange(0, BV, layout=COL)
+        tc = gl.arange(0, BT, layout=COL)
+        rows = t_idx[:, None]
+        cols = tc[None, :]
+        s_tile = kr[:, None] * V + vv[None, :]
+        z_tk = gl.zeros([BT, K], gl.float32, MMA)
+        raw16 = gl.allocate_shared_memory(w.dtype.element_ty, [8, BT, K], SH16)   # w k b v, two stages
+        raw_u = gl.allocate_shared_memory(gl.float32, [2, BT, BV], SH32)
+        sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SH32)
+        sm_bt = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
+        sm_v = gl.allocate_shared_memory(gl.float32, [BT, BV], SH32)
+        sm_tri.store(gl.where(rows <= cols, 1.0, 0.0) + gl.zeros([BT, BT], gl.float32, MMA))   # [t, s]: s >= t
+        S = gl.zeros([K, BV], gl.float32, MMA)
+        if HAS_STATE:
+            S += gl.load(h0 + i_nh.to(gl.int64) * K * V + s_tile)
+        if n_chunks > 0:
+            _issue_states_copies(w, k, b, v, u, raw16, raw_u, 0, 0, bos, eos, i_h, i_v, H, K, BV, BT, NW)
+        for i_c in range(0, n_chunks):
+            st = i_c % 2
+            cp.wait_group(0)
+            gl.thread_barrier()
+            if i_c + 1 < n_chunks:
+                _issue_states_copies(w, k, b, v, u, raw16, raw_u, 1 - st, i_c + 1, bos, eos, i_h, i_v, H, K, BV, BT, NW)
+            gl.store(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, S)
+            o_t = bos + i_c * BT + t_idx
+            m_t = (o_t < eos)[:, None] & (kk < K)[None, :]
+            L = gl.where(m_t, _log_decay(raw16.index(st * 4 + 0).load(MMA).to(gl.float32), W_FORM), 0.0)
+            t_b = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, B32))
+            L_b = gl.where((t_b < eos)[:, None], _log_decay(raw16.index(st * 4 + 0).load(B32).to(gl.float32), W_FORM), 0.0)
+            L_b_hi = _tf32_head(L_b)
+            tri = sm_tri.load(A32)
+            suffix = mma_v2(tri, L_b_hi, z_tk, input_precision="tf32")       # Σ_{s >= t} L_s
+            suffix = mma_v2(tri, L_b - L_b_hi, suffix, input_precision="tf32")
+            G_last = gl.sum(gl.where(rows == 0, suffix, 0.0), 0)
+            tail = gl.exp(suffix - L)                                           # e^{G_last - G_t}
+            k_c = gl.where(m_t, raw16.index(st * 4 + 1).load(MMA).to(gl.float32), 0.0)
+            b_c = gl.where(m_t, raw16.index(st * 4 + 2).load(MMA).to(gl.float32), 0.0)
+            sm_bt.store(b_c * tail)
+            sm_kt.store(k_c * tail)
+            sm_v.store(raw16.index(st * 4 + 3).slice(0, BV, 1).load(MMA).to(gl.float32))
+            gamma = gl.convert_layout(gl.exp(G_last), ROW)
+            gl.thread_barrier()
+            S = mma_v2(sm_bt.permute((1, 0)).load(A32), raw_u.index(st).load(B32), S * gamma[:, None],
+                       input_precision="tf32")
+            S = mma_v2(sm_kt.permute((1, 0)).load(A32), sm_v.load(B32), S, input_precision="tf32")

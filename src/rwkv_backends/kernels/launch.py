@@ -8,8 +8,8 @@ the chunk start states into a temporary buffer: from U with one multiply-add per
 chain (chunk_states), or else with a lighter forward pass that loads those matrices (`MATS_LOAD`:
 no outputs, no in-chunk products, no inverse).
 
-The gradient kernel of one-pass training is kernels/wkv7.py's chunk_bwd_kernel, or where the config
-asks for it (`gluon`) the same math in Gluon (kernels/gluon_nvidia.py, NVIDIA sm80+, K = V = 64).
+The one-pass path's forward, state rebuild and gradient kernels are kernels/wkv7.py's, or where their
+configs ask for it (`gluon`) the same math in Gluon (kernels/gluon_nvidia.py, NVIDIA sm80+, K = V = 64).
 
 The two-pass variant's training forward also saves the start state of each segment of the
 sequence (a few per sequence). Its backward then sweeps the state gradient back to every
@@ -89,6 +89,15 @@ def _aligned16(*tensors):
     for 16-byte-aligned pointers: a tensor whose storage starts elsewhere (a view at an odd offset)
     is copied to a fresh, aligned allocation first."""
     return [x if x is None or x.data_ptr() % 16 == 0 else x.clone() for x in tensors]
+
+
+def _check_gluon(arg: str, kernel: str, **launch):
+    """Raises a ValueError naming `arg` when `kernel`'s Gluon implementation cannot take this launch."""
+    why = gluon_nvidia.unsupported(kernel, **launch)
+    if why is None and interpreter_enabled():
+        why = "TRITON_INTERPRET=1: the interpreter cannot run Gluon kernels"
+    if why:
+        raise ValueError(f"{arg}: gluon is set, but {why}")
 
 
 def _num_sequences(B, cu_seqlens):
@@ -179,6 +188,18 @@ def chunk_states(w, k, v, b, u, h0, *, cu_seqlens, cfg: KernelConfig, w_form, st
     N = _num_sequences(B, cu_seqlens)
     BT, BV = cfg.chunk_size, min(_pow2(V), cfg.block_v)
     offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
+    if cfg.gluon:
+        _check_gluon("cfg", "chunk_states", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
+                     dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_states is not None)
+        w, k, v, b = _aligned16(w, k, v, b)
+        launch = gluon_nvidia.LAUNCH["chunk_states"]
+        gluon_nvidia.chunk_states_gluon_kernel[(_cdiv(V, launch["block_v"]), N * H)](
+            w, k, v, b, u, h0 if h0 is not None else v, states, offsets if offsets is not None else v,
+            cu_seqlens if cu_seqlens is not None else v, T,
+            H=H, K=K, BV=launch["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
+            IS_VARLEN=cu_seqlens is not None, NW=launch["num_warps"], num_warps=launch["num_warps"],
+        )
+        return states
     grid, seg_offsets, seg_chunks = (_cdiv(V, BV), N * H), None, 1
     if seg_states is not None:
         seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
@@ -222,6 +243,20 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
         raise ValueError(f"seg_states: mode {seg_mode!r} {'needs' if seg_states is None else 'takes no'} a buffer")
     if seg_mode == "walk" and (store_o or store_final):
         raise ValueError("seg_mode: 'walk' recomputes chunk states only (store_o and store_final must be False)")
+    if cfg.gluon:
+        _check_gluon("cfg", "chunk_fwd", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
+                     dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_mode != "none", mats_mode=mats_mode,
+                     store_states=store_states)
+        r, w, k, v, a, b = _aligned16(r, w, k, v, a, b)
+        gluon_nvidia.chunk_fwd_gluon_kernel[(1, N * H)](
+            r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, mats if mats is not None else v,
+            offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
+            u if u is not None else v, float(scale), T,
+            H=H, K=K, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None, STORE_FINAL=store_final,
+            STORE_O=store_o, STORE_MATS=mats_mode == "store", STORE_U=u is not None, IS_VARLEN=cu_seqlens is not None,
+            NW=gluon_nvidia.LAUNCH["chunk_fwd"]["num_warps"], num_warps=gluon_nvidia.LAUNCH["chunk_fwd"]["num_warps"],
+        )
+        return (o if store_o else None), (ht if store_final else None), None
     grid = (_cdiv(V, BV), N * H)
     seg_offsets, seg_chunks = None, 1
     if seg_mode != "none":
@@ -387,7 +422,9 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     segmented = seg_states is not None and (mats is not None or transitions is not None)
     fwd_mats = mats
     # The backward walks the chunks with its own chunk size.
-    cfg_rebuild = (cfg_recompute if segmented and cfg_recompute else cfg_fwd).with_(chunk_size=cfg_bwd.chunk_size)
+    # (The Gluon forward neither loads matrices nor stores chunk states: the recompute runs in Triton.)
+    cfg_rebuild = (cfg_recompute if segmented and cfg_recompute else cfg_fwd).with_(chunk_size=cfg_bwd.chunk_size,
+                                                                                     gluon=False)
     have = mats is not None and mats.shape[-1] == cfg_bwd.chunk_size
     if not have:
         mats = empty_mats(k, cu_seqlens, cfg_bwd.chunk_size)
@@ -450,12 +487,8 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     if side is not None:                 # the gradients need the recomputed states (and rebuilt matrices)
         torch.cuda.current_stream(k.device).wait_stream(side)
     if cfg_bwd.gluon:
-        why = gluon_nvidia.unsupported(K, V, BT, BV, k.dtype, _dot_precision(cfg_bwd, k.dtype), u is not None,
-                                       segmented)
-        if why is None and interpreter_enabled():
-            why = "TRITON_INTERPRET=1: the interpreter cannot run Gluon kernels"
-        if why:
-            raise ValueError(f"cfg_bwd: gluon is set, but {why}")
+        _check_gluon("cfg_bwd", "chunk_bwd", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
+                     dot_precision=_dot_precision(cfg_bwd, k.dtype), T=T, has_u=u is not None, segmented=segmented)
         r, w, k, v, a, b, do = _aligned16(r, w, k, v, a, b, do)
         gluon_nvidia.chunk_bwd_gluon_kernel[(1, N * H)](
             r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,

@@ -34,7 +34,10 @@ _SM90 = {
     # num_stages 3 (hand-run sweep, benchmarks/results-h100-2026-11-27d.json; the tool now sweeps
     # stages): prefill B8 T4096 H32 1.62 -> 1.48 ms, H64 3.16 -> 2.94 ms, the same errors to the bit
     # (2 stages: 1.59 and 3.17 ms). The loads of the next chunk no longer wait for this one's dots.
-    "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, num_stages=3, dot_precision="tf32"),
+    # gluon (NOTES change 54): the Gluon forward (kernels/gluon_nvidia.py); prefill B8 T4096 H32 1.448 ->
+    # 1.410 ms, training -1.5% (results-h100-2026-11-27r-gluon.json). The other fields are the Triton
+    # kernel's, which runs where the Gluon one cannot (the plan says why).
+    "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, num_stages=3, dot_precision="tf32", gluon=True),
                   "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
     # bf16 operands (NOTES change 43; the in-chunk pair products stay tf32), from the tune tool:
     # tune-sm90-2026-11-27-bf16-bwd64.json, recompute + backward 7.48 ms (tf32, 2 stages) -> 5.41 ms,
@@ -56,7 +59,9 @@ _SM90 = {
     # The state recompute from U at B8 T4096 H32, from the tune tool (tune-sm90-2026-11-27-u-states64.json):
     # 0.687 ms at BV 32, 1 warp, 3 stages; the forward's launch shape took 0.91 ms and the recompute
     # from the chunk matrices it replaces 0.94 (hand-run sweep, results-h100-2026-11-27-u.json).
-    "chunk_states": {"64": C(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32")},
+    # gluon (NOTES change 56): the Gluon state rebuild, 0.748 -> 0.700 ms at B8 H32, 1.625 -> 1.430 ms
+    # at H64 (results-h100-2026-11-27r-gluon.json).
+    "chunk_states": {"64": C(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32", gluon=True)},
     # fp32 state: BV 32 and BV 64 tie (98.2 and 98.3 us at B256 H32, interleaved); a 16-bit state
     # runs 72 us at BV 32 and 65 us at BV 64, so 64.
     "recurrent_fwd": {"64": C(block_v=64, num_warps=4), "128": C(block_v=32, num_warps=2)},
