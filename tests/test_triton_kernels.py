@@ -400,6 +400,28 @@ def test_gpu_gluon_forward_and_state_rebuild_match_the_triton_ones(regime, w_for
 
 @requires_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2, 17])
+def test_gpu_training_at_a_few_steps(T):
+    """Training through the planned kernels at T = 1 (Triton compiles it as a constant; the Gluon
+    kernels do not lower then, so the plan keeps them off: NOTES change 57) and just past it."""
+    import rwkv_backends as rb
+    from rwkv_backends.conformance.cases import make_inputs, relative_error
+    from rwkv_backends.reference import wkv7_reference
+    x = make_inputs(Case("backward", "bfloat16", "realistic", 2, T, 4, 64, 64), 3, "cuda")
+    names = ("r", "w", "k", "v", "a", "b")
+    leaves = [x[n].clone().requires_grad_(True) for n in names] + [x["state"].clone().requires_grad_(True)]
+    o, s = rb.wkv7(*leaves, backend="triton.chunk")
+    torch.autograd.backward((o, s), (x["do"], x["dstate"]))
+    ref = [x[n].double().requires_grad_(True) for n in names] + [x["state"].double().requires_grad_(True)]
+    o_ref, s_ref = wkv7_reference(*ref)
+    torch.autograd.backward((o_ref, s_ref), (x["do"].double(), x["dstate"].double()))
+    assert relative_error(o, o_ref) < 1e-2
+    for got, want in zip(leaves, ref):
+        assert relative_error(got.grad, want.grad) < 2e-2
+
+
+@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", full_cases(), ids=lambda c: c.id)
 def test_gpu_full_matrix(case):
     res = run_case(case, backend="triton", device="cuda", base_seed=11)
