@@ -72,12 +72,29 @@ def _inputs(B, T, H, K, seed):
 
 
 def _table_config(kernel, K):
-    """`kernel`'s table entry on this device (what the swept kernel runs beside)."""
+    """`kernel`'s table entry on this device (what the swept kernel runs beside), narrowed as a plan
+    narrows it: by the active known issues, and to the Triton kernel where the entry's Gluon one
+    cannot take the tune problem (another K, the interpreter)."""
     from types import SimpleNamespace
 
-    from .device import detect
+    from . import known_issues
+    from .device import detect, triton_version
     from .tuning import lookup
-    cfg, _ = lookup(detect(DEVICE), kernel, SimpleNamespace(K=K, V=K))
+    info = detect(DEVICE)
+    cfg, _ = lookup(info, kernel, SimpleNamespace(K=K, V=K))
+    cfg, _ = known_issues.constrain(kernel, cfg, known_issues.active(info, triton_version()))
+    return _fit_gluon(kernel, cfg, K)
+
+
+def _fit_gluon(kernel, cfg, K, segmented=False):
+    """cfg, or cfg with gluon off where the Gluon kernel cannot take the tune problem's launch (as
+    backends/triton.py gluon_fallbacks does for plans)."""
+    from .kernels import gluon_nvidia
+    from .kernels.launch import _dot_precision
+    if cfg.gluon and gluon_nvidia.unsupported(kernel, K=K, V=K, chunk_size=cfg.chunk_size, block_v=cfg.block_v,
+                                              dtype=torch.bfloat16, dot_precision=_dot_precision(cfg, torch.bfloat16),
+                                              segmented=segmented):
+        return cfg.with_(gluon=False)
     return cfg
 
 
@@ -108,7 +125,8 @@ def _segmented_training_backward(kernel, cfg, x):
                                          w_form="log", cfg_fwd=cfgs["chunk_fwd_loaded"],
                                          cfg_bwd=cfgs["chunk_bwd_split"], mats=mats, seg_states=seg_states,
                                          seg_len=seg_len, cfg_recompute=cfgs["chunk_recompute"], u=u,
-                                         cfg_states=_table_config("chunk_states", K))
+                                         cfg_states=_fit_gluon("chunk_states", _table_config("chunk_states", K), K,
+                                                               segmented=True))
 
 
 def _transition_programs(x) -> int:
@@ -178,8 +196,9 @@ def _runner(kernel, cfg, x, for_error_check=False):
     # size) has stored the chunk matrices and U if keep_u asks for it, the backward loads them.
     K = x["k"].shape[-1]
     bwd_cfg = _table_config("chunk_bwd", K) if kernel == "chunk_states" else cfg
-    fwd_cfg = _table_config("chunk_fwd", K).with_(chunk_size=bwd_cfg.chunk_size)
-    states_cfg = cfg if kernel == "chunk_states" else _table_config("chunk_states", K)
+    fwd_cfg = _fit_gluon("chunk_fwd", _table_config("chunk_fwd", K).with_(chunk_size=bwd_cfg.chunk_size), K)
+    states_cfg = cfg if kernel == "chunk_states" else _fit_gluon(
+        "chunk_states", _table_config("chunk_states", K).with_(chunk_size=bwd_cfg.chunk_size), K)
     mats = launch.empty_mats(x["k"], None, bwd_cfg.chunk_size)
     u = launch.empty_u(x["v"], bwd_cfg.keep_u)
     launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd_cfg, mats=mats,
