@@ -89,6 +89,20 @@ if GLUON_IMPORT_ERROR is None:
     _dlog_decay = gluon.jit(kern._dlog_decay.fn)
 
     @gluon.jit
+    def _sequence(cu_seqlens, chunk_offsets, i_n, T, BT: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """Sequence i_n's first and end token, its first chunk's index in the chunk buffers, and its
+        chunk count (kernels/wkv7.py _seq_bounds and _chunk_base)."""
+        if IS_VARLEN:
+            bos = gl.load(cu_seqlens + i_n).to(gl.int64)
+            eos = gl.load(cu_seqlens + i_n + 1).to(gl.int64)
+            c0 = gl.load(chunk_offsets + i_n).to(gl.int64)
+        else:
+            bos = i_n.to(gl.int64) * T
+            eos = bos + T
+            c0 = i_n.to(gl.int64) * gl.cdiv(T, BT)
+        return bos, eos, c0, gl.cdiv(eos - bos, BT).to(gl.int32)
+
+    @gluon.jit
     def _tf32_head(x):
         """x cut to tf32's 10 mantissa bits: x - head is exact in float32, so a tf32 product with the
         head plus one with the remainder loses about 2^-21 of x, not 2^-11."""
@@ -145,15 +159,7 @@ if GLUON_IMPORT_ERROR is None:
         i_nh = gl.program_id(1)
         i_n = i_nh // H
         i_h = i_nh % H
-        if IS_VARLEN:
-            bos = gl.load(cu_seqlens + i_n).to(gl.int64)
-            eos = gl.load(cu_seqlens + i_n + 1).to(gl.int64)
-            c0 = gl.load(chunk_offsets + i_n).to(gl.int64)
-        else:
-            bos = i_n.to(gl.int64) * T
-            eos = bos + T
-            c0 = i_n.to(gl.int64) * gl.cdiv(T, BT)
-        n_chunks = gl.cdiv(eos - bos, BT).to(gl.int32)
+        bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
 
         t_idx = gl.arange(0, BT, layout=ROW)
         kk = gl.arange(0, K, layout=COL)
@@ -432,15 +438,7 @@ if GLUON_IMPORT_ERROR is None:
         i_nh = gl.program_id(1)
         i_n = i_nh // H
         i_h = i_nh % H
-        if IS_VARLEN:
-            bos = gl.load(cu_seqlens + i_n).to(gl.int64)
-            eos = gl.load(cu_seqlens + i_n + 1).to(gl.int64)
-            c0 = gl.load(chunk_offsets + i_n).to(gl.int64)
-        else:
-            bos = i_n.to(gl.int64) * T
-            eos = bos + T
-            c0 = i_n.to(gl.int64) * gl.cdiv(T, BT)
-        n_chunks = gl.cdiv(eos - bos, BT).to(gl.int32)
+        bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
 
         t_idx = gl.arange(0, BT, layout=ROW)
         kk = gl.arange(0, K, layout=COL)
@@ -648,15 +646,7 @@ if GLUON_IMPORT_ERROR is None:
         i_nh = gl.program_id(1)
         i_n = i_nh // H
         i_h = i_nh % H
-        if IS_VARLEN:
-            bos = gl.load(cu_seqlens + i_n).to(gl.int64)
-            eos = gl.load(cu_seqlens + i_n + 1).to(gl.int64)
-            c0 = gl.load(chunk_offsets + i_n).to(gl.int64)
-        else:
-            bos = i_n.to(gl.int64) * T
-            eos = bos + T
-            c0 = i_n.to(gl.int64) * gl.cdiv(T, BT)
-        n_chunks = gl.cdiv(eos - bos, BT).to(gl.int32)
+        bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
         t_idx = gl.arange(0, BT, layout=ROW)
         kk = gl.arange(0, K, layout=COL)
         kr = gl.arange(0, K, layout=ROW)
