@@ -82,6 +82,10 @@ def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, d
 
 if GLUON_IMPORT_ERROR is None:
     SAFE_RANGE = kern.SAFE_RANGE
+    # Every shared buffer is swizzled: unswizzled ones made the gradient kernel 1.6x slower (bank
+    # conflicts of the operand loads).
+    SHARED16 = gl.constexpr(gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))
+    SHARED32 = gl.constexpr(gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
 
     # The decay forms are kernels/wkv7.py's, compiled by Gluon's frontend (their tl.* calls are
     # the builtins Gluon shares with Triton).
@@ -109,16 +113,23 @@ if GLUON_IMPORT_ERROR is None:
         return (x.to(gl.int32, bitcast=True) & -8192).to(gl.float32, bitcast=True)
 
     @gluon.jit
+    def _chunk_rows(bos, eos, i_c, i_h, col0, H: gl.constexpr, N: gl.constexpr, BT: gl.constexpr,
+                    NCOLS: gl.constexpr, LAYOUT: gl.constexpr):
+        """Offsets and mask of chunk i_c's rows, columns [col0, col0 + NCOLS), of a [tokens, H, N]
+        tensor, in LAYOUT (what the cp.async copies are laid out in)."""
+        o_t = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, LAYOUT))
+        o_n = col0 + gl.arange(0, NCOLS, layout=gl.SliceLayout(0, LAYOUT))
+        return (o_t[:, None] * H + i_h) * N + o_n[None, :], (o_t < eos)[:, None] & (o_n < N)[None, :]
+
+    @gluon.jit
     def _issue_copies(r, w, k, a, b, v, do, u, states, mats, raw16, raw_u, raw_s, raw_m, stage, i_c, bos, eos, c0,
                       i_h, H: gl.constexpr, K: gl.constexpr, BT: gl.constexpr):
         """cp.async of chunk i_c's inputs into raw buffer `stage`: no registers are held while they fly."""
         V: gl.constexpr = K
         ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [8, 1], [1, 0])   # [16, 64] in 4-element pieces
         MATS: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [8, 1], [1, 0])   # [64, 16]: the four matrices
-        o_t = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, ROWS))
         o_k = gl.arange(0, K, layout=gl.SliceLayout(0, ROWS))
-        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
-        m = (o_t < eos)[:, None] & (o_k < K)[None, :]
+        p, m = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, ROWS)
         base = stage * 7
         cp.async_copy_global_to_shared(raw16.index(base + 0), r + p, mask=m)
         cp.async_copy_global_to_shared(raw16.index(base + 1), w + p, mask=m)
@@ -152,9 +163,6 @@ if GLUON_IMPORT_ERROR is None:
         B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
         A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
         B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
-        # Swizzled: unswizzled buffers made the kernel 1.6x slower (bank conflicts of the operand loads).
-        SH16: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-        SH32: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
 
         i_nh = gl.program_id(1)
         i_n = i_nh // H
@@ -172,32 +180,32 @@ if GLUON_IMPORT_ERROR is None:
         z_tt = gl.zeros([BT, BT], gl.float32, MMA)
 
         # Raw inputs, two stages (this chunk's and the next one's, arriving by cp.async).
-        raw16 = gl.allocate_shared_memory(r.dtype.element_ty, [14, BT, K], SH16)  # r w k a b v do, per stage
-        raw_u = gl.allocate_shared_memory(gl.float32, [2, BT, V], SH32)
-        raw_s = gl.allocate_shared_memory(gl.float32, [2, K, V], SH32)
-        raw_m = gl.allocate_shared_memory(gl.float32, [2, 4 * BT, BT], SH32)
+        raw16 = gl.allocate_shared_memory(r.dtype.element_ty, [14, BT, K], SHARED16)  # r w k a b v do, per stage
+        raw_u = gl.allocate_shared_memory(gl.float32, [2, BT, V], SHARED32)
+        raw_s = gl.allocate_shared_memory(gl.float32, [2, K, V], SHARED32)
+        raw_m = gl.allocate_shared_memory(gl.float32, [2, 4 * BT, BT], SHARED32)
         # Operands of the products, written once per chunk.
-        sm_do = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
-        sm_u = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
-        sm_v = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
-        sm_s = gl.allocate_shared_memory(gl.bfloat16, [K, V], SH16)
-        sm_ds = gl.allocate_shared_memory(gl.bfloat16, [K, V], SH16)
-        sm_bt = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SH16)
-        sm_kt = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SH16)
-        sm_rh = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SH16)
-        sm_ah = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SH16)
-        sm_du = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
-        sm_dz = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SH16)
-        sm_mat = gl.allocate_shared_memory(gl.bfloat16, [4, BT, BT], SH16)       # Tinv, A_ak, A_rb, A_rk
-        sm_bf = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)             # pair products: tf32
-        sm_kf = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_ah32 = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_rh32 = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_da = gl.allocate_shared_memory(gl.float32, [4, BT, BT], SH32)        # dA_ab, dA_ak, dA_rb, dA_rk
+        sm_do = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SHARED16)
+        sm_u = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SHARED16)
+        sm_v = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SHARED16)
+        sm_s = gl.allocate_shared_memory(gl.bfloat16, [K, V], SHARED16)
+        sm_ds = gl.allocate_shared_memory(gl.bfloat16, [K, V], SHARED16)
+        sm_bt = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SHARED16)
+        sm_kt = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SHARED16)
+        sm_rh = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SHARED16)
+        sm_ah = gl.allocate_shared_memory(gl.bfloat16, [BT, K], SHARED16)
+        sm_du = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SHARED16)
+        sm_dz = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SHARED16)
+        sm_mat = gl.allocate_shared_memory(gl.bfloat16, [4, BT, BT], SHARED16)       # Tinv, A_ak, A_rb, A_rk
+        sm_bf = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)             # pair products: tf32
+        sm_kf = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_ah32 = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_rh32 = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_da = gl.allocate_shared_memory(gl.float32, [4, BT, BT], SHARED32)        # dA_ab, dA_ak, dA_rb, dA_rk
         # Scans over a chunk's rows as products with 0/1 triangles (the mma layout has no scan).
-        sm_tri = gl.allocate_shared_memory(gl.float32, [2, BT, BT], SH32)       # [t, s]: s <= t, s < t
-        sm_l = gl.allocate_shared_memory(gl.float32, [2, BT, K], SH32)          # L's tf32 head, remainder
-        sm_dl = gl.allocate_shared_memory(gl.float32, [4, BT, K], SH32)         # dG's and dGm's
+        sm_tri = gl.allocate_shared_memory(gl.float32, [2, BT, BT], SHARED32)       # [t, s]: s <= t, s < t
+        sm_l = gl.allocate_shared_memory(gl.float32, [2, BT, K], SHARED32)          # L's tf32 head, remainder
+        sm_dl = gl.allocate_shared_memory(gl.float32, [4, BT, K], SHARED32)         # dG's and dGm's
         sm_tri.index(0).store(gl.where(rows >= cols, 1.0, 0.0) + z_tt)
         sm_tri.index(1).store(gl.where(rows > cols, 1.0, 0.0) + z_tt)
 
@@ -403,10 +411,7 @@ if GLUON_IMPORT_ERROR is None:
                               BT: gl.constexpr, NW: gl.constexpr):
         """cp.async of chunk i_c's r, w, k, a, b, v into raw buffer `stage`."""
         ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NW, 1], [1, 0])
-        o_t = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, ROWS))
-        o_k = gl.arange(0, K, layout=gl.SliceLayout(0, ROWS))
-        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
-        m = (o_t < eos)[:, None] & (o_k < K)[None, :]
+        p, m = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, ROWS)
         base = stage * 6
         cp.async_copy_global_to_shared(raw.index(base + 0), r + p, mask=m)
         cp.async_copy_global_to_shared(raw.index(base + 1), w + p, mask=m)
@@ -432,8 +437,6 @@ if GLUON_IMPORT_ERROR is None:
         COL: gl.constexpr = gl.SliceLayout(0, MMA)
         A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
         B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
-        SH16: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-        SH32: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
 
         i_nh = gl.program_id(1)
         i_n = i_nh // H
@@ -451,24 +454,24 @@ if GLUON_IMPORT_ERROR is None:
         z_tv = gl.zeros([BT, V], gl.float32, MMA)
         z_tt = gl.zeros([BT, BT], gl.float32, MMA)
 
-        raw = gl.allocate_shared_memory(r.dtype.element_ty, [12, BT, K], SH16)   # r w k a b v, two stages
-        sm_s = gl.allocate_shared_memory(gl.float32, [K, V], SH32)
-        sm_v = gl.allocate_shared_memory(gl.float32, [BT, V], SH32)
-        sm_ah = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_rh = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_bf = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_kf = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_bt = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_l = gl.allocate_shared_memory(gl.float32, [2, BT, K], SH32)
-        sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SH32)
-        sm_m = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SH32)       # A_ak, A_rb, A_rk
-        sm_n = gl.allocate_shared_memory(gl.float32, [BT, BT], SH32)          # N = A_ab
-        sm_p = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SH32)       # N^2, N^4, N^8
-        sm_x = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SH32)       # I + N, then its products
-        sm_z = gl.allocate_shared_memory(gl.float32, [BT, V], SH32)
-        sm_u = gl.allocate_shared_memory(gl.float32, [BT, V], SH32)
-        sm_tinv = gl.allocate_shared_memory(gl.float32, [BT, BT], SH32)
+        raw = gl.allocate_shared_memory(r.dtype.element_ty, [12, BT, K], SHARED16)   # r w k a b v, two stages
+        sm_s = gl.allocate_shared_memory(gl.float32, [K, V], SHARED32)
+        sm_v = gl.allocate_shared_memory(gl.float32, [BT, V], SHARED32)
+        sm_ah = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_rh = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_bf = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_kf = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_bt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_l = gl.allocate_shared_memory(gl.float32, [2, BT, K], SHARED32)
+        sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)
+        sm_m = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SHARED32)       # A_ak, A_rb, A_rk
+        sm_n = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)          # N = A_ab
+        sm_p = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SHARED32)       # N^2, N^4, N^8
+        sm_x = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SHARED32)       # I + N, then its products
+        sm_z = gl.allocate_shared_memory(gl.float32, [BT, V], SHARED32)
+        sm_u = gl.allocate_shared_memory(gl.float32, [BT, V], SHARED32)
+        sm_tinv = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)
         sm_tri.store(gl.where(rows >= cols, 1.0, 0.0) + z_tt)
         eye = gl.where(rows == cols, 1.0, 0.0) + z_tt
 
@@ -608,19 +611,13 @@ if GLUON_IMPORT_ERROR is None:
         """cp.async of chunk i_c's w, k, b (all K columns) and v, U (V block i_v) into buffer `stage`."""
         V: gl.constexpr = K
         ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NW, 1], [1, 0])
-        o_t = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, ROWS))
-        o_k = gl.arange(0, K, layout=gl.SliceLayout(0, ROWS))
-        m = (o_t < eos)[:, None] & (o_k < K)[None, :]
-        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        p, m = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, ROWS)
         base = stage * 4
         cp.async_copy_global_to_shared(raw16.index(base + 0), w + p, mask=m)
         cp.async_copy_global_to_shared(raw16.index(base + 1), k + p, mask=m)
         cp.async_copy_global_to_shared(raw16.index(base + 2), b + p, mask=m)
         VROWS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BV // 4), BV // 4], [NW, 1], [1, 0])
-        o_tv = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, VROWS))
-        o_v = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, VROWS))
-        mv = (o_tv < eos)[:, None] & (o_v < V)[None, :]
-        pv = (o_tv[:, None] * H + i_h) * V + o_v[None, :]
+        pv, mv = _chunk_rows(bos, eos, i_c, i_h, i_v * BV, H, V, BT, BV, VROWS)
         cp.async_copy_global_to_shared(raw16.index(base + 3).slice(0, BV, 1), v + pv, mask=mv)
         cp.async_copy_global_to_shared(raw_u.index(stage), u + pv, mask=mv)
         cp.commit_group()
@@ -640,8 +637,6 @@ if GLUON_IMPORT_ERROR is None:
         COL: gl.constexpr = gl.SliceLayout(0, MMA)
         A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
         B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
-        SH16: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-        SH32: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
         i_v = gl.program_id(0)
         i_nh = gl.program_id(1)
         i_n = i_nh // H
@@ -656,12 +651,12 @@ if GLUON_IMPORT_ERROR is None:
         cols = tc[None, :]
         s_tile = kr[:, None] * V + vv[None, :]
         z_tk = gl.zeros([BT, K], gl.float32, MMA)
-        raw16 = gl.allocate_shared_memory(w.dtype.element_ty, [8, BT, K], SH16)   # w k b v, two stages
-        raw_u = gl.allocate_shared_memory(gl.float32, [2, BT, BV], SH32)
-        sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SH32)
-        sm_bt = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SH32)
-        sm_v = gl.allocate_shared_memory(gl.float32, [BT, BV], SH32)
+        raw16 = gl.allocate_shared_memory(w.dtype.element_ty, [8, BT, K], SHARED16)   # w k b v, two stages
+        raw_u = gl.allocate_shared_memory(gl.float32, [2, BT, BV], SHARED32)
+        sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)
+        sm_bt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_v = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
         sm_tri.store(gl.where(rows <= cols, 1.0, 0.0) + gl.zeros([BT, BT], gl.float32, MMA))   # [t, s]: s >= t
         S = gl.zeros([K, BV], gl.float32, MMA)
         if HAS_STATE:
