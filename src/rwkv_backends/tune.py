@@ -87,15 +87,16 @@ def _table_config(kernel, K):
 
 
 def _fit_gluon(kernel, cfg, K, segmented=False):
-    """cfg, or cfg with gluon off where the Gluon kernel cannot take the tune problem's launch (as
-    backends/triton.py gluon_fallbacks does for plans)."""
-    from .kernels import gluon_nvidia
-    from .kernels.launch import _dot_precision
-    if cfg.gluon and gluon_nvidia.unsupported(kernel, K=K, V=K, chunk_size=cfg.chunk_size, block_v=cfg.block_v,
-                                              dtype=torch.bfloat16, dot_precision=_dot_precision(cfg, torch.bfloat16),
-                                              segmented=segmented):
-        return cfg.with_(gluon=False)
-    return cfg
+    """cfg, or cfg with gluon off where the Gluon kernel cannot take the tune problem's launch: the
+    plans' rule (backends/triton.py gluon_fallbacks) on the tune problem (bf16 inputs, K = V; the
+    chunked kernels' tune problems are never one step long, so T does not rule anything out)."""
+    from types import SimpleNamespace
+
+    from .backends.triton import gluon_fallbacks
+    from .device import detect
+    problem = SimpleNamespace(K=K, V=K, T=None, dtype=torch.bfloat16)
+    changed = gluon_fallbacks(problem, detect(DEVICE), {kernel: cfg}, (kernel,), segmented=segmented)
+    return changed[kernel][0] if kernel in changed else cfg
 
 
 def _prep_config(chunk_size, K):
