@@ -10,6 +10,10 @@ from rwkv_backends import device as dev
 from rwkv_backends import known_issues
 from rwkv_backends.config import KernelConfig
 from rwkv_backends.doctor import PLAN_PROBLEMS, _problem, collect
+# Imported here, while _support's TRITON_INTERPRET is set: Triton decides at decoration time whether
+# a kernel is interpreted, and the tests below that unset the variable and plan (the Gluon fallbacks
+# import the launcher) would otherwise make the kernels' first import compiled-only for the session.
+from rwkv_backends.kernels import launch  # noqa: F401
 from rwkv_backends.registry import plan
 
 PROFILES = ["nvidia:sm80", "nvidia:sm89", "nvidia:sm90", "nvidia:sm120", "amd:gfx942", "amd:gfx1100",
