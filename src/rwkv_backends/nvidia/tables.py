@@ -110,6 +110,8 @@ TABLES = {
 
 PROVENANCE = {
     "sm90": "measured on an H100 80GB HBM3 (torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27); "
-            "chunk_fwd and chunk_bwd at K,V <= 128 not swept (the 64 bucket's shapes)",
+            "chunk_fwd and chunk_bwd at K,V <= 128 not swept (the 64 bucket's shapes); the 64 bucket's "
+            "Gluon kernels ran on that H100 (the gradient kernel also on an H200), their T = 1 fallback "
+            "to Triton on no card",
     "default": "untuned starting point, not measured",
 }
