@@ -271,6 +271,36 @@ def test_gluon_kernels_say_why_for_what_only_some_of_them_take():
     assert "no Gluon" in gluon_nvidia.unsupported("chunk_prep", **fits, block_v=64, dot_precision="tf32")
 
 
+def test_the_ksplit_gluon_kernel_says_why_it_cannot_take_a_launch():
+    """Head 128's K-split gradient kernel takes only the segmented backward at K = V = 128, whole V,
+    chunk 16, U kept, and dZ from a sweep at chunk 16."""
+    from rwkv_backends.kernels import gluon_nvidia
+    fits = dict(K=128, V=128, chunk_size=16, block_v=128, dtype=torch.bfloat16, dot_precision="bf16", has_u=True,
+                segmented=True, sweep_chunk_size=16)
+    assert gluon_nvidia.unsupported("chunk_bwd_split", **fits) is None
+    for change, phrase in [(dict(K=64, V=64), "K = V = 128"), (dict(block_v=64), "block_v 64"),
+                           (dict(has_u=False), "keep_u"), (dict(segmented=False), "no segments"),
+                           (dict(sweep_chunk_size=32), "chunks of 32"), (dict(T=1), "T = 1"),
+                           (dict(dtype=torch.float32, dot_precision="ieee"), "float32 inputs")]:
+        assert phrase in gluon_nvidia.unsupported("chunk_bwd_split", **(fits | change)), change
+
+
+def test_head_128_plans_the_ksplit_gluon_kernel_or_says_why_not(monkeypatch):
+    """B4 T4096 H16 K = V = 128 (64 pairs) plans the two-pass variant; its gradient kernel is the
+    K-split Gluon one with U kept, except for float32 inputs, which get the Triton kernel and the reason."""
+    import dataclasses
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    info = dev.profile("nvidia:sm90")
+    problem = _problem(info.device_type, B=4, T=4096, H=16, K=128, V=128, needs_grad=True)
+    p = plan(problem, info, triton_version_as="3.6.0", runtime=False)
+    assert p.variant.name == "triton.chunk_twopass"
+    assert p.configs["chunk_bwd_split"].gluon and p.configs["chunk_bwd_split"].keep_u
+    assert "gluon off" not in p.config_sources["chunk_bwd_split"]
+    fp32 = dataclasses.replace(problem, dtype=torch.float32, w_dtype=torch.float32)
+    p = plan(fp32, info, triton_version_as="3.6.0", runtime=False)
+    assert not p.configs["chunk_bwd_split"].gluon and "float32 inputs" in p.config_sources["chunk_bwd_split"]
+
+
 def test_plans_fall_back_from_the_gluon_kernels_and_say_why(monkeypatch):
     """On the H100 with Triton 3.6 the sm90 table's one-pass kernels are the Gluon ones; a problem they
     cannot take gets the Triton kernels with the same entries, and each config's source says why."""

@@ -55,7 +55,8 @@ VENDOR_CANDIDATES = {
     # gluon: the kernels' Gluon implementations (NVIDIA only). They launch with their own warps, V
     # block and pipeline, so their configs differ only where they read them (candidates() folds the rest).
     "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128}), "gluon": (False, True)},
-               "chunk_fwd": {"gluon": (False, True)}, "chunk_states": {"gluon": (False, True)}},
+               "chunk_fwd": {"gluon": (False, True)}, "chunk_states": {"gluon": (False, True)},
+               "chunk_bwd_split": {"gluon": (False, True)}},
 }
 BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split", "chunk_recompute", "chunk_states")
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
@@ -83,7 +84,7 @@ def _table_config(kernel, K):
     info = detect(DEVICE)
     cfg, _ = lookup(info, kernel, SimpleNamespace(K=K, V=K))
     cfg, _ = known_issues.constrain(kernel, cfg, known_issues.active(info, triton_version()))
-    return _fit_gluon(kernel, cfg, K)
+    return _fit_gluon(kernel, cfg, K, segmented=kernel == "chunk_bwd_split")
 
 
 def _fit_gluon(kernel, cfg, K, segmented=False):

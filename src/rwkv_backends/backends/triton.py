@@ -77,10 +77,11 @@ def transition_programs(pairs: int, multiprocessors: int) -> int:
     return -(-TRANSITION_PROGRAMS_PER_SM * multiprocessors // pairs)
 
 
-def gluon_fallbacks(problem, device, configs, kernels, segmented=False) -> dict:
+def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_chunk_size=None) -> dict:
     """The tables may ask for a kernel's Gluon implementation, which takes only some problems (K = V =
     64, 16-bit inputs, ...): for the others the Triton kernel runs with the entry's other fields, and
-    the plan's config_source says why. {kernel: (config, why)} as Variant.fit_configs returns."""
+    the plan's config_source says why. {kernel: (config, why)} as Variant.fit_configs returns.
+    `sweep_chunk_size`: the segmented backward's sweep chunk size (gluon_nvidia.unsupported)."""
     from ..kernels import gluon_nvidia
     from ..kernels.launch import _dot_precision
     changed = {}
@@ -96,7 +97,8 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False) -> dict:
             why = gluon_nvidia.unsupported(kernel, K=problem.K, V=problem.V, chunk_size=cfg.chunk_size,
                                            block_v=cfg.block_v, dtype=problem.dtype,
                                            dot_precision=_dot_precision(cfg, problem.dtype), T=problem.T,
-                                           has_u=cfg.keep_u, segmented=segmented)
+                                           has_u=cfg.keep_u, segmented=segmented,
+                                           sweep_chunk_size=sweep_chunk_size)
         if why:
             changed[kernel] = (cfg.with_(gluon=False), f"gluon off: {why}")
     return changed
@@ -184,8 +186,13 @@ class TritonChunkTwoPass(_TrainedVariant):
         return common_reasons(problem, device, runtime) + few_pairs_reasons(problem, device)
 
     def fit_configs(self, problem, device, configs):
-        # Its chunk states are rebuilt segment by segment: no Gluon state rebuild (it walks whole sequences).
-        return gluon_fallbacks(problem, device, configs, ("chunk_states",), segmented=True)
+        # Its chunk states are rebuilt segment by segment: no Gluon state rebuild (it walks whole
+        # sequences). Its gradients run segment by segment too: head 128's K-split Gluon kernel, whose
+        # dZ comes from the sweep at the forward's chunk size (prep's).
+        changed = gluon_fallbacks(problem, device, configs, ("chunk_states", "chunk_bwd_split"), segmented=True,
+                                  sweep_chunk_size=configs["chunk_prep"].chunk_size)
+        # Its forward walks whole sequences (storing the segments' start states) on the loaded matrices.
+        return changed | gluon_fallbacks(problem, device, configs, ("chunk_fwd_loaded",))
 
     @staticmethod
     def _prep_programs(problem, plan):

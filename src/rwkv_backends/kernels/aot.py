@@ -46,8 +46,8 @@ def _signature(kernel: str, dtype: str):
                "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": "*fp32"} | segs)
         return ptr | {"T": "i32", "seg_chunks": "i32"}
     elif kernel == "chunk_dstate":
-        ptr = ({n: t for n in ("r", "w", "a", "b", "do")} | {"dht": "*fp32", "mats": "*fp32", "seg_ds": "*fp32",
-               "dh0": "*fp32", "chunk_offsets": "*i64"} | segs | {"cu_seqlens": "*i32"})
+        ptr = ({n: t for n in ("r", "w", "k", "a", "b", "do")} | {"dht": "*fp32", "mats": "*fp32", "seg_ds": "*fp32",
+               "dh0": "*fp32", "dz": t, "dv": t, "chunk_offsets": "*i64"} | segs | {"cu_seqlens": "*i32"})
         return ptr | {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
     elif kernel == "recurrent_fwd":
         names = ["r", "w", "k", "v", "a", "b", "o", "h0", "ht", "cu_seqlens"]
@@ -97,7 +97,9 @@ def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats
                            SEGMENTS=2 if kernel == "chunk_bwd_split" else 0, HAS_U=cfg.keep_u,
                            DOT_PRECISION=prec)
     if kernel == "chunk_dstate":
-        return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, DOT_PRECISION=prec)
+        # the larger variant: also storing dZ and dv, as for head 128's K-split Gluon gradient kernel
+        return base | dict(BT=cfg.chunk_size, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, STORE_DZ_DV=True,
+                           DOT_PRECISION=prec)
     return base | dict(HAS_STATE=True, STORE_FINAL=True, IS_VARLEN=False)
 
 
@@ -162,7 +164,8 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
     from . import gluon_nvidia
     prec = "ieee" if dtype == "float32" else cfg.dot_precision
     why = gluon_nvidia.unsupported(kernel, K=K, V=V, chunk_size=cfg.chunk_size, block_v=cfg.block_v,
-                                   dtype=getattr(torch, dtype), dot_precision=prec, has_u=cfg.keep_u)
+                                   dtype=getattr(torch, dtype), dot_precision=prec, has_u=cfg.keep_u,
+                                   segmented=kernel in ("chunk_bwd_split", "chunk_dstate"))
     if why:
         raise ValueError(f"cfg: gluon is set, but {why}")
     t = "*" + _TYPES[dtype]
@@ -175,6 +178,28 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
                | {n: t for n in ("dr", "dw", "dk", "dv", "da", "db")} | {"dh0": f32})
         scalars = {"scale": "fp32", "T": "i32"}
         const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False)
+    elif kernel == "chunk_bwd_split":    # the K-split gradient kernel of the segmented backward
+        fn = gluon_nvidia.chunk_bwd_ksplit_gluon_kernel
+        ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "do", "dz")} | {"states": f32, "seg_ds": f32,
+               "chunk_offsets": "*i64", "seg_offsets": "*i64", "cu_seqlens": "*i32", "u": f32}
+               | {n: t for n in ("dr", "dw", "dk", "da", "db")})
+        scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
+        const = dict(H=1, K=K, V=V, BK=gluon_nvidia.KSPLIT_BLOCK_K, BT=cfg.chunk_size, W_FORM=0, IS_VARLEN=False)
+    elif kernel == "chunk_dstate":       # head 128's state-gradient sweep, storing dZ and dv
+        fn = gluon_nvidia.chunk_dstate_gluon_kernel
+        ptr = ({n: t for n in ("r", "w", "k", "a", "b", "do")} | {"dht": f32, "mats": f32, "seg_ds": f32, "dh0": f32}
+               | {"dz": t, "dv": t, "chunk_offsets": "*i64", "seg_offsets": "*i64", "cu_seqlens": "*i32"})
+        scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
+        const = dict(H=1, K=K, V=V, BV=gluon_nvidia.LAUNCH[kernel]["block_v"], BT=cfg.chunk_size, W_FORM=0,
+                     HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, NW=warps)
+    elif kernel == "chunk_fwd_loaded":   # head 128's two-pass training forward: segments' states and U
+        fn = gluon_nvidia.chunk_fwd_loaded_gluon_kernel
+        ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "o")} | {"h0": f32, "ht": f32, "mats": f32,
+               "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": f32, "seg_offsets": "*i64", "u": f32})
+        scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
+        const = dict(H=1, K=K, V=V, BV=gluon_nvidia.LAUNCH[kernel]["block_v"], BT=cfg.chunk_size, W_FORM=0,
+                     HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_SEGMENTS=True, STORE_U=True,
+                     IS_VARLEN=False, NW=warps)
     elif kernel == "chunk_fwd":          # the training forward: it stores the chunk matrices and U
         fn = gluon_nvidia.chunk_fwd_gluon_kernel
         ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "o")} | {"h0": f32, "ht": f32, "mats": f32,
@@ -200,21 +225,23 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
 
 
 def compile_in_subprocess(jobs, *, arch: int, warp_size: int = 32, timeout: float = 900):
-    """Compile [(kernel, KernelConfig)] for an NVIDIA arch in a fresh process, without the
-    interpreter. Returns (returncode, results or None, stderr): a compiler assertion aborts that
-    process (negative return code), never the caller."""
+    """Compile [(kernel, KernelConfig)] or [(kernel, KernelConfig, head size)] (K = V; default 64)
+    for an NVIDIA arch in a fresh process, without the interpreter. Returns (returncode, results or
+    None, stderr): a compiler assertion aborts that process (negative return code), never the caller."""
     import json
     import os
     import subprocess
     import sys
 
-    payload = json.dumps({"jobs": [(k, c.as_dict()) for k, c in jobs], "arch": arch, "warp": warp_size})
+    payload = json.dumps({"jobs": [(job[0], job[1].as_dict(), job[2] if len(job) > 2 else 64) for job in jobs],
+                          "arch": arch, "warp": warp_size})
     code = ("import json,sys\n"
             "from rwkv_backends.config import KernelConfig\n"
             "from rwkv_backends.kernels.aot import compile_for\n"
             "p=json.loads(sys.argv[1]); out=[]\n"
-            "for k,c in p['jobs']:\n"
-            "    out.append(compile_for(k, KernelConfig.make(**c), backend='cuda', arch=p['arch'], warp_size=p['warp']))\n"
+            "for k,c,d in p['jobs']:\n"
+            "    out.append(compile_for(k, KernelConfig.make(**c), backend='cuda', arch=p['arch'], warp_size=p['warp'],"
+            " K=d, V=d))\n"
             "print(json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -39,20 +39,34 @@ else:
 
 HEAD = 64
 CHUNK = 16
+# Head size 128's two-pass training: the loaded forward (chunk_fwd_loaded_gluon_kernel), the
+# state-gradient sweep (chunk_dstate_gluon_kernel), and the gradient kernel split over two programs
+# of KSPLIT_BLOCK_K columns of K (chunk_bwd_ksplit_gluon_kernel).
+KSPLIT_HEAD = 128
+KSPLIT_BLOCK_K = 64
+_HEAD128 = ("chunk_fwd_loaded", "chunk_bwd_split", "chunk_dstate")
+_SEGMENTED = ("chunk_bwd_split", "chunk_dstate")          # the segmented backward's only
+_OWN_V_BLOCKS = ("chunk_states", "chunk_dstate", "chunk_fwd_loaded")   # they split V into LAUNCH's blocks
 # The launch each Gluon kernel takes whatever its config says (the tune tool folds its candidates to
 # these): warps, and the V columns of one program.
 LAUNCH = {"chunk_bwd": dict(num_warps=8, block_v=64), "chunk_fwd": dict(num_warps=4, block_v=64),
-          "chunk_states": dict(num_warps=4, block_v=64)}
+          "chunk_states": dict(num_warps=4, block_v=64), "chunk_bwd_split": dict(num_warps=8, block_v=128),
+          "chunk_dstate": dict(num_warps=8, block_v=64), "chunk_fwd_loaded": dict(num_warps=8, block_v=64)}
 NUM_WARPS = LAUNCH["chunk_bwd"]["num_warps"]
-_PRECISION = {"chunk_bwd": "bf16", "chunk_fwd": "tf32", "chunk_states": "tf32"}
-_NAMES = {"chunk_bwd": "gradient kernel", "chunk_fwd": "forward", "chunk_states": "state rebuild"}
+_PRECISION = {"chunk_bwd": "bf16", "chunk_fwd": "tf32", "chunk_states": "tf32", "chunk_bwd_split": "bf16",
+              "chunk_dstate": "tf32", "chunk_fwd_loaded": "tf32"}
+_NAMES = {"chunk_bwd": "gradient kernel", "chunk_fwd": "forward", "chunk_states": "state rebuild",
+          "chunk_bwd_split": "K-split gradient kernel", "chunk_dstate": "state-gradient sweep",
+          "chunk_fwd_loaded": "loaded forward"}
 
 
 def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, dtype: torch.dtype,
                 dot_precision: str, T: int = 2, has_u: bool = True, segmented: bool = False,
-                mats_mode: str = "build", store_states: bool = False) -> str | None:
+                mats_mode: str = "build", store_states: bool = False, sweep_chunk_size: int | None = None) -> str | None:
     """Why `kernel`'s Gluon implementation cannot take a launch (None: it can). Device and
-    Triton-release checks are known_issues' "gluon-experimental"."""
+    Triton-release checks are known_issues' "gluon-experimental". `segmented`: the launch walks
+    segments (the recompute, the segmented backward); `sweep_chunk_size`: for chunk_bwd_split, the
+    chunk size of the state-gradient sweep that gives it dZ (the two-pass forward's)."""
     if kernel not in LAUNCH:
         return f"{kernel} has no Gluon implementation"
     name = f"the Gluon {_NAMES[kernel]}"
@@ -62,17 +76,29 @@ def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, d
         # Triton compiles an integer argument equal to 1 as a constant; with T = 1 the kernels' masked
         # cp.async fails to lower (Triton 3.6, found by the H100 conformance run; NOTES change 57).
         return f"T = 1: {name} is not compiled for one-step sequences"
-    if (K, V) != (HEAD, HEAD):
-        return f"K = {K}, V = {V}: {name} is laid out for K = V = {HEAD}"
+    head = KSPLIT_HEAD if kernel in _HEAD128 else HEAD
+    if (K, V) != (head, head):
+        return f"K = {K}, V = {V}: {name} is laid out for K = V = {head}"
     if chunk_size != CHUNK:
         return f"chunk_size {chunk_size}: {name} takes chunks of {CHUNK}"
-    if kernel != "chunk_states" and block_v < HEAD:
-        return f"block_v {block_v}: {name} takes all {HEAD} V columns in one program"
+    if kernel not in _OWN_V_BLOCKS and block_v < head:
+        return f"block_v {block_v}: {name} takes all {head} V columns in one program"
     if dtype not in (torch.bfloat16, torch.float16) or dot_precision != _PRECISION[kernel]:
         return (f"{str(dtype).replace('torch.', '')} inputs with dot precision {dot_precision!r}: {name} takes "
                 f"16-bit inputs at dot precision {_PRECISION[kernel]!r}")
-    if kernel == "chunk_bwd" and not has_u:
+    if kernel in ("chunk_bwd", "chunk_bwd_split") and not has_u:
         return f"keep_u is off: {name} loads the U the forward kept"
+    if kernel == "chunk_fwd_loaded":
+        if segmented or store_states:
+            return f"{name} stores segment start states but walks no segments and stores no chunk states"
+        return None
+    if kernel in _SEGMENTED:
+        if not segmented:
+            return f"no segments: {name} runs the segments of the two-pass backward"
+        if sweep_chunk_size is not None and sweep_chunk_size != CHUNK:
+            return (f"the state-gradient sweep walks chunks of {sweep_chunk_size}: {name} takes its dZ at "
+                    f"chunks of {CHUNK}")
+        return None
     if segmented:
         return f"segments: {name} walks whole sequences"
     if kernel == "chunk_fwd" and (mats_mode == "load" or store_states):
@@ -146,6 +172,104 @@ if GLUON_IMPORT_ERROR is None:
         m_c = gl.arange(0, BT, layout=gl.SliceLayout(0, MATS))
         cp.async_copy_global_to_shared(raw_m.index(stage), mats + (c * H + i_h) * 4 * BT * BT + m_r[:, None] * BT + m_c[None, :])
         cp.commit_group()
+
+    @gluon.jit
+    def _input_grads(safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c,
+                     L, G, Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, sm_da, sm_bf, sm_kf, sm_ah32,
+                     sm_rh32, sm_tri, sm_dl, W_FORM: gl.constexpr, BT: gl.constexpr, MMA: gl.constexpr):
+        """A chunk's gradients of r, w, k, a, b (the gradient kernels' common end): the four in-chunk
+        matrices' gradients (dA_*, also in sm_da) back to a, r, b, k and the cumulative decays, then the
+        direct terms and L's suffix sums. d_ahat, d_rhat, d_bt, d_kt: the gradients of Â, R̂, B̃, K̃
+        through the state products; d_gamma: of γ. sm_bf, sm_kf, sm_ah32, sm_rh32 hold b_f, k_f, Â, R̂
+        (float32), sm_tri the 0/1 triangles; sm_dl is scratch. [BT, N] tiles in MMA."""
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        rows = gl.arange(0, BT, layout=gl.SliceLayout(1, MMA))[:, None]
+        cols = gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))[None, :]
+        z_tk = gl.zeros_like(d_ahat)
+        # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
+        if safe:
+            bf_b = sm_bf.load(B32)
+            kf_b = sm_kf.load(B32)
+            d_ahat = mma_v2(sm_da.index(0).load(A32), bf_b, d_ahat, input_precision="tf32")
+            d_ahat = mma_v2(sm_da.index(1).load(A32), kf_b, d_ahat, input_precision="tf32")
+            d_rhat = mma_v2(sm_da.index(2).load(A32), bf_b, d_rhat, input_precision="tf32")
+            d_rhat = mma_v2(sm_da.index(3).load(A32), kf_b, d_rhat, input_precision="tf32")
+            ah_b = sm_ah32.load(B32)
+            rh_b = sm_rh32.load(B32)
+            d_bf = mma_v2(sm_da.index(0).permute((1, 0)).load(A32), ah_b, z_tk, input_precision="tf32")
+            d_bf = mma_v2(sm_da.index(2).permute((1, 0)).load(A32), rh_b, d_bf, input_precision="tf32")
+            d_kf = mma_v2(sm_da.index(1).permute((1, 0)).load(A32), ah_b, z_tk, input_precision="tf32")
+            d_kf = mma_v2(sm_da.index(3).permute((1, 0)).load(A32), rh_b, d_kf, input_precision="tf32")
+            db_c = d_bf * e_neg
+            dk_c = d_kf * e_neg
+            dG = -(d_bf * b_f + d_kf * k_f)
+            dGm = z_tk
+            da_pair = z_tk
+            dr_pair = z_tk
+        else:
+            # The exact per-pair path (kernels/wkv7.py explains the s = t terms kept apart).
+            db_c = z_tk
+            dk_c = z_tk
+            dG = z_tk
+            dGm = z_tk
+            da_pair = z_tk
+            dr_pair = z_tk
+            rb_tt = gl.sum(gl.where(rows == cols, dA_rb, 0.0), 1)[:, None]
+            rk_tt = gl.sum(gl.where(rows == cols, dA_rk, 0.0), 1)[:, None]
+            for s in range(BT):
+                at_s = rows == s
+                G_s = gl.sum(gl.where(at_s, G, 0.0), 0)
+                b_s = gl.sum(gl.where(at_s, b_c, 0.0), 0)
+                k_s = gl.sum(gl.where(at_s, k_c, 0.0), 0)
+                E = gl.exp(gl.where(rows > s, Gm - G_s[None, :], float("-inf")))
+                F = gl.exp(gl.where(rows >= s, G - G_s[None, :], float("-inf")))
+                F = gl.where(rows > s, F, 0.0)
+                col_s = cols == s
+                g_ab = gl.sum(gl.where(col_s, dA_ab, 0.0), 1)[:, None]
+                g_ak = gl.sum(gl.where(col_s, dA_ak, 0.0), 1)[:, None]
+                g_rb = gl.sum(gl.where(col_s, dA_rb, 0.0), 1)[:, None]
+                g_rk = gl.sum(gl.where(col_s, dA_rk, 0.0), 1)[:, None]
+                da_pair += (g_ab * b_s[None, :] + g_ak * k_s[None, :]) * E
+                dr_pair += (g_rb * b_s[None, :] + g_rk * k_s[None, :]) * F
+                aE = a_c * E
+                rF = r_c * F
+                db_s = gl.sum(g_ab * aE + g_rb * rF, 0)
+                dk_s = gl.sum(g_ak * aE + g_rk * rF, 0)
+                db_c = gl.where(at_s, db_s[None, :], db_c)
+                dk_c = gl.where(at_s, dk_s[None, :], dk_c)
+                dG = gl.where(at_s, dG - (b_s * db_s + k_s * dk_s)[None, :], dG)
+            dGm += a_c * da_pair
+            dG += r_c * dr_pair
+            dr_pair += rb_tt * b_c + rk_tt * k_c
+            db_c += rb_tt * r_c
+            dk_c += rk_tt * r_c
+        da_c = d_ahat * gl.exp(Gm) + da_pair
+        dr_c = d_rhat * gl.exp(G) + dr_pair
+        dGm += d_ahat * a_hat
+        dG += d_rhat * r_hat
+        db_c += d_bt * tail
+        dk_c += d_kt * tail
+        tail_terms = d_bt * b_t + d_kt * k_t
+        dG -= tail_terms
+        dG_last = gl.sum(tail_terms, 0) + d_gamma * gamma
+
+        # dL_t = Σ_{s >= t} dG_s + Σ_{s > t} dGm_s + dG_last (L enters G, Gm and G_last).
+        dG_hi = _tf32_head(dG)
+        dGm_hi = _tf32_head(dGm)
+        sm_dl.index(0).store(dG_hi)
+        sm_dl.index(1).store(dG - dG_hi)
+        sm_dl.index(2).store(dGm_hi)
+        sm_dl.index(3).store(dGm - dGm_hi)
+        gl.thread_barrier()
+        incl_t = sm_tri.index(0).permute((1, 0)).load(A32)
+        strict_t = sm_tri.index(1).permute((1, 0)).load(A32)
+        dL = mma_v2(incl_t, sm_dl.index(0).load(B32), dG_last[None, :] + z_tk, input_precision="tf32")
+        dL = mma_v2(incl_t, sm_dl.index(1).load(B32), dL, input_precision="tf32")
+        dL = mma_v2(strict_t, sm_dl.index(2).load(B32), dL, input_precision="tf32")
+        dL = mma_v2(strict_t, sm_dl.index(3).load(B32), dL, input_precision="tf32")
+        dw_c = _dlog_decay(dL, w_c, L, W_FORM)
+        return dr_c, dw_c, dk_c, da_c, db_c
 
     @gluon.jit
     def chunk_bwd_gluon_kernel(
@@ -314,88 +438,10 @@ if GLUON_IMPORT_ERROR is None:
             dS_prev = mma_v2(sm_ah.permute((1, 0)).load(A16), dz_b, dS_prev)
             gl.thread_barrier()
 
-            # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
-            if safe:
-                bf_b = sm_bf.load(B32)
-                kf_b = sm_kf.load(B32)
-                d_ahat = mma_v2(sm_da.index(0).load(A32), bf_b, d_ahat, input_precision="tf32")
-                d_ahat = mma_v2(sm_da.index(1).load(A32), kf_b, d_ahat, input_precision="tf32")
-                d_rhat = mma_v2(sm_da.index(2).load(A32), bf_b, d_rhat, input_precision="tf32")
-                d_rhat = mma_v2(sm_da.index(3).load(A32), kf_b, d_rhat, input_precision="tf32")
-                ah_b = sm_ah32.load(B32)
-                rh_b = sm_rh32.load(B32)
-                d_bf = mma_v2(sm_da.index(0).permute((1, 0)).load(A32), ah_b, z_tv, input_precision="tf32")
-                d_bf = mma_v2(sm_da.index(2).permute((1, 0)).load(A32), rh_b, d_bf, input_precision="tf32")
-                d_kf = mma_v2(sm_da.index(1).permute((1, 0)).load(A32), ah_b, z_tv, input_precision="tf32")
-                d_kf = mma_v2(sm_da.index(3).permute((1, 0)).load(A32), rh_b, d_kf, input_precision="tf32")
-                db_c = d_bf * e_neg
-                dk_c = d_kf * e_neg
-                dG = -(d_bf * b_f + d_kf * k_f)
-                dGm = z_tv
-                da_pair = z_tv
-                dr_pair = z_tv
-            else:
-                # The exact per-pair path (kernels/wkv7.py explains the s = t terms kept apart).
-                db_c = z_tv
-                dk_c = z_tv
-                dG = z_tv
-                dGm = z_tv
-                da_pair = z_tv
-                dr_pair = z_tv
-                rb_tt = gl.sum(gl.where(rows == cols, dA_rb, 0.0), 1)[:, None]
-                rk_tt = gl.sum(gl.where(rows == cols, dA_rk, 0.0), 1)[:, None]
-                for s in range(BT):
-                    at_s = rows == s
-                    G_s = gl.sum(gl.where(at_s, G, 0.0), 0)
-                    b_s = gl.sum(gl.where(at_s, b_c, 0.0), 0)
-                    k_s = gl.sum(gl.where(at_s, k_c, 0.0), 0)
-                    E = gl.exp(gl.where(rows > s, Gm - G_s[None, :], float("-inf")))
-                    F = gl.exp(gl.where(rows >= s, G - G_s[None, :], float("-inf")))
-                    F = gl.where(rows > s, F, 0.0)
-                    col_s = cols == s
-                    g_ab = gl.sum(gl.where(col_s, dA_ab, 0.0), 1)[:, None]
-                    g_ak = gl.sum(gl.where(col_s, dA_ak, 0.0), 1)[:, None]
-                    g_rb = gl.sum(gl.where(col_s, dA_rb, 0.0), 1)[:, None]
-                    g_rk = gl.sum(gl.where(col_s, dA_rk, 0.0), 1)[:, None]
-                    da_pair += (g_ab * b_s[None, :] + g_ak * k_s[None, :]) * E
-                    dr_pair += (g_rb * b_s[None, :] + g_rk * k_s[None, :]) * F
-                    aE = a_c * E
-                    rF = r_c * F
-                    db_s = gl.sum(g_ab * aE + g_rb * rF, 0)
-                    dk_s = gl.sum(g_ak * aE + g_rk * rF, 0)
-                    db_c = gl.where(at_s, db_s[None, :], db_c)
-                    dk_c = gl.where(at_s, dk_s[None, :], dk_c)
-                    dG = gl.where(at_s, dG - (b_s * db_s + k_s * dk_s)[None, :], dG)
-                dGm += a_c * da_pair
-                dG += r_c * dr_pair
-                dr_pair += rb_tt * b_c + rk_tt * k_c
-                db_c += rb_tt * r_c
-                dk_c += rk_tt * r_c
-            da_c = d_ahat * gl.exp(Gm) + da_pair
-            dr_c = d_rhat * gl.exp(G) + dr_pair
-            dGm += d_ahat * a_hat
-            dG += d_rhat * r_hat
-            db_c += d_bt * tail
-            dk_c += d_kt * tail
-            tail_terms = d_bt * b_t + d_kt * k_t
-            dG -= tail_terms
-            dG_last = gl.sum(tail_terms, 0) + d_gamma * gamma
-
-            # dL_t = Σ_{s >= t} dG_s + Σ_{s > t} dGm_s + dG_last (L enters G, Gm and G_last).
-            dG_hi = _tf32_head(dG)
-            dGm_hi = _tf32_head(dGm)
-            sm_dl.index(0).store(dG_hi)
-            sm_dl.index(1).store(dG - dG_hi)
-            sm_dl.index(2).store(dGm_hi)
-            sm_dl.index(3).store(dGm - dGm_hi)
-            gl.thread_barrier()
-            incl_t = sm_tri.index(0).permute((1, 0)).load(A32)
-            strict_t = sm_tri.index(1).permute((1, 0)).load(A32)
-            dL = mma_v2(incl_t, sm_dl.index(0).load(B32), dG_last[None, :] + z_tv, input_precision="tf32")
-            dL = mma_v2(incl_t, sm_dl.index(1).load(B32), dL, input_precision="tf32")
-            dL = mma_v2(strict_t, sm_dl.index(2).load(B32), dL, input_precision="tf32")
-            dL = mma_v2(strict_t, sm_dl.index(3).load(B32), dL, input_precision="tf32")
-            dw_c = _dlog_decay(dL, w_c, L, W_FORM)
+            dr_c, dw_c, dk_c, da_c, db_c = _input_grads(
+                safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c, L, G,
+                Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, sm_da, sm_bf, sm_kf, sm_ah32, sm_rh32,
+                sm_tri, sm_dl, W_FORM, BT, MMA)
             gl.store(dr + p, dr_c.to(dr.dtype.element_ty), mask=m_t)
             gl.store(dw + p, dw_c.to(dw.dtype.element_ty), mask=m_t)
             gl.store(dk + p, dk_c.to(dk.dtype.element_ty), mask=m_t)
@@ -405,6 +451,462 @@ if GLUON_IMPORT_ERROR is None:
             dS = dS_prev
         if STORE_DH0:
             gl.store(dh0 + i_nh.to(gl.int64) * K * V + s_tile, dS)
+
+    @gluon.jit
+    def _issue_ksplit_copies(r, w, k, a, b, v, do, dz, u, states, raw_k, raw_v, raw_u, raw_s, stage, i_c, bos, eos,
+                             c0, i_h, k0, H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BK: gl.constexpr,
+                             BT: gl.constexpr):
+        """cp.async of chunk i_c's inputs for the K-split gradient kernel into buffer `stage`: columns
+        [k0, k0 + BK) of r, w, k, a, b; all of v, do, dZ and U; rows [k0, k0 + BK) of the start state."""
+        KROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [8, 1], [1, 0])    # [16, 64]
+        VROWS: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [8, 1], [1, 0])    # [16, 128] and [64, 128]
+        pk, mk = _chunk_rows(bos, eos, i_c, i_h, k0, H, K, BT, BK, KROWS)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 0), r + pk, mask=mk)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 1), w + pk, mask=mk)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 2), k + pk, mask=mk)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 3), a + pk, mask=mk)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 4), b + pk, mask=mk)
+        pv, mv = _chunk_rows(bos, eos, i_c, i_h, 0, H, V, BT, V, VROWS)
+        cp.async_copy_global_to_shared(raw_v.index(stage * 3 + 0), v + pv, mask=mv)
+        cp.async_copy_global_to_shared(raw_v.index(stage * 3 + 1), do + pv, mask=mv)
+        cp.async_copy_global_to_shared(raw_v.index(stage * 3 + 2), dz + pv, mask=mv)
+        cp.async_copy_global_to_shared(raw_u.index(stage), u + pv, mask=mv)
+        o_r = k0 + gl.arange(0, BK, layout=gl.SliceLayout(1, VROWS))
+        o_v = gl.arange(0, V, layout=gl.SliceLayout(0, VROWS))
+        cp.async_copy_global_to_shared(raw_s.index(stage), states + ((c0 + i_c) * H + i_h) * K * V
+                                       + o_r[:, None] * V + o_v[None, :])
+        cp.commit_group()
+
+    @gluon.jit
+    def chunk_bwd_ksplit_gluon_kernel(
+        r, w, k, v, a, b, do, dz, states, seg_ds, chunk_offsets, seg_offsets, cu_seqlens, u,
+        dr, dw, dk, da, db, scale, T, seg_chunks,
+        H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BK: gl.constexpr, BT: gl.constexpr,
+        W_FORM: gl.constexpr, IS_VARLEN: gl.constexpr,
+    ):
+        """The segmented gradient kernel for K = V = 128, split over K: program (i_k, i_nh, i_seg) walks
+        segment i_seg of pair i_nh for the K columns [i_k BK, (i_k + 1) BK). The sweep
+        (kernels/wkv7.py chunk_dstate_kernel with STORE_DZ_DV) gave every chunk's dZ, dv and the state
+        gradient at each segment's end; with dZ given, dS_prev = R̂ᵀ dO + γ dS + Âᵀ dZ and every gradient
+        of r, w, k, a, b are per K column or sums over V, so the two halves need nothing from each
+        other. Every tile is [16, 64] (K side), [16, 128] (V side) or [64, 128] (state rows), as the
+        K = 64 kernel's layout takes them; at K = 128 in one program the tiles would not fit 255
+        registers."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 8], instr_shape=[16, 8])
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+
+        i_k = gl.program_id(0)
+        i_nh = gl.program_id(1)
+        i_seg = gl.program_id(2)
+        i_n = i_nh // H
+        i_h = i_nh % H
+        k0 = i_k * BK
+        bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+        # The segment's chunks [c_begin, c_end) (kernels/wkv7.py _segment_range); none past the end.
+        if IS_VARLEN:
+            s0 = gl.load(seg_offsets + i_n).to(gl.int64)
+        else:
+            s0 = i_n.to(gl.int64) * gl.cdiv(T, BT * seg_chunks)
+        c_begin = i_seg * seg_chunks
+        c_end = gl.minimum(c_begin + seg_chunks, n_chunks)
+        n_walk = c_end - c_begin
+
+        t_idx = gl.arange(0, BT, layout=ROW)
+        kk = gl.arange(0, BK, layout=COL)
+        vv = gl.arange(0, V, layout=COL)
+        kr = gl.arange(0, BK, layout=ROW)
+        tc = gl.arange(0, BT, layout=COL)
+        rows = t_idx[:, None]
+        cols = tc[None, :]
+        s_tile = (k0 + kr)[:, None] * V + vv[None, :]
+        z_tk = gl.zeros([BT, BK], gl.float32, MMA)
+        z_tt = gl.zeros([BT, BT], gl.float32, MMA)
+
+        # Raw inputs, two stages (this chunk's and the next one's, arriving by cp.async).
+        raw_k = gl.allocate_shared_memory(r.dtype.element_ty, [10, BT, BK], SHARED16)   # r w k a b, per stage
+        raw_v = gl.allocate_shared_memory(v.dtype.element_ty, [6, BT, V], SHARED16)     # v do dz, per stage
+        raw_u = gl.allocate_shared_memory(gl.float32, [2, BT, V], SHARED32)
+        raw_s = gl.allocate_shared_memory(gl.float32, [2, BK, V], SHARED32)
+        # Operands of the products, written once per chunk.
+        sm_do = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SHARED16)
+        sm_u = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SHARED16)
+        sm_v = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SHARED16)
+        sm_dz = gl.allocate_shared_memory(gl.bfloat16, [BT, V], SHARED16)
+        sm_s = gl.allocate_shared_memory(gl.bfloat16, [BK, V], SHARED16)
+        sm_ds = gl.allocate_shared_memory(gl.bfloat16, [BK, V], SHARED16)
+        sm_rh = gl.allocate_shared_memory(gl.bfloat16, [BT, BK], SHARED16)
+        sm_ah = gl.allocate_shared_memory(gl.bfloat16, [BT, BK], SHARED16)
+        sm_bf = gl.allocate_shared_memory(gl.float32, [BT, BK], SHARED32)             # pair products: tf32
+        sm_kf = gl.allocate_shared_memory(gl.float32, [BT, BK], SHARED32)
+        sm_ah32 = gl.allocate_shared_memory(gl.float32, [BT, BK], SHARED32)
+        sm_rh32 = gl.allocate_shared_memory(gl.float32, [BT, BK], SHARED32)
+        sm_da = gl.allocate_shared_memory(gl.float32, [4, BT, BT], SHARED32)        # dA_ab, dA_ak, dA_rb, dA_rk
+        sm_tri = gl.allocate_shared_memory(gl.float32, [2, BT, BT], SHARED32)       # [t, s]: s <= t, s < t
+        # L's tf32 head and remainder at the top of a chunk, dG's and dGm's at its end (shared memory is
+        # what limits this kernel: 219 KB of the H100's 227).
+        sm_scan = gl.allocate_shared_memory(gl.float32, [4, BT, BK], SHARED32)
+        sm_tri.index(0).store(gl.where(rows >= cols, 1.0, 0.0) + z_tt)
+        sm_tri.index(1).store(gl.where(rows > cols, 1.0, 0.0) + z_tt)
+
+        # The gradient of the segment's end state, from the sweep.
+        dS = gl.load(seg_ds + ((s0 + i_seg) * H + i_h) * K * V + s_tile, mask=(s_tile >= 0) & (n_walk > 0),
+                     other=0.0)
+        if n_walk > 0:
+            _issue_ksplit_copies(r, w, k, a, b, v, do, dz, u, states, raw_k, raw_v, raw_u, raw_s, 0, c_end - 1,
+                                 bos, eos, c0, i_h, k0, H, K, V, BK, BT)
+        for j in range(0, n_walk):
+            i_c = c_end - 1 - j
+            o_t = bos + i_c * BT + t_idx
+            m_k = (o_t < eos)[:, None] & (kk < BK)[None, :]
+            m_v = (o_t < eos)[:, None] & (vv < V)[None, :]
+            p = (o_t[:, None] * H + i_h) * K + (k0 + kk)[None, :]
+            st = j % 2
+            cp.wait_group(0)
+            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk j - 1
+            if j + 1 < n_walk:
+                _issue_ksplit_copies(r, w, k, a, b, v, do, dz, u, states, raw_k, raw_v, raw_u, raw_s, 1 - st,
+                                     i_c - 1, bos, eos, c0, i_h, k0, H, K, V, BK, BT)
+            r_c = gl.where(m_k, raw_k.index(st * 5 + 0).load(MMA).to(gl.float32), 0.0)
+            w_c = gl.where(m_k, raw_k.index(st * 5 + 1).load(MMA).to(gl.float32), 0.0)
+            k_c = gl.where(m_k, raw_k.index(st * 5 + 2).load(MMA).to(gl.float32), 0.0)
+            a_c = gl.where(m_k, raw_k.index(st * 5 + 3).load(MMA).to(gl.float32), 0.0)
+            b_c = gl.where(m_k, raw_k.index(st * 5 + 4).load(MMA).to(gl.float32), 0.0)
+            L = gl.where(m_k, _log_decay(w_c, W_FORM), 0.0)
+            S = raw_s.index(st).load(MMA)
+            d_gamma = gl.convert_layout(gl.sum(dS * S, 1), COL)
+            sm_s.store(S.to(gl.bfloat16))
+            sm_ds.store(dS.to(gl.bfloat16))
+            sm_v.store(gl.where(m_v, raw_v.index(st * 3 + 0).load(MMA).to(gl.float32), 0.0).to(gl.bfloat16))
+            sm_do.store((gl.where(m_v, raw_v.index(st * 3 + 1).load(MMA).to(gl.float32), 0.0) * scale).to(gl.bfloat16))
+            sm_dz.store(gl.where(m_v, raw_v.index(st * 3 + 2).load(MMA).to(gl.float32), 0.0).to(gl.bfloat16))
+            sm_u.store(gl.where(m_v, raw_u.index(st).load(MMA), 0.0).to(gl.bfloat16))
+
+            # G = cumsum(L) over the rows (as in chunk_bwd_gluon_kernel).
+            L_hi = _tf32_head(L)
+            sm_scan.index(0).store(L_hi)
+            sm_scan.index(1).store(L - L_hi)
+            gl.thread_barrier()
+            incl = sm_tri.index(0).load(A32)
+            G = mma_v2(incl, sm_scan.index(0).load(B32), z_tk, input_precision="tf32")
+            G = mma_v2(incl, sm_scan.index(1).load(B32), G, input_precision="tf32")
+            Gm = G - L
+            G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
+            a_hat = a_c * gl.exp(Gm)
+            r_hat = r_c * gl.exp(G)
+            tail = gl.exp(G_last[None, :] - G)
+            gamma = gl.exp(G_last)
+            b_t = b_c * tail
+            k_t = k_c * tail
+            e_neg = gl.exp(-G)                          # inf past SAFE_RANGE: only the safe path reads it
+            b_f = b_c * e_neg
+            k_f = k_c * e_neg
+            safe = gl.min(G_last, 0) >= -SAFE_RANGE
+            sm_rh.store(r_hat.to(gl.bfloat16))
+            sm_ah.store(a_hat.to(gl.bfloat16))
+            sm_bf.store(b_f)
+            sm_kf.store(k_f)
+            sm_ah32.store(a_hat)
+            sm_rh32.store(r_hat)
+            gl.thread_barrier()
+
+            dz_a = sm_dz.load(A16)
+            do_a = sm_do.load(A16)
+            ut_b = sm_u.permute((1, 0)).load(B16)
+            vt_b = sm_v.permute((1, 0)).load(B16)
+            dA_ab = gl.where(rows > cols, mma_v2(dz_a, ut_b, z_tt), 0.0)
+            dA_ak = gl.where(rows > cols, mma_v2(dz_a, vt_b, z_tt), 0.0)
+            dA_rb = gl.where(rows >= cols, mma_v2(do_a, ut_b, z_tt), 0.0)
+            dA_rk = gl.where(rows >= cols, mma_v2(do_a, vt_b, z_tt), 0.0)
+            sm_da.index(0).store(dA_ab)
+            sm_da.index(1).store(dA_ak)
+            sm_da.index(2).store(dA_rb)
+            sm_da.index(3).store(dA_rk)
+            st_b = sm_s.permute((1, 0)).load(B16)
+            d_ahat = mma_v2(dz_a, st_b, z_tk)
+            d_rhat = mma_v2(do_a, st_b, z_tk)
+            dst_b = sm_ds.permute((1, 0)).load(B16)
+            d_bt = mma_v2(sm_u.load(A16), dst_b, z_tk)
+            d_kt = mma_v2(sm_v.load(A16), dst_b, z_tk)
+            gamma_k = gl.convert_layout(gamma, ROW)
+            dS = mma_v2(sm_rh.permute((1, 0)).load(A16), sm_do.load(B16), gamma_k[:, None] * dS)
+            dS = mma_v2(sm_ah.permute((1, 0)).load(A16), sm_dz.load(B16), dS)
+            gl.thread_barrier()
+
+            dr_c, dw_c, dk_c, da_c, db_c = _input_grads(
+                safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c, L, G,
+                Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, sm_da, sm_bf, sm_kf, sm_ah32, sm_rh32,
+                sm_tri, sm_scan, W_FORM, BT, MMA)
+            gl.store(dr + p, dr_c.to(dr.dtype.element_ty), mask=m_k)
+            gl.store(dw + p, dw_c.to(dw.dtype.element_ty), mask=m_k)
+            gl.store(dk + p, dk_c.to(dk.dtype.element_ty), mask=m_k)
+            gl.store(da + p, da_c.to(da.dtype.element_ty), mask=m_k)
+            gl.store(db + p, db_c.to(db.dtype.element_ty), mask=m_k)
+
+    @gluon.jit
+    def _issue_sweep_copies(r, w, k, a, b, do, mats, raw_k, raw_do, raw_m, stage, i_c, bos, eos, c0, i_h, i_v,
+                            H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr,
+                            NW: gl.constexpr):
+        """cp.async of chunk i_c's r, w, k, a, b (all K columns), V block i_v of `do` (the sweep) or of v
+        (the loaded forward), and the chunk matrices."""
+        KROWS: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NW, 1], [1, 0])   # [16, 128]
+        VROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NW, 1], [1, 0])   # [16, 64]
+        MATS: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])     # [64, 16]: the four matrices
+        pk, mk = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, KROWS)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 0), r + pk, mask=mk)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 1), w + pk, mask=mk)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 2), k + pk, mask=mk)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 3), a + pk, mask=mk)
+        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 4), b + pk, mask=mk)
+        pv, mv = _chunk_rows(bos, eos, i_c, i_h, i_v * BV, H, V, BT, BV, VROWS)
+        cp.async_copy_global_to_shared(raw_do.index(stage), do + pv, mask=mv)
+        m_r = gl.arange(0, 4 * BT, layout=gl.SliceLayout(1, MATS))
+        m_c = gl.arange(0, BT, layout=gl.SliceLayout(0, MATS))
+        cp.async_copy_global_to_shared(raw_m.index(stage), mats + ((c0 + i_c) * H + i_h) * 4 * BT * BT
+                                       + m_r[:, None] * BT + m_c[None, :])
+        cp.commit_group()
+
+    @gluon.jit
+    def chunk_dstate_gluon_kernel(
+        r, w, k, a, b, do, dht, mats, seg_ds, dh0, dz, dv, chunk_offsets, seg_offsets, cu_seqlens, scale, T,
+        seg_chunks, H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr,
+        W_FORM: gl.constexpr, HAS_DHT: gl.constexpr, STORE_DH0: gl.constexpr, IS_VARLEN: gl.constexpr,
+        NW: gl.constexpr,
+    ):
+        """kernels/wkv7.py chunk_dstate_kernel with STORE_DZ_DV, tf32 products; program (i_v, i_nh). The
+        sweep is a dependent walk (dS -> dU -> dZ -> dS_prev each chunk) over few programs: what it
+        costs is the chain's latency, so the decays come straight from the landed inputs (G as a
+        product with a 0/1 triangle on L loaded in the operand's layout), and the chain takes three
+        barriers per chunk."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        i_v = gl.program_id(0)
+        i_nh = gl.program_id(1)
+        i_n = i_nh // H
+        i_h = i_nh % H
+        bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+        if IS_VARLEN:
+            s0 = gl.load(seg_offsets + i_n).to(gl.int64)
+        else:
+            s0 = i_n.to(gl.int64) * gl.cdiv(T, BT * seg_chunks)
+        t_idx = gl.arange(0, BT, layout=ROW)
+        kk = gl.arange(0, K, layout=COL)
+        kr = gl.arange(0, K, layout=ROW)
+        vv = i_v * BV + gl.arange(0, BV, layout=COL)
+        tc = gl.arange(0, BT, layout=COL)
+        rows = t_idx[:, None]
+        cols = tc[None, :]
+        s_tile = kr[:, None] * V + vv[None, :]
+        z_tk = gl.zeros([BT, K], gl.float32, MMA)
+        z_tv = gl.zeros([BT, BV], gl.float32, MMA)
+
+        raw_k = gl.allocate_shared_memory(r.dtype.element_ty, [10, BT, K], SHARED16)   # r w k a b, two stages
+        raw_do = gl.allocate_shared_memory(do.dtype.element_ty, [2, BT, BV], SHARED16)
+        raw_m = gl.allocate_shared_memory(gl.float32, [2, 4 * BT, BT], SHARED32)      # Tinv, A_ak, A_rb, A_rk
+        sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)
+        sm_bt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_rh = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_ah = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_ds = gl.allocate_shared_memory(gl.float32, [K, BV], SHARED32)
+        sm_do = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
+        sm_du = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
+        sm_dz = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
+        sm_tri.store(gl.where(rows >= cols, 1.0, 0.0) + gl.zeros([BT, BT], gl.float32, MMA))   # [t, s]: s <= t
+
+        dS = gl.zeros([K, BV], gl.float32, MMA)
+        if HAS_DHT:
+            dS += gl.load(dht + i_nh.to(gl.int64) * K * V + s_tile)
+        if n_chunks > 0:
+            _issue_sweep_copies(r, w, k, a, b, do, mats, raw_k, raw_do, raw_m, 0, n_chunks - 1, bos, eos, c0, i_h,
+                                i_v, H, K, V, BV, BT, NW)
+        for j in range(0, n_chunks):
+            i_c = n_chunks - 1 - j
+            st = j % 2
+            cp.wait_group(0)
+            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk j - 1
+            if j + 1 < n_chunks:
+                _issue_sweep_copies(r, w, k, a, b, do, mats, raw_k, raw_do, raw_m, 1 - st, i_c - 1, bos, eos, c0,
+                                    i_h, i_v, H, K, V, BV, BT, NW)
+            if ((i_c + 1) % seg_chunks == 0) | (j == 0):            # the last chunk of its segment
+                gl.store(seg_ds + ((s0 + i_c // seg_chunks) * H + i_h) * K * V + s_tile, dS)
+            o_t = bos + i_c * BT + t_idx
+            m_k = (o_t < eos)[:, None] & (kk < K)[None, :]
+            m_v = (o_t < eos)[:, None] & (vv < V)[None, :]
+            # G = cumsum(L) over the rows, L loaded in the product's operand layout (no round trip).
+            t_b = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, B32))
+            L_b = gl.where((t_b < eos)[:, None], _log_decay(raw_k.index(st * 5 + 1).load(B32).to(gl.float32), W_FORM),
+                           0.0)
+            L_b_hi = _tf32_head(L_b)
+            incl = sm_tri.load(A32)
+            G = mma_v2(incl, L_b_hi, z_tk, input_precision="tf32")
+            G = mma_v2(incl, L_b - L_b_hi, G, input_precision="tf32")
+            L = gl.where(m_k, _log_decay(raw_k.index(st * 5 + 1).load(MMA).to(gl.float32), W_FORM), 0.0)
+            G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
+            tail = gl.exp(G_last[None, :] - G)
+            r_c = gl.where(m_k, raw_k.index(st * 5 + 0).load(MMA).to(gl.float32), 0.0)
+            sm_rh.store(r_c * gl.exp(G))
+            a_c = gl.where(m_k, raw_k.index(st * 5 + 3).load(MMA).to(gl.float32), 0.0)
+            sm_ah.store(a_c * gl.exp(G - L))
+            b_c = gl.where(m_k, raw_k.index(st * 5 + 4).load(MMA).to(gl.float32), 0.0)
+            sm_bt.store(b_c * tail)
+            k_c = gl.where(m_k, raw_k.index(st * 5 + 2).load(MMA).to(gl.float32), 0.0)
+            sm_kt.store(k_c * tail)
+            gamma = gl.convert_layout(gl.exp(G_last), ROW)
+            dO = gl.where(m_v, raw_do.index(st).load(MMA).to(gl.float32), 0.0) * scale
+            sm_do.store(dO)
+            sm_ds.store(dS)
+            gl.thread_barrier()
+
+            # The chain: dU = A_rbᵀ dO + B̃ dS, dZ = Tinvᵀ dU, dS_prev = R̂ᵀ dO + γ dS + Âᵀ dZ.
+            mats_c = raw_m.index(st)
+            dU = mma_v2(mats_c.slice(2 * BT, BT, 0).permute((1, 0)).load(A32), sm_do.load(B32), z_tv,
+                        input_precision="tf32")
+            dU = mma_v2(sm_bt.load(A32), sm_ds.load(B32), dU, input_precision="tf32")
+            sm_du.store(dU)
+            gl.thread_barrier()
+            dZ = mma_v2(mats_c.slice(0, BT, 0).permute((1, 0)).load(A32), sm_du.load(B32), z_tv,
+                        input_precision="tf32")
+            sm_dz.store(dZ)
+            gl.thread_barrier()
+            dz_b = sm_dz.load(B32)
+            do_b = sm_do.load(B32)
+            dS = mma_v2(sm_rh.permute((1, 0)).load(A32), do_b, gamma[:, None] * dS, input_precision="tf32")
+            dS = mma_v2(sm_ah.permute((1, 0)).load(A32), dz_b, dS, input_precision="tf32")
+            # Off the chain: dv = A_akᵀ dZ + A_rkᵀ dO + K̃ dS (this chunk's end-state gradient, still in sm_ds).
+            dv_c = mma_v2(mats_c.slice(BT, BT, 0).permute((1, 0)).load(A32), dz_b, z_tv, input_precision="tf32")
+            dv_c = mma_v2(mats_c.slice(3 * BT, BT, 0).permute((1, 0)).load(A32), do_b, dv_c, input_precision="tf32")
+            dv_c = mma_v2(sm_kt.load(A32), sm_ds.load(B32), dv_c, input_precision="tf32")
+            p_v = (o_t[:, None] * H + i_h) * V + vv[None, :]
+            gl.store(dv + p_v, dv_c.to(dv.dtype.element_ty), mask=m_v)
+            gl.store(dz + p_v, dZ.to(dz.dtype.element_ty), mask=m_v)
+        if STORE_DH0:
+            gl.store(dh0 + i_nh.to(gl.int64) * K * V + s_tile, dS)
+
+    @gluon.jit
+    def chunk_fwd_loaded_gluon_kernel(
+        r, w, k, v, a, b, o, h0, ht, mats, chunk_offsets, cu_seqlens, seg_states, seg_offsets, u, scale, T,
+        seg_chunks, H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr,
+        W_FORM: gl.constexpr, HAS_STATE: gl.constexpr, STORE_FINAL: gl.constexpr, STORE_O: gl.constexpr,
+        STORE_SEGMENTS: gl.constexpr, STORE_U: gl.constexpr, IS_VARLEN: gl.constexpr, NW: gl.constexpr,
+    ):
+        """kernels/wkv7.py chunk_fwd_kernel loading the chunk matrices (MATS_LOAD; with STORE_SEGMENTS,
+        SEG_STORE), tf32 products; program (i_v, i_nh) walks V block i_v at K = V = 128. As the sweep
+        (chunk_dstate_gluon_kernel), a dependent walk over few programs: the decays come from the
+        landed inputs, and the chain (Z = Â S + A_ak V, U = Tinv Z, S' = γ S + B̃ᵀ U + K̃ᵀ V) takes
+        three barriers per chunk."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        i_v = gl.program_id(0)
+        i_nh = gl.program_id(1)
+        i_n = i_nh // H
+        i_h = i_nh % H
+        bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+        if STORE_SEGMENTS:
+            if IS_VARLEN:
+                s0 = gl.load(seg_offsets + i_n).to(gl.int64)
+            else:
+                s0 = i_n.to(gl.int64) * gl.cdiv(T, BT * seg_chunks)
+        t_idx = gl.arange(0, BT, layout=ROW)
+        kk = gl.arange(0, K, layout=COL)
+        kr = gl.arange(0, K, layout=ROW)
+        vv = i_v * BV + gl.arange(0, BV, layout=COL)
+        tc = gl.arange(0, BT, layout=COL)
+        rows = t_idx[:, None]
+        cols = tc[None, :]
+        s_tile = kr[:, None] * V + vv[None, :]
+        z_tk = gl.zeros([BT, K], gl.float32, MMA)
+        z_tv = gl.zeros([BT, BV], gl.float32, MMA)
+
+        raw_k = gl.allocate_shared_memory(r.dtype.element_ty, [10, BT, K], SHARED16)   # r w k a b, two stages
+        raw_v = gl.allocate_shared_memory(v.dtype.element_ty, [2, BT, BV], SHARED16)
+        raw_m = gl.allocate_shared_memory(gl.float32, [2, 4 * BT, BT], SHARED32)      # Tinv, A_ak, A_rb, A_rk
+        sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)
+        sm_ah = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_rh = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_bt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_s = gl.allocate_shared_memory(gl.float32, [K, BV], SHARED32)
+        sm_v = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
+        sm_z = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
+        sm_u = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
+        sm_tri.store(gl.where(rows >= cols, 1.0, 0.0) + gl.zeros([BT, BT], gl.float32, MMA))   # [t, s]: s <= t
+
+        S = gl.zeros([K, BV], gl.float32, MMA)
+        if HAS_STATE:
+            S += gl.load(h0 + i_nh.to(gl.int64) * K * V + s_tile)
+        if n_chunks > 0:
+            _issue_sweep_copies(r, w, k, a, b, v, mats, raw_k, raw_v, raw_m, 0, 0, bos, eos, c0, i_h, i_v,
+                                H, K, V, BV, BT, NW)
+        for i_c in range(0, n_chunks):
+            st = i_c % 2
+            cp.wait_group(0)
+            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk i_c - 1
+            if i_c + 1 < n_chunks:
+                _issue_sweep_copies(r, w, k, a, b, v, mats, raw_k, raw_v, raw_m, 1 - st, i_c + 1, bos, eos, c0,
+                                    i_h, i_v, H, K, V, BV, BT, NW)
+            if STORE_SEGMENTS:
+                if i_c % seg_chunks == 0:
+                    gl.store(seg_states + ((s0 + i_c // seg_chunks) * H + i_h) * K * V + s_tile, S)
+            o_t = bos + i_c * BT + t_idx
+            m_k = (o_t < eos)[:, None] & (kk < K)[None, :]
+            m_v = (o_t < eos)[:, None] & (vv < V)[None, :]
+            t_b = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, B32))
+            L_b = gl.where((t_b < eos)[:, None], _log_decay(raw_k.index(st * 5 + 1).load(B32).to(gl.float32), W_FORM),
+                           0.0)
+            L_b_hi = _tf32_head(L_b)
+            incl = sm_tri.load(A32)
+            G = mma_v2(incl, L_b_hi, z_tk, input_precision="tf32")
+            G = mma_v2(incl, L_b - L_b_hi, G, input_precision="tf32")
+            L = gl.where(m_k, _log_decay(raw_k.index(st * 5 + 1).load(MMA).to(gl.float32), W_FORM), 0.0)
+            G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
+            tail = gl.exp(G_last[None, :] - G)
+            a_c = gl.where(m_k, raw_k.index(st * 5 + 3).load(MMA).to(gl.float32), 0.0)
+            sm_ah.store(a_c * gl.exp(G - L))
+            r_c = gl.where(m_k, raw_k.index(st * 5 + 0).load(MMA).to(gl.float32), 0.0)
+            sm_rh.store(r_c * gl.exp(G))
+            b_c = gl.where(m_k, raw_k.index(st * 5 + 4).load(MMA).to(gl.float32), 0.0)
+            sm_bt.store(b_c * tail)
+            k_c = gl.where(m_k, raw_k.index(st * 5 + 2).load(MMA).to(gl.float32), 0.0)
+            sm_kt.store(k_c * tail)
+            gamma = gl.convert_layout(gl.exp(G_last), ROW)
+            sm_v.store(gl.where(m_v, raw_v.index(st).load(MMA).to(gl.float32), 0.0))
+            sm_s.store(S)
+            gl.thread_barrier()
+
+            mats_c = raw_m.index(st)
+            s_b = sm_s.load(B32)
+            v_b = sm_v.load(B32)
+            Z = mma_v2(sm_ah.load(A32), s_b, z_tv, input_precision="tf32")
+            Z = mma_v2(mats_c.slice(BT, BT, 0).load(A32), v_b, Z, input_precision="tf32")          # + A_ak V
+            sm_z.store(Z)
+            gl.thread_barrier()
+            U = mma_v2(mats_c.slice(0, BT, 0).load(A32), sm_z.load(B32), z_tv, input_precision="tf32")  # U_t = a_tᵀ h_{t-1}
+            sm_u.store(U)
+            p_v = (o_t[:, None] * H + i_h) * V + vv[None, :]
+            if STORE_U:
+                gl.store(u + p_v, U, mask=m_v)
+            gl.thread_barrier()
+            u_b = sm_u.load(B32)
+            if STORE_O:
+                O = mma_v2(sm_rh.load(A32), s_b, z_tv, input_precision="tf32")
+                O = mma_v2(mats_c.slice(2 * BT, BT, 0).load(A32), u_b, O, input_precision="tf32")     # + A_rb U
+                O = mma_v2(mats_c.slice(3 * BT, BT, 0).load(A32), v_b, O, input_precision="tf32")     # + A_rk V
+                gl.store(o + p_v, (O * scale).to(o.dtype.element_ty), mask=m_v)
+            S = mma_v2(sm_bt.permute((1, 0)).load(A32), u_b, S * gamma[:, None], input_precision="tf32")
+            S = mma_v2(sm_kt.permute((1, 0)).load(A32), v_b, S, input_precision="tf32")
+        if STORE_FINAL:
+            gl.store(ht + i_nh.to(gl.int64) * K * V + s_tile, S)
 
     @gluon.jit
     def _issue_forward_copies(r, w, k, a, b, v, raw, stage, i_c, bos, eos, i_h, H: gl.constexpr, K: gl.constexpr,

@@ -243,6 +243,24 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
         raise ValueError(f"seg_states: mode {seg_mode!r} {'needs' if seg_states is None else 'takes no'} a buffer")
     if seg_mode == "walk" and (store_o or store_final):
         raise ValueError("seg_mode: 'walk' recomputes chunk states only (store_o and store_final must be False)")
+    if cfg.gluon and mats_mode == "load":      # head 128's loaded forward
+        _check_gluon("cfg", "chunk_fwd_loaded", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
+                     dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_mode == "walk",
+                     store_states=store_states)
+        shape = gluon_nvidia.LAUNCH["chunk_fwd_loaded"]
+        seg_chunks, seg_offsets = 1, None
+        if seg_mode == "store":
+            seg_chunks, seg_offsets, _ = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
+        r, w, k, v, a, b = _aligned16(r, w, k, v, a, b)
+        gluon_nvidia.chunk_fwd_loaded_gluon_kernel[(_cdiv(V, shape["block_v"]), N * H)](
+            r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, mats, offsets if offsets is not None else v,
+            cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
+            seg_offsets if seg_offsets is not None else v, u if u is not None else v, float(scale), T, seg_chunks,
+            H=H, K=K, V=V, BV=shape["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
+            STORE_FINAL=store_final, STORE_O=store_o, STORE_SEGMENTS=seg_mode == "store", STORE_U=u is not None,
+            IS_VARLEN=cu_seqlens is not None, NW=shape["num_warps"], num_warps=shape["num_warps"],
+        )
+        return (o if store_o else None), (ht if store_final else None), None
     if cfg.gluon:
         _check_gluon("cfg", "chunk_fwd", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
                      dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_mode != "none", mats_mode=mats_mode,
@@ -395,6 +413,55 @@ def transition_dstate(do, dht, trans, r_eff, seg_ds, dh0, *, scale, cu_seqlens, 
     )
 
 
+# Head 128's Gluon backward runs the sweep in Gluon too (an experiment's switch: False runs the Triton
+# sweep beside the K-split Gluon gradient kernel).
+GLUON_SWEEP = True
+
+
+def dstate_sweep(r, w, k, a, b, do, dht, mats, seg_ds, dh0, *, scale, cu_seqlens, w_form, cfg: KernelConfig,
+                 seg_len: int, dz=None, dv=None, gluon=False):
+    """The segmented backward's state-gradient sweep over the chunk matrices `mats`, at their chunk size
+    and cfg's launch shape: stores the state gradient at every segment's end into `seg_ds` (from
+    segment_states), and into `dh0` unless it is None. With `dz` and `dv` (v's shape), also every
+    chunk's dZ and the gradient of v (what the K-split Gluon gradient kernel needs). `gluon`: the
+    Gluon sweep (kernels/gluon_nvidia.py; it stores dZ and dv, and takes its own launch shape)."""
+    B, T, H, K = k.shape
+    V = do.shape[-1]
+    N = _num_sequences(B, cu_seqlens)
+    BT = mats.shape[-1]
+    cfg = cfg.with_(chunk_size=BT)
+    BV = min(_pow2(V), cfg.block_v)
+    offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
+    _, seg_offsets, _ = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
+    if (dz is None) != (dv is None):
+        raise ValueError("dz, dv: the sweep stores both or neither")
+    if gluon:
+        launch_shape = gluon_nvidia.LAUNCH["chunk_dstate"]
+        _check_gluon("gluon", "chunk_dstate", K=K, V=V, chunk_size=BT, block_v=launch_shape["block_v"], dtype=k.dtype,
+                     dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=True)
+        if dz is None:
+            raise ValueError("dz, dv: the Gluon sweep stores both; pass them")
+        r, w, k, a, b, do = _aligned16(r, w, k, a, b, do)
+        gluon_nvidia.chunk_dstate_gluon_kernel[(_cdiv(V, launch_shape["block_v"]), N * H)](
+            r, w, k, a, b, do, dht if dht is not None else do, mats, seg_ds, dh0 if dh0 is not None else seg_ds,
+            dz, dv, offsets if offsets is not None else do, seg_offsets if seg_offsets is not None else do,
+            cu_seqlens if cu_seqlens is not None else do, float(scale), T, _chunks_per_segment(seg_len, BT),
+            H=H, K=K, V=V, BV=launch_shape["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
+            STORE_DH0=dh0 is not None, IS_VARLEN=cu_seqlens is not None, NW=launch_shape["num_warps"],
+            num_warps=launch_shape["num_warps"],
+        )
+        return
+    kern.chunk_dstate_kernel[(_cdiv(V, BV), N * H)](
+        r, w, k, a, b, do, dht if dht is not None else do, mats, seg_ds, dh0 if dh0 is not None else seg_ds,
+        dz if dz is not None else do, dv if dv is not None else do, offsets if offsets is not None else do,
+        seg_offsets if seg_offsets is not None else do, cu_seqlens if cu_seqlens is not None else do,
+        float(scale), T, _chunks_per_segment(seg_len, BT),
+        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None, IS_VARLEN=cu_seqlens is not None, STORE_DZ_DV=dz is not None,
+        DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
+    )
+
+
 def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                    cfg_fwd: KernelConfig, cfg_bwd: KernelConfig, mats=None, seg_states=None, seg_len=0,
                    cfg_recompute: KernelConfig | None = None, transitions=None, u=None,
@@ -459,6 +526,18 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     dv = torch.empty_like(v)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
     grid, seg_ds, seg_offsets, seg_chunks = (NV, N * H), None, None, 1
+    # Head size 128's Gluon gradient kernel splits K over two programs; the sweep gives it dZ and
+    # writes dv (kernels/wkv7.py chunk_dstate_kernel's STORE_DZ_DV).
+    ksplit = cfg_bwd.gluon and segmented
+    dz = None
+    if ksplit:
+        if transitions is not None:
+            raise ValueError("cfg_bwd: gluon is set, but the Gluon K-split gradient kernel takes dZ from the "
+                             "chunk-matrix sweep, and this backward walks chunk transitions")
+        _check_gluon("cfg_bwd", "chunk_bwd_split", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
+                     dot_precision=_dot_precision(cfg_bwd, k.dtype), T=T, has_u=u is not None, segmented=True,
+                     sweep_chunk_size=fwd_mats.shape[-1])
+        dz = torch.empty_like(v)         # rounded to bfloat16 by the gradient kernel's products anyway
     if segmented:
         seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
         seg_ds = torch.empty_like(seg_states)
@@ -472,20 +551,21 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                               cu_seqlens=cu_seqlens, cfg=cfg_fwd, chunk_size=cfg_fwd.chunk_size, seg_len=seg_len,
                               seg_offsets=seg_offsets)
         else:
-            BT_sweep = fwd_mats.shape[-1]
-            cfg_sweep = cfg_fwd.with_(chunk_size=BT_sweep)
-            BV_sweep = min(_pow2(V), cfg_sweep.block_v)
-            sweep_offsets = _chunk_offsets(cu_seqlens, N, BT_sweep, k.device)
-            kern.chunk_dstate_kernel[(_cdiv(V, BV_sweep), N * H)](
-                r, w, a, b, do, dht if dht is not None else v, fwd_mats, seg_ds, dh0,
-                sweep_offsets if sweep_offsets is not None else v, seg_offsets if seg_offsets is not None else v,
-                cu_seqlens if cu_seqlens is not None else v, float(scale), T, _chunks_per_segment(seg_len, BT_sweep),
-                H=H, K=K, V=V, BT=BT_sweep, BK=BK, BV=BV_sweep, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
-                STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None,
-                DOT_PRECISION=_dot_precision(cfg_sweep, k.dtype), **_launch_options(cfg_sweep),
-            )
+            dstate_sweep(r, w, k, a, b, do, dht, fwd_mats, seg_ds, dh0 if h0 is not None else None, scale=scale,
+                         cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_fwd, seg_len=seg_len,
+                         dz=dz, dv=dv if ksplit else None, gluon=ksplit and GLUON_SWEEP)
     if side is not None:                 # the gradients need the recomputed states (and rebuilt matrices)
         torch.cuda.current_stream(k.device).wait_stream(side)
+    if ksplit:
+        r, w, k, v, a, b, do, dz = _aligned16(r, w, k, v, a, b, do, dz)
+        gluon_nvidia.chunk_bwd_ksplit_gluon_kernel[(K // gluon_nvidia.KSPLIT_BLOCK_K, N * H, grid[2])](
+            r, w, k, v, a, b, do, dz, states, seg_ds, offsets if offsets is not None else v,
+            seg_offsets if seg_offsets is not None else v, cu_seqlens if cu_seqlens is not None else v, u,
+            dr, dw, dk, da, db, float(scale), T, seg_chunks,
+            H=H, K=K, V=V, BK=gluon_nvidia.KSPLIT_BLOCK_K, BT=BT, W_FORM=W_FORM_CODES[w_form],
+            IS_VARLEN=cu_seqlens is not None, num_warps=gluon_nvidia.LAUNCH["chunk_bwd_split"]["num_warps"],
+        )
+        return dr, dw, dk, dv, da, db, (dh0 if h0 is not None else None)
     if cfg_bwd.gluon:
         _check_gluon("cfg_bwd", "chunk_bwd", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
                      dot_precision=_dot_precision(cfg_bwd, k.dtype), T=T, has_u=u is not None, segmented=segmented)

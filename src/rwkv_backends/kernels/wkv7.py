@@ -815,13 +815,19 @@ def chunk_bwd_kernel(
 # the chunks last to first carrying only dS (no S, no U, no input gradients: _grad_u_z and
 # _grad_start_state alone), and stores dS at the end of every segment; the gradient kernel then
 # runs all segments at once.
+#
+# With STORE_DZ_DV it also stores every chunk's dZ (in dz's dtype) and the whole of dv: neither
+# needs S or U, and both are sums over K. That is what lets the head-128 Gluon gradient kernel
+# split K over two programs (kernels/gluon_nvidia.py chunk_bwd_ksplit_gluon_kernel): with dZ
+# given, the rest of a chunk's gradients and the dS walk are per K row. The added products are off
+# the sweep's dependent chain (dv does not feed dS).
 
 @triton.jit
 def chunk_dstate_kernel(
-    r, w, a, b, do, dht, mats, seg_ds, dh0, chunk_offsets, seg_offsets, cu_seqlens, scale, T, seg_chunks,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    W_FORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    r, w, k, a, b, do, dht, mats, seg_ds, dh0, dz, dv, chunk_offsets, seg_offsets, cu_seqlens, scale, T,
+    seg_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, W_FORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STORE_DZ_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -838,8 +844,9 @@ def chunk_dstate_kernel(
         if ((i_c + 1) % seg_chunks == 0) | (j == 0):                 # the last chunk of its segment
             tl.store(seg_ds + ((s0 + i_c // seg_chunks) * H + i_h) * K * V + s_tile, dS, mask=m_kv)
         tok0 = bos + i_c * BT
-        # k is not needed: b stands in for it (the load of the unused copy is dropped).
-        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, b, a, b, tok0, eos, i_h, H, K, BT, BK, W_FORM, K)
+        # Without STORE_DZ_DV k is not needed: b stands in for it (the unused copy's load is dropped).
+        r_c, w_c, k_c, a_c, b_c, L, p_k, m_k = _load_chunk(r, w, k if STORE_DZ_DV else b, a, b, tok0, eos, i_h,
+                                                           H, K, BT, BK, W_FORM, K)
         p_v, m_tv = _v_rows(tok0, eos, i_h, o_v, H, V, BT)
         dO = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32) * scale
         G, Gm, G_last, a_hat, r_hat, tail = _chunk_decays(r_c, a_c, L)
@@ -847,6 +854,13 @@ def chunk_dstate_kernel(
         Tinv_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_TINV, H, BT, True))
         A_rb_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_RB, H, BT, True))
         dU, dZ = _grad_u_z(A_rb_t, Tinv_t, dO, b_c, tail, dS, DOT_PRECISION)
+        if STORE_DZ_DV:
+            A_ak_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_AK, H, BT, True))
+            A_rk_t = tl.load(_mat_ptrs(mats, c, i_h, MAT_RK, H, BT, True))
+            dv_c = _dot(A_ak_t, dZ, DOT_PRECISION) + _dot(A_rk_t, dO, DOT_PRECISION) \
+                + _dot(k_c * tail, dS, DOT_PRECISION)
+            tl.store(dv + p_v, dv_c.to(dv.dtype.element_ty), mask=m_tv)
+            tl.store(dz + p_v, dZ.to(dz.dtype.element_ty), mask=m_tv)
         dS = _grad_start_state(r_hat, a_hat, G_last, dO, dS, dZ, DOT_PRECISION)
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_tile, dS, mask=m_kv)

@@ -61,7 +61,11 @@ _SM90 = {
     # from the chunk matrices it replaces 0.94 (hand-run sweep, results-h100-2026-11-27-u.json).
     # gluon (NOTES change 56): the Gluon state rebuild, 0.748 -> 0.700 ms at B8 H32, 1.625 -> 1.430 ms
     # at H64 (results-h100-2026-11-27r-gluon.json).
-    "chunk_states": {"64": C(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32", gluon=True)},
+    # K = V = 128: the segmented rebuild of head 128's two-pass training (beside the sweep), hand-run
+    # sweep of 18 launch shapes through training B4 T4096 H16 (NOTES change 61): 4.71 ms at BV 32,
+    # 2 warps, 3 stages; the default entry (ieee dots, BV 64, 4 warps) 4.99 ms, tf32 at its shape 4.81.
+    "chunk_states": {"64": C(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32", gluon=True),
+                     "128": C(block_v=32, num_warps=2, num_stages=3, dot_precision="tf32")},
     # fp32 state: BV 32 and BV 64 tie (98.2 and 98.3 us at B256 H32, interleaved); a 16-bit state
     # runs 72 us at BV 32 and 65 us at BV 64, so 64.
     "recurrent_fwd": {"64": C(block_v=64, num_warps=4), "128": C(block_v=32, num_warps=2)},
@@ -72,8 +76,10 @@ _SM90 = {
                    "128": C(chunk_size=16, block_k=32, num_warps=2, dot_precision="tf32")},
     # 3 stages at K = V = 64 (NOTES change 32; the sweep takes this launch shape too): B1 T16384 H32
     # training 8.17 -> 7.52 ms, prefill 2.60 -> 2.34 ms (2 stages: 7.77 and 2.42).
+    # gluon at K = V = 128 (NOTES change 60): the Gluon loaded forward (kernels/gluon_nvidia.py
+    # chunk_fwd_loaded_gluon_kernel, its own 8 warps and V blocks of 64).
     "chunk_fwd_loaded": {"64": C(chunk_size=32, block_v=16, num_warps=4, num_stages=3, dot_precision="tf32"),
-                         "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")},
+                         "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32", gluon=True)},
     # Chunk transitions (NOTES change 36), B1 T16384 H32, hand-run sweep (.exp-style script, numbers in
     # NOTES): the transitions at 2 warps 0.83-0.86 ms (4 warps 1.05, 8 warps 1.76; chunk 64 1.56 at
     # best); the walk at BV 16, 2 warps, 4 stages 0.43 ms (3 stages 0.44, 4 warps 0.48-0.55) and the
@@ -87,8 +93,15 @@ _SM90 = {
     # bf16 operands since NOTES change 43, from the tune tool: K = 64 (B1 T16384 H32)
     # tune-sm90-2026-11-27-bf16-split64.json, 5.02 ms (tf32) -> 3.97 ms at 3 stages; K = 128
     # (B4 T4096 H16) tune-sm90-2026-11-27-bf16-split128.json, 10.55 -> 6.32 ms at BV 128.
+    # keep_u and gluon at K = V = 128 (NOTES change 58): the K-split Gluon gradient kernel
+    # (kernels/gluon_nvidia.py chunk_bwd_ksplit_gluon_kernel), U kept by the forward, dZ and dv from
+    # the sweep. B4 T4096 H16 training 7.95 -> 5.47 ms; the gradient kernel 4.64 -> 1.51 ms
+    # (.exp-style script, numbers in NOTES). Where the Gluon kernel cannot run (float32 inputs,
+    # RWKV_BACKENDS_GLUON=0) the Triton kernel runs with this entry, U included: 8% slower than
+    # without U at that shape (7.93 -> 8.58 ms, change 45).
     "chunk_bwd_split": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=3, dot_precision="bf16"),
-                        "128": C(chunk_size=16, block_v=128, num_warps=8, num_stages=2, dot_precision="bf16")},
+                        "128": C(chunk_size=16, block_v=128, num_warps=8, num_stages=2, dot_precision="bf16",
+                                 keep_u=True, gluon=True)},
     # The recompute gets its programs from the segments, so one V block (the chunk matrices built
     # once, not once per block): B1 T16384 H32 training 9.76 ms at BV 16, 8.79 at BV 32, 8.25 at
     # BV 64 (results-h100-2026-11-27f-segments.json). At K = V = 128 the forward's chunk size is
@@ -99,8 +112,8 @@ _SM90 = {
     # tune-sm90-2026-11-27-segmented64.json (chunk_bwd_split 5.62 ms at these shapes, chunk_recompute
     # 5.56, each within noise of the fastest); K = 128, chunk_bwd_split at B4 T4096 H16: 11.27 ms at
     # this entry, 13.0 ms at BV 64 (NOTES). chunk_recompute at K = 128 is not swept.
-    # No K = V = 128 gradient entry keeps U (keep_u): at B4 T4096 H16 training was slower with it,
-    # 7.93 -> 8.58 ms (results-h100-2026-11-27-u.json).
+    # With the Triton gradient kernel, U did not pay at K = V = 128: B4 T4096 H16 training 7.93 ->
+    # 8.58 ms (results-h100-2026-11-27-u.json); the one-pass chunk_bwd 128 entry keeps it off.
 }
 
 TABLES = {
