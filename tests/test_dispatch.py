@@ -268,7 +268,7 @@ def test_gluon_kernels_say_why_for_what_only_some_of_them_take():
     assert gluon_nvidia.unsupported("chunk_states", **fits, block_v=32, dot_precision="tf32") is None
     for mode in (dict(mats_mode="load"), dict(store_states=True)):
         assert "recompute" in gluon_nvidia.unsupported("chunk_fwd", **fits, block_v=64, dot_precision="tf32", **mode)
-    assert "no Gluon" in gluon_nvidia.unsupported("chunk_prep", **fits, block_v=64, dot_precision="tf32")
+    assert "no Gluon" in gluon_nvidia.unsupported("chunk_transition", **fits, block_v=64, dot_precision="tf32")
 
 
 def test_the_ksplit_gluon_kernel_says_why_it_cannot_take_a_launch():

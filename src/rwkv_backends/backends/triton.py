@@ -191,8 +191,9 @@ class TritonChunkTwoPass(_TrainedVariant):
         # dZ comes from the sweep at the forward's chunk size (prep's).
         changed = gluon_fallbacks(problem, device, configs, ("chunk_states", "chunk_bwd_split"), segmented=True,
                                   sweep_chunk_size=configs["chunk_prep"].chunk_size)
-        # Its forward walks whole sequences (storing the segments' start states) on the loaded matrices.
-        return changed | gluon_fallbacks(problem, device, configs, ("chunk_fwd_loaded",))
+        # Its forward builds the chunk matrices, then walks whole sequences (storing the segments' start
+        # states) on them.
+        return changed | gluon_fallbacks(problem, device, configs, ("chunk_prep", "chunk_fwd_loaded"))
 
     @staticmethod
     def _prep_programs(problem, plan):

@@ -192,6 +192,11 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
         scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
         const = dict(H=1, K=K, V=V, BV=gluon_nvidia.LAUNCH[kernel]["block_v"], BT=cfg.chunk_size, W_FORM=0,
                      HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, NW=warps)
+    elif kernel == "chunk_prep":         # head 128's chunk matrices
+        fn = gluon_nvidia.chunk_prep_gluon_kernel
+        ptr = {n: t for n in ("r", "w", "k", "a", "b")} | {"mats": f32, "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
+        scalars = {"T": "i32"}
+        const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, IS_VARLEN=False, NW=warps)
     elif kernel == "chunk_fwd_loaded":   # head 128's two-pass training forward: segments' states and U
         fn = gluon_nvidia.chunk_fwd_loaded_gluon_kernel
         ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "o")} | {"h0": f32, "ht": f32, "mats": f32,
@@ -210,10 +215,10 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
     else:
         fn = gluon_nvidia.chunk_states_gluon_kernel
         ptr = ({n: t for n in ("w", "k", "v", "b")} | {"u": f32, "h0": f32, "states": f32, "chunk_offsets": "*i64",
-               "cu_seqlens": "*i32"})
-        scalars = {"T": "i32"}
-        const = dict(H=1, K=K, BV=gluon_nvidia.LAUNCH[kernel]["block_v"], BT=cfg.chunk_size, W_FORM=0,
-                     HAS_STATE=True, IS_VARLEN=False, NW=warps)
+               "cu_seqlens": "*i32", "seg_states": f32, "seg_offsets": "*i64"})
+        scalars = {"T": "i32", "seg_chunks": "i32"}
+        const = dict(H=1, K=K, V=V, BV=gluon_nvidia.LAUNCH[kernel]["block_v"], BT=cfg.chunk_size, W_FORM=0,
+                     HAS_STATE=True, SEGMENTED=K == gluon_nvidia.KSPLIT_HEAD, IS_VARLEN=False, NW=warps)
     sig = ptr | scalars | {n: "constexpr" for n in const}
     # Torch's allocations are 16-byte aligned, and the JIT specializes on that: cp.async needs it.
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptr}

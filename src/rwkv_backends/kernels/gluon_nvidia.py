@@ -44,20 +44,21 @@ CHUNK = 16
 # of KSPLIT_BLOCK_K columns of K (chunk_bwd_ksplit_gluon_kernel).
 KSPLIT_HEAD = 128
 KSPLIT_BLOCK_K = 64
-_HEAD128 = ("chunk_fwd_loaded", "chunk_bwd_split", "chunk_dstate")
+_HEAD128 = ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_dstate")
 _SEGMENTED = ("chunk_bwd_split", "chunk_dstate")          # the segmented backward's only
-_OWN_V_BLOCKS = ("chunk_states", "chunk_dstate", "chunk_fwd_loaded")   # they split V into LAUNCH's blocks
+_OWN_V_BLOCKS = ("chunk_states", "chunk_dstate", "chunk_fwd_loaded", "chunk_prep")   # V blocks of their own, or none
 # The launch each Gluon kernel takes whatever its config says (the tune tool folds its candidates to
 # these): warps, and the V columns of one program.
 LAUNCH = {"chunk_bwd": dict(num_warps=8, block_v=64), "chunk_fwd": dict(num_warps=4, block_v=64),
           "chunk_states": dict(num_warps=4, block_v=64), "chunk_bwd_split": dict(num_warps=8, block_v=128),
-          "chunk_dstate": dict(num_warps=8, block_v=64), "chunk_fwd_loaded": dict(num_warps=8, block_v=64)}
+          "chunk_dstate": dict(num_warps=4, block_v=64), "chunk_fwd_loaded": dict(num_warps=4, block_v=64),
+          "chunk_prep": dict(num_warps=4)}
 NUM_WARPS = LAUNCH["chunk_bwd"]["num_warps"]
 _PRECISION = {"chunk_bwd": "bf16", "chunk_fwd": "tf32", "chunk_states": "tf32", "chunk_bwd_split": "bf16",
-              "chunk_dstate": "tf32", "chunk_fwd_loaded": "tf32"}
+              "chunk_dstate": "tf32", "chunk_fwd_loaded": "tf32", "chunk_prep": "tf32"}
 _NAMES = {"chunk_bwd": "gradient kernel", "chunk_fwd": "forward", "chunk_states": "state rebuild",
           "chunk_bwd_split": "K-split gradient kernel", "chunk_dstate": "state-gradient sweep",
-          "chunk_fwd_loaded": "loaded forward"}
+          "chunk_fwd_loaded": "loaded forward", "chunk_prep": "chunk-matrix build"}
 
 
 def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, dtype: torch.dtype,
@@ -76,9 +77,10 @@ def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, d
         # Triton compiles an integer argument equal to 1 as a constant; with T = 1 the kernels' masked
         # cp.async fails to lower (Triton 3.6, found by the H100 conformance run; NOTES change 57).
         return f"T = 1: {name} is not compiled for one-step sequences"
-    head = KSPLIT_HEAD if kernel in _HEAD128 else HEAD
-    if (K, V) != (head, head):
-        return f"K = {K}, V = {V}: {name} is laid out for K = V = {head}"
+    heads = (HEAD, KSPLIT_HEAD) if kernel == "chunk_states" else (KSPLIT_HEAD,) if kernel in _HEAD128 else (HEAD,)
+    if K != V or K not in heads:
+        return f"K = {K}, V = {V}: {name} is laid out for K = V = {' or '.join(map(str, heads))}"
+    head = K
     if chunk_size != CHUNK:
         return f"chunk_size {chunk_size}: {name} takes chunks of {CHUNK}"
     if kernel not in _OWN_V_BLOCKS and block_v < head:
@@ -99,7 +101,7 @@ def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, d
             return (f"the state-gradient sweep walks chunks of {sweep_chunk_size}: {name} takes its dZ at "
                     f"chunks of {CHUNK}")
         return None
-    if segmented:
+    if segmented and kernel != "chunk_states":
         return f"segments: {name} walks whole sequences"
     if kernel == "chunk_fwd" and (mats_mode == "load" or store_states):
         return f"{name} builds the chunk matrices and stores no chunk states (the recompute runs in Triton)"
@@ -172,6 +174,50 @@ if GLUON_IMPORT_ERROR is None:
         m_c = gl.arange(0, BT, layout=gl.SliceLayout(0, MATS))
         cp.async_copy_global_to_shared(raw_m.index(stage), mats + (c * H + i_h) * 4 * BT * BT + m_r[:, None] * BT + m_c[None, :])
         cp.commit_group()
+
+    @gluon.jit
+    def _intra(safe, sm_ah, sm_rh, sm_bf, sm_kf, G, Gm, r_c, k_c, a_c, b_c, BT: gl.constexpr, MMA: gl.constexpr):
+        """A chunk's A_ab, A_ak (strictly lower) and A_rb, A_rk (lower), [BT, BT] in MMA (kernels/wkv7.py
+        _intra): where safe, four products of Â, R̂ (in sm_ah, sm_rh) with b e^{-G}, k e^{-G} (in sm_bf,
+        sm_kf), float32 at tf32; otherwise pair by pair from the register tiles."""
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        rows = gl.arange(0, BT, layout=gl.SliceLayout(1, MMA))[:, None]
+        cols = gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))[None, :]
+        z_tt = gl.zeros([BT, BT], gl.float32, MMA)
+        if safe:
+            ah_a = sm_ah.load(A32)
+            rh_a = sm_rh.load(A32)
+            bft_b = sm_bf.permute((1, 0)).load(B32)
+            kft_b = sm_kf.permute((1, 0)).load(B32)
+            A_ab = mma_v2(ah_a, bft_b, z_tt, input_precision="tf32")
+            A_ak = mma_v2(ah_a, kft_b, z_tt, input_precision="tf32")
+            A_rb = mma_v2(rh_a, bft_b, z_tt, input_precision="tf32")
+            A_rk = mma_v2(rh_a, kft_b, z_tt, input_precision="tf32")
+        else:
+            A_ab = z_tt
+            A_ak = z_tt
+            A_rb = z_tt
+            A_rk = z_tt
+            for s in range(BT):
+                at_s = rows == s
+                G_s = gl.sum(gl.where(at_s, G, 0.0), 0)
+                b_s = gl.sum(gl.where(at_s, b_c, 0.0), 0)
+                k_s = gl.sum(gl.where(at_s, k_c, 0.0), 0)
+                E = gl.exp(gl.where(rows > s, Gm - G_s[None, :], float("-inf")))
+                F = gl.exp(gl.where(rows >= s, G - G_s[None, :], float("-inf")))
+                aE = a_c * E
+                rF = r_c * F
+                col_s = cols == s
+                A_ab = gl.where(col_s, gl.sum(aE * b_s[None, :], 1)[:, None], A_ab)
+                A_ak = gl.where(col_s, gl.sum(aE * k_s[None, :], 1)[:, None], A_ak)
+                A_rb = gl.where(col_s, gl.sum(rF * b_s[None, :], 1)[:, None], A_rb)
+                A_rk = gl.where(col_s, gl.sum(rF * k_s[None, :], 1)[:, None], A_rk)
+        A_ab = gl.where(rows > cols, A_ab, 0.0)
+        A_ak = gl.where(rows > cols, A_ak, 0.0)
+        A_rb = gl.where(rows >= cols, A_rb, 0.0)
+        A_rk = gl.where(rows >= cols, A_rk, 0.0)
+        return A_ab, A_ak, A_rb, A_rk
 
     @gluon.jit
     def _input_grads(safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c,
@@ -654,7 +700,7 @@ if GLUON_IMPORT_ERROR is None:
         """cp.async of chunk i_c's r, w, k, a, b (all K columns), V block i_v of `do` (the sweep) or of v
         (the loaded forward), and the chunk matrices."""
         KROWS: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NW, 1], [1, 0])   # [16, 128]
-        VROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NW, 1], [1, 0])   # [16, 64]
+        VROWS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BV // 4), BV // 4], [NW, 1], [1, 0])   # [16, BV]
         MATS: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])     # [64, 16]: the four matrices
         pk, mk = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, KROWS)
         cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 0), r + pk, mask=mk)
@@ -909,6 +955,117 @@ if GLUON_IMPORT_ERROR is None:
             gl.store(ht + i_nh.to(gl.int64) * K * V + s_tile, S)
 
     @gluon.jit
+    def _issue_prep_copies(r, w, k, a, b, raw, stage, i_c, bos, eos, i_h, H: gl.constexpr, K: gl.constexpr,
+                           BT: gl.constexpr, NW: gl.constexpr):
+        """cp.async of chunk i_c's r, w, k, a, b into raw buffer `stage`."""
+        ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (K // 4), K // 4], [NW, 1], [1, 0])
+        p, m = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, ROWS)
+        cp.async_copy_global_to_shared(raw.index(stage * 5 + 0), r + p, mask=m)
+        cp.async_copy_global_to_shared(raw.index(stage * 5 + 1), w + p, mask=m)
+        cp.async_copy_global_to_shared(raw.index(stage * 5 + 2), k + p, mask=m)
+        cp.async_copy_global_to_shared(raw.index(stage * 5 + 3), a + p, mask=m)
+        cp.async_copy_global_to_shared(raw.index(stage * 5 + 4), b + p, mask=m)
+        cp.commit_group()
+
+    @gluon.jit
+    def chunk_prep_gluon_kernel(
+        r, w, k, a, b, mats, chunk_offsets, cu_seqlens, T,
+        H: gl.constexpr, K: gl.constexpr, BT: gl.constexpr, W_FORM: gl.constexpr, IS_VARLEN: gl.constexpr,
+        NW: gl.constexpr,
+    ):
+        """kernels/wkv7.py chunk_prep_kernel, tf32 products: program (i_p, i_nh) builds and stores the
+        chunk matrices of chunks i_p, i_p + P, ... of its sequence (P = the grid's first size), with
+        the next one's inputs arriving by cp.async; the inverse as chunk_fwd_gluon_kernel squares it."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        i_p = gl.program_id(0)
+        n_p = gl.num_programs(0)
+        i_nh = gl.program_id(1)
+        i_n = i_nh // H
+        i_h = i_nh % H
+        bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+        t_idx = gl.arange(0, BT, layout=ROW)
+        kk = gl.arange(0, K, layout=COL)
+        tc = gl.arange(0, BT, layout=COL)
+        rows = t_idx[:, None]
+        cols = tc[None, :]
+        m_off = rows * BT + cols
+        z_tk = gl.zeros([BT, K], gl.float32, MMA)
+        z_tt = gl.zeros([BT, BT], gl.float32, MMA)
+        eye = gl.where(rows == cols, 1.0, 0.0) + z_tt
+        raw = gl.allocate_shared_memory(r.dtype.element_ty, [10, BT, K], SHARED16)   # r w k a b, two stages
+        sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)
+        sm_ah = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_rh = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_bf = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_kf = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        sm_n = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)          # N = A_ab
+        sm_p = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SHARED32)       # N^2, N^4, N^8
+        sm_x = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SHARED32)       # I + N, then its products
+        sm_tri.store(gl.where(rows >= cols, 1.0, 0.0) + z_tt)                    # [t, s]: s <= t
+        n_mine = gl.cdiv(gl.maximum(n_chunks - i_p, 0), n_p)
+        if n_mine > 0:
+            _issue_prep_copies(r, w, k, a, b, raw, 0, i_p, bos, eos, i_h, H, K, BT, NW)
+        for j in range(0, n_mine):
+            i_c = i_p + j * n_p
+            st = j % 2
+            cp.wait_group(0)
+            gl.thread_barrier()          # every thread's copies have landed; all are done with the last chunk
+            if j + 1 < n_mine:
+                _issue_prep_copies(r, w, k, a, b, raw, 1 - st, i_c + n_p, bos, eos, i_h, H, K, BT, NW)
+            o_t = bos + i_c * BT + t_idx
+            m_k = (o_t < eos)[:, None] & (kk < K)[None, :]
+            t_b = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, B32))
+            L_b = gl.where((t_b < eos)[:, None], _log_decay(raw.index(st * 5 + 1).load(B32).to(gl.float32), W_FORM),
+                           0.0)
+            L_b_hi = _tf32_head(L_b)
+            incl = sm_tri.load(A32)
+            G = mma_v2(incl, L_b_hi, z_tk, input_precision="tf32")
+            G = mma_v2(incl, L_b - L_b_hi, G, input_precision="tf32")
+            L = gl.where(m_k, _log_decay(raw.index(st * 5 + 1).load(MMA).to(gl.float32), W_FORM), 0.0)
+            Gm = G - L
+            G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
+            r_c = gl.where(m_k, raw.index(st * 5 + 0).load(MMA).to(gl.float32), 0.0)
+            k_c = gl.where(m_k, raw.index(st * 5 + 2).load(MMA).to(gl.float32), 0.0)
+            a_c = gl.where(m_k, raw.index(st * 5 + 3).load(MMA).to(gl.float32), 0.0)
+            b_c = gl.where(m_k, raw.index(st * 5 + 4).load(MMA).to(gl.float32), 0.0)
+            e_neg = gl.exp(-G)                          # inf past SAFE_RANGE: only the safe path reads it
+            safe = gl.min(G_last, 0) >= -SAFE_RANGE
+            sm_ah.store(a_c * gl.exp(Gm))
+            sm_rh.store(r_c * gl.exp(G))
+            sm_bf.store(b_c * e_neg)
+            sm_kf.store(k_c * e_neg)
+            gl.thread_barrier()
+            A_ab, A_ak, A_rb, A_rk = _intra(safe, sm_ah, sm_rh, sm_bf, sm_kf, G, Gm, r_c, k_c, a_c, b_c, BT, MMA)
+            # Tinv = (I + N)(I + N^2)(I + N^4)(I + N^8), N = A_ab (kernels/wkv7.py _unit_lower_inverse).
+            X = eye + A_ab
+            sm_n.store(A_ab)
+            sm_x.index(0).store(X)
+            gl.thread_barrier()
+            P = mma_v2(sm_n.load(A32), sm_n.load(B32), z_tt, input_precision="tf32")
+            sm_p.index(0).store(P)
+            gl.thread_barrier()
+            X = mma_v2(sm_x.index(0).load(A32), sm_p.index(0).load(B32), X, input_precision="tf32")
+            P = mma_v2(sm_p.index(0).load(A32), sm_p.index(0).load(B32), z_tt, input_precision="tf32")
+            sm_x.index(1).store(X)
+            sm_p.index(1).store(P)
+            gl.thread_barrier()
+            X = mma_v2(sm_x.index(1).load(A32), sm_p.index(1).load(B32), X, input_precision="tf32")
+            P = mma_v2(sm_p.index(1).load(A32), sm_p.index(1).load(B32), z_tt, input_precision="tf32")
+            sm_x.index(2).store(X)
+            sm_p.index(2).store(P)
+            gl.thread_barrier()
+            Tinv = mma_v2(sm_x.index(2).load(A32), sm_p.index(2).load(B32), X, input_precision="tf32")
+            mbase = mats + ((c0 + i_c) * H + i_h) * 4 * BT * BT       # kernels/wkv7.py MAT_TINV, MAT_AK, MAT_RB, MAT_RK
+            gl.store(mbase + m_off, Tinv)
+            gl.store(mbase + BT * BT + m_off, A_ak)
+            gl.store(mbase + 2 * BT * BT + m_off, A_rb)
+            gl.store(mbase + 3 * BT * BT + m_off, A_rk)
+
+    @gluon.jit
     def _issue_forward_copies(r, w, k, a, b, v, raw, stage, i_c, bos, eos, i_h, H: gl.constexpr, K: gl.constexpr,
                               BT: gl.constexpr, NW: gl.constexpr):
         """cp.async of chunk i_c's r, w, k, a, b, v into raw buffer `stage`."""
@@ -1023,38 +1180,7 @@ if GLUON_IMPORT_ERROR is None:
             gl.thread_barrier()
 
             # The in-chunk matrices (kernels/wkv7.py _intra): factored where safe, pair by pair otherwise.
-            if safe:
-                ah_a = sm_ah.load(A32)
-                rh_a = sm_rh.load(A32)
-                bft_b = sm_bf.permute((1, 0)).load(B32)
-                kft_b = sm_kf.permute((1, 0)).load(B32)
-                A_ab = mma_v2(ah_a, bft_b, z_tt, input_precision="tf32")
-                A_ak = mma_v2(ah_a, kft_b, z_tt, input_precision="tf32")
-                A_rb = mma_v2(rh_a, bft_b, z_tt, input_precision="tf32")
-                A_rk = mma_v2(rh_a, kft_b, z_tt, input_precision="tf32")
-            else:
-                A_ab = z_tt
-                A_ak = z_tt
-                A_rb = z_tt
-                A_rk = z_tt
-                for s in range(BT):
-                    at_s = rows == s
-                    G_s = gl.sum(gl.where(at_s, G, 0.0), 0)
-                    b_s = gl.sum(gl.where(at_s, b_c, 0.0), 0)
-                    k_s = gl.sum(gl.where(at_s, k_c, 0.0), 0)
-                    E = gl.exp(gl.where(rows > s, Gm - G_s[None, :], float("-inf")))
-                    F = gl.exp(gl.where(rows >= s, G - G_s[None, :], float("-inf")))
-                    aE = a_c * E
-                    rF = r_c * F
-                    col_s = cols == s
-                    A_ab = gl.where(col_s, gl.sum(aE * b_s[None, :], 1)[:, None], A_ab)
-                    A_ak = gl.where(col_s, gl.sum(aE * k_s[None, :], 1)[:, None], A_ak)
-                    A_rb = gl.where(col_s, gl.sum(rF * b_s[None, :], 1)[:, None], A_rb)
-                    A_rk = gl.where(col_s, gl.sum(rF * k_s[None, :], 1)[:, None], A_rk)
-            A_ab = gl.where(rows > cols, A_ab, 0.0)
-            A_ak = gl.where(rows > cols, A_ak, 0.0)
-            A_rb = gl.where(rows >= cols, A_rb, 0.0)
-            A_rk = gl.where(rows >= cols, A_rk, 0.0)
+            A_ab, A_ak, A_rb, A_rk = _intra(safe, sm_ah, sm_rh, sm_bf, sm_kf, G, Gm, r_c, k_c, a_c, b_c, BT, MMA)
             # Tinv = (I + N)(I + N^2)(I + N^4)(I + N^8), N = A_ab (kernels/wkv7.py _unit_lower_inverse's
             # products in its order), with Z = Â S + A_ak V beside the first squaring.
             X = eye + A_ab
@@ -1109,10 +1235,9 @@ if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def _issue_states_copies(w, k, b, v, u, raw16, raw_u, stage, i_c, bos, eos, i_h, i_v, H: gl.constexpr,
-                             K: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr, NW: gl.constexpr):
+                             K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr, NW: gl.constexpr):
         """cp.async of chunk i_c's w, k, b (all K columns) and v, U (V block i_v) into buffer `stage`."""
-        V: gl.constexpr = K
-        ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NW, 1], [1, 0])
+        ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (K // 4), K // 4], [NW, 1], [1, 0])
         p, m = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, ROWS)
         base = stage * 4
         cp.async_copy_global_to_shared(raw16.index(base + 0), w + p, mask=m)
@@ -1126,14 +1251,16 @@ if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def chunk_states_gluon_kernel(
-        w, k, v, b, u, h0, states, chunk_offsets, cu_seqlens, T,
-        H: gl.constexpr, K: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr, W_FORM: gl.constexpr,
-        HAS_STATE: gl.constexpr, IS_VARLEN: gl.constexpr, NW: gl.constexpr,
+        w, k, v, b, u, h0, states, chunk_offsets, cu_seqlens, seg_states, seg_offsets, T, seg_chunks,
+        H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr,
+        W_FORM: gl.constexpr, HAS_STATE: gl.constexpr, SEGMENTED: gl.constexpr, IS_VARLEN: gl.constexpr,
+        NW: gl.constexpr,
     ):
-        """kernels/wkv7.py chunk_states_kernel without segments: S' = γ S + B̃ᵀ U + K̃ᵀ V, storing every
-        chunk's start state; program (i_v, i_nh). The decays' suffix sums come from a product with a
-        0/1 triangle on L taken straight from the landed w (no round trip): 3 barriers per chunk."""
-        V: gl.constexpr = K
+        """kernels/wkv7.py chunk_states_kernel: S' = γ S + B̃ᵀ U + K̃ᵀ V, storing every chunk's start
+        state; program (i_v, i_nh), and with SEGMENTED (SEG_WALK) program (i_v, i_nh, i_seg) walks
+        segment i_seg from the start state the forward stored. The decays' suffix sums come from a
+        product with a 0/1 triangle on L taken straight from the landed w (no round trip): 3
+        barriers per chunk."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
         ROW: gl.constexpr = gl.SliceLayout(1, MMA)
         COL: gl.constexpr = gl.SliceLayout(0, MMA)
@@ -1160,17 +1287,31 @@ if GLUON_IMPORT_ERROR is None:
         sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
         sm_v = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
         sm_tri.store(gl.where(rows <= cols, 1.0, 0.0) + gl.zeros([BT, BT], gl.float32, MMA))   # [t, s]: s >= t
-        S = gl.zeros([K, BV], gl.float32, MMA)
-        if HAS_STATE:
-            S += gl.load(h0 + i_nh.to(gl.int64) * K * V + s_tile)
-        if n_chunks > 0:
-            _issue_states_copies(w, k, b, v, u, raw16, raw_u, 0, 0, bos, eos, i_h, i_v, H, K, BV, BT, NW)
-        for i_c in range(0, n_chunks):
-            st = i_c % 2
+        if SEGMENTED:            # kernels/wkv7.py _segment_range: the segment's chunks, none past the end
+            if IS_VARLEN:
+                s0 = gl.load(seg_offsets + i_n).to(gl.int64)
+            else:
+                s0 = i_n.to(gl.int64) * gl.cdiv(T, BT * seg_chunks)
+            i_seg = gl.program_id(2)
+            c_begin = i_seg * seg_chunks
+            c_end = gl.minimum(c_begin + seg_chunks, n_chunks)
+            S = gl.load(seg_states + ((s0 + i_seg) * H + i_h) * K * V + s_tile,
+                        mask=(s_tile >= 0) & (c_begin < c_end), other=0.0)
+        else:
+            c_begin = 0
+            c_end = n_chunks
+            S = gl.zeros([K, BV], gl.float32, MMA)
+            if HAS_STATE:
+                S += gl.load(h0 + i_nh.to(gl.int64) * K * V + s_tile)
+        if c_begin < c_end:
+            _issue_states_copies(w, k, b, v, u, raw16, raw_u, 0, c_begin, bos, eos, i_h, i_v, H, K, V, BV, BT, NW)
+        for i_c in range(c_begin, c_end):
+            st = (i_c - c_begin) % 2
             cp.wait_group(0)
             gl.thread_barrier()
-            if i_c + 1 < n_chunks:
-                _issue_states_copies(w, k, b, v, u, raw16, raw_u, 1 - st, i_c + 1, bos, eos, i_h, i_v, H, K, BV, BT, NW)
+            if i_c + 1 < c_end:
+                _issue_states_copies(w, k, b, v, u, raw16, raw_u, 1 - st, i_c + 1, bos, eos, i_h, i_v, H, K, V, BV,
+                                     BT, NW)
             gl.store(states + ((c0 + i_c) * H + i_h) * K * V + s_tile, S)
             o_t = bos + i_c * BT + t_idx
             m_t = (o_t < eos)[:, None] & (kk < K)[None, :]

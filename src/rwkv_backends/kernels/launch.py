@@ -193,11 +193,17 @@ def chunk_states(w, k, v, b, u, h0, *, cu_seqlens, cfg: KernelConfig, w_form, st
                      dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_states is not None)
         w, k, v, b = _aligned16(w, k, v, b)
         launch = gluon_nvidia.LAUNCH["chunk_states"]
-        gluon_nvidia.chunk_states_gluon_kernel[(_cdiv(V, launch["block_v"]), N * H)](
+        grid, seg_offsets, seg_chunks = (_cdiv(V, launch["block_v"]), N * H), None, 1
+        if seg_states is not None:
+            seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
+            grid = grid + (n_segments,)
+        gluon_nvidia.chunk_states_gluon_kernel[grid](
             w, k, v, b, u, h0 if h0 is not None else v, states, offsets if offsets is not None else v,
-            cu_seqlens if cu_seqlens is not None else v, T,
-            H=H, K=K, BV=launch["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
-            IS_VARLEN=cu_seqlens is not None, NW=launch["num_warps"], num_warps=launch["num_warps"],
+            cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
+            seg_offsets if seg_offsets is not None else v, T, seg_chunks,
+            H=H, K=K, V=V, BV=launch["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
+            SEGMENTED=seg_states is not None, IS_VARLEN=cu_seqlens is not None, NW=launch["num_warps"],
+            num_warps=launch["num_warps"],
         )
         return states
     grid, seg_offsets, seg_chunks = (_cdiv(V, BV), N * H), None, 1
@@ -306,6 +312,16 @@ def chunk_prepare(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, progr
     mats = empty_mats(k, cu_seqlens, BT)
     offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
     P = max(1, min(programs_per_sequence, _cdiv(T, BT)))
+    if cfg.gluon:
+        _check_gluon("cfg", "chunk_prep", K=K, V=K, chunk_size=BT, block_v=K, dtype=k.dtype,
+                     dot_precision=_dot_precision(cfg, k.dtype), T=T)
+        r, w, k, a, b = _aligned16(r, w, k, a, b)
+        warps = gluon_nvidia.LAUNCH["chunk_prep"]["num_warps"]
+        gluon_nvidia.chunk_prep_gluon_kernel[(P, N * H)](
+            r, w, k, a, b, mats, offsets if offsets is not None else k, cu_seqlens if cu_seqlens is not None else k, T,
+            H=H, K=K, BT=BT, W_FORM=W_FORM_CODES[w_form], IS_VARLEN=cu_seqlens is not None, NW=warps, num_warps=warps,
+        )
+        return mats
     kern.chunk_prep_kernel[(P, N * H)](
         r, w, k, a, b, mats, offsets if offsets is not None else k, cu_seqlens if cu_seqlens is not None else k, T,
         H=H, K=K, BT=BT, BKK=min(_pow2(K), cfg.block_k), W_FORM=W_FORM_CODES[w_form], IS_VARLEN=cu_seqlens is not None,

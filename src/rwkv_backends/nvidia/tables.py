@@ -65,15 +65,16 @@ _SM90 = {
     # sweep of 18 launch shapes through training B4 T4096 H16 (NOTES change 61): 4.71 ms at BV 32,
     # 2 warps, 3 stages; the default entry (ieee dots, BV 64, 4 warps) 4.99 ms, tf32 at its shape 4.81.
     "chunk_states": {"64": C(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32", gluon=True),
-                     "128": C(block_v=32, num_warps=2, num_stages=3, dot_precision="tf32")},
+                     "128": C(block_v=32, num_warps=2, num_stages=3, dot_precision="tf32", gluon=True)},
     # fp32 state: BV 32 and BV 64 tie (98.2 and 98.3 us at B256 H32, interleaved); a 16-bit state
     # runs 72 us at BV 32 and 65 us at BV 64, so 64.
     "recurrent_fwd": {"64": C(block_v=64, num_warps=4), "128": C(block_v=32, num_warps=2)},
     # Prefill at B1 T16384 H32: chunk 32, prep 0.42 ms + loaded forward 1.98 ms (chunk 16: 0.35 + 3.00).
     # At K = V = 128, the B4 T4096 H16 (64 pairs): chunk 16, prep 0.51 ms + loaded forward
     # 1.15 ms (chunk 32: 0.51 + 1.31).
+    # gluon at K = 128 (NOTES change 63): the Gluon build (kernels/gluon_nvidia.py chunk_prep_gluon_kernel).
     "chunk_prep": {"64": C(chunk_size=32, block_k=32, num_warps=2, dot_precision="tf32"),
-                   "128": C(chunk_size=16, block_k=32, num_warps=2, dot_precision="tf32")},
+                   "128": C(chunk_size=16, block_k=32, num_warps=2, dot_precision="tf32", gluon=True)},
     # 3 stages at K = V = 64 (NOTES change 32; the sweep takes this launch shape too): B1 T16384 H32
     # training 8.17 -> 7.52 ms, prefill 2.60 -> 2.34 ms (2 stages: 7.77 and 2.42).
     # gluon at K = V = 128 (NOTES change 60): the Gluon loaded forward (kernels/gluon_nvidia.py
