@@ -191,17 +191,17 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
                | {"dz": t, "dv": t, "chunk_offsets": "*i64", "seg_offsets": "*i64", "cu_seqlens": "*i32"})
         scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
         const = dict(H=1, K=K, V=V, BV=gluon_nvidia.LAUNCH[kernel]["block_v"], BT=cfg.chunk_size, W_FORM=0,
-                     HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, NW=warps)
+                     HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, NW=warps, DS_BF16=True)
     elif kernel == "chunk_prep":         # head 128's chunk matrices
         fn = gluon_nvidia.chunk_prep_gluon_kernel
         ptr = {n: t for n in ("r", "w", "k", "a", "b")} | {"mats": f32, "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
-        scalars = {"T": "i32"}
+        scalars = {"T": "i32", "c_lo": "i32", "c_hi": "i32"}
         const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, IS_VARLEN=False, NW=warps)
     elif kernel == "chunk_fwd_loaded":   # head 128's two-pass training forward: segments' states and U
         fn = gluon_nvidia.chunk_fwd_loaded_gluon_kernel
         ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "o")} | {"h0": f32, "ht": f32, "mats": f32,
                "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": f32, "seg_offsets": "*i64", "u": f32})
-        scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
+        scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32", "c_lo": "i32", "c_hi": "i32"}
         const = dict(H=1, K=K, V=V, BV=gluon_nvidia.LAUNCH[kernel]["block_v"], BT=cfg.chunk_size, W_FORM=0,
                      HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_SEGMENTS=True, STORE_U=True,
                      IS_VARLEN=False, NW=warps)

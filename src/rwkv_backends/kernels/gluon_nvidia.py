@@ -721,18 +721,21 @@ if GLUON_IMPORT_ERROR is None:
         r, w, k, a, b, do, dht, mats, seg_ds, dh0, dz, dv, chunk_offsets, seg_offsets, cu_seqlens, scale, T,
         seg_chunks, H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr,
         W_FORM: gl.constexpr, HAS_DHT: gl.constexpr, STORE_DH0: gl.constexpr, IS_VARLEN: gl.constexpr,
-        NW: gl.constexpr,
+        NW: gl.constexpr, DS_BF16: gl.constexpr,
     ):
-        """kernels/wkv7.py chunk_dstate_kernel with STORE_DZ_DV, tf32 products; program (i_v, i_nh). The
-        sweep is a dependent walk (dS -> dU -> dZ -> dS_prev each chunk) over few programs: what it
-        costs is the chain's latency, so the decays come straight from the landed inputs (G as a
-        product with a 0/1 triangle on L loaded in the operand's layout), and the chain takes three
-        barriers per chunk."""
+        """kernels/wkv7.py chunk_dstate_kernel with STORE_DZ_DV, tf32 products (DS_BF16: those with dS
+        on bf16 operands, as the gradient kernels take them); program (i_v, i_nh). The sweep is a
+        dependent walk (dS -> dU -> dZ -> dS_prev each chunk) over few programs: what it costs is the
+        chain's latency, so the decays come straight from the landed inputs (G as a product with a
+        0/1 triangle on L loaded in the operand's layout), and the chain takes three barriers per
+        chunk."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
         ROW: gl.constexpr = gl.SliceLayout(1, MMA)
         COL: gl.constexpr = gl.SliceLayout(0, MMA)
         A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
         B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
         i_v = gl.program_id(0)
         i_nh = gl.program_id(1)
         i_n = i_nh // H
@@ -757,11 +760,14 @@ if GLUON_IMPORT_ERROR is None:
         raw_do = gl.allocate_shared_memory(do.dtype.element_ty, [2, BT, BV], SHARED16)
         raw_m = gl.allocate_shared_memory(gl.float32, [2, 4 * BT, BT], SHARED32)      # Tinv, A_ak, A_rb, A_rk
         sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)
-        sm_bt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
-        sm_kt = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
+        # DS_BF16: the products with dS (B̃ dS, K̃ dS) on bf16 operands, as the gradient kernels take them.
+        DS_TYPE: gl.constexpr = gl.bfloat16 if DS_BF16 else gl.float32
+        DS_SHARED: gl.constexpr = SHARED16 if DS_BF16 else SHARED32
+        sm_bt = gl.allocate_shared_memory(DS_TYPE, [BT, K], DS_SHARED)
+        sm_kt = gl.allocate_shared_memory(DS_TYPE, [BT, K], DS_SHARED)
         sm_rh = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
         sm_ah = gl.allocate_shared_memory(gl.float32, [BT, K], SHARED32)
-        sm_ds = gl.allocate_shared_memory(gl.float32, [K, BV], SHARED32)
+        sm_ds = gl.allocate_shared_memory(DS_TYPE, [K, BV], DS_SHARED)
         sm_do = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
         sm_du = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
         sm_dz = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
@@ -802,20 +808,23 @@ if GLUON_IMPORT_ERROR is None:
             a_c = gl.where(m_k, raw_k.index(st * 5 + 3).load(MMA).to(gl.float32), 0.0)
             sm_ah.store(a_c * gl.exp(G - L))
             b_c = gl.where(m_k, raw_k.index(st * 5 + 4).load(MMA).to(gl.float32), 0.0)
-            sm_bt.store(b_c * tail)
+            sm_bt.store((b_c * tail).to(DS_TYPE))
             k_c = gl.where(m_k, raw_k.index(st * 5 + 2).load(MMA).to(gl.float32), 0.0)
-            sm_kt.store(k_c * tail)
+            sm_kt.store((k_c * tail).to(DS_TYPE))
             gamma = gl.convert_layout(gl.exp(G_last), ROW)
             dO = gl.where(m_v, raw_do.index(st).load(MMA).to(gl.float32), 0.0) * scale
             sm_do.store(dO)
-            sm_ds.store(dS)
+            sm_ds.store(dS.to(DS_TYPE))
             gl.thread_barrier()
 
             # The chain: dU = A_rbᵀ dO + B̃ dS, dZ = Tinvᵀ dU, dS_prev = R̂ᵀ dO + γ dS + Âᵀ dZ.
             mats_c = raw_m.index(st)
             dU = mma_v2(mats_c.slice(2 * BT, BT, 0).permute((1, 0)).load(A32), sm_do.load(B32), z_tv,
                         input_precision="tf32")
-            dU = mma_v2(sm_bt.load(A32), sm_ds.load(B32), dU, input_precision="tf32")
+            if DS_BF16:
+                dU = mma_v2(sm_bt.load(A16), sm_ds.load(B16), dU)
+            else:
+                dU = mma_v2(sm_bt.load(A32), sm_ds.load(B32), dU, input_precision="tf32")
             sm_du.store(dU)
             gl.thread_barrier()
             dZ = mma_v2(mats_c.slice(0, BT, 0).permute((1, 0)).load(A32), sm_du.load(B32), z_tv,
@@ -829,7 +838,10 @@ if GLUON_IMPORT_ERROR is None:
             # Off the chain: dv = A_akᵀ dZ + A_rkᵀ dO + K̃ dS (this chunk's end-state gradient, still in sm_ds).
             dv_c = mma_v2(mats_c.slice(BT, BT, 0).permute((1, 0)).load(A32), dz_b, z_tv, input_precision="tf32")
             dv_c = mma_v2(mats_c.slice(3 * BT, BT, 0).permute((1, 0)).load(A32), do_b, dv_c, input_precision="tf32")
-            dv_c = mma_v2(sm_kt.load(A32), sm_ds.load(B32), dv_c, input_precision="tf32")
+            if DS_BF16:
+                dv_c = mma_v2(sm_kt.load(A16), sm_ds.load(B16), dv_c)
+            else:
+                dv_c = mma_v2(sm_kt.load(A32), sm_ds.load(B32), dv_c, input_precision="tf32")
             p_v = (o_t[:, None] * H + i_h) * V + vv[None, :]
             gl.store(dv + p_v, dv_c.to(dv.dtype.element_ty), mask=m_v)
             gl.store(dz + p_v, dZ.to(dz.dtype.element_ty), mask=m_v)
@@ -839,12 +851,14 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.jit
     def chunk_fwd_loaded_gluon_kernel(
         r, w, k, v, a, b, o, h0, ht, mats, chunk_offsets, cu_seqlens, seg_states, seg_offsets, u, scale, T,
-        seg_chunks, H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, BT: gl.constexpr,
-        W_FORM: gl.constexpr, HAS_STATE: gl.constexpr, STORE_FINAL: gl.constexpr, STORE_O: gl.constexpr,
-        STORE_SEGMENTS: gl.constexpr, STORE_U: gl.constexpr, IS_VARLEN: gl.constexpr, NW: gl.constexpr,
+        seg_chunks, c_lo, c_hi, H: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr,
+        BT: gl.constexpr, W_FORM: gl.constexpr, HAS_STATE: gl.constexpr, STORE_FINAL: gl.constexpr,
+        STORE_O: gl.constexpr, STORE_SEGMENTS: gl.constexpr, STORE_U: gl.constexpr, IS_VARLEN: gl.constexpr,
+        NW: gl.constexpr,
     ):
         """kernels/wkv7.py chunk_fwd_kernel loading the chunk matrices (MATS_LOAD; with STORE_SEGMENTS,
-        SEG_STORE), tf32 products; program (i_v, i_nh) walks V block i_v at K = V = 128. As the sweep
+        SEG_STORE), tf32 products; program (i_v, i_nh) walks V block i_v at K = V = 128, chunks c_lo up
+        to c_hi (h0: the state at c_lo; ht: the state where it stops). As the sweep
         (chunk_dstate_gluon_kernel), a dependent walk over few programs: the decays come from the
         landed inputs, and the chain (Z = Â S + A_ak V, U = Tinv Z, S' = γ S + B̃ᵀ U + K̃ᵀ V) takes
         three barriers per chunk."""
@@ -891,14 +905,15 @@ if GLUON_IMPORT_ERROR is None:
         S = gl.zeros([K, BV], gl.float32, MMA)
         if HAS_STATE:
             S += gl.load(h0 + i_nh.to(gl.int64) * K * V + s_tile)
-        if n_chunks > 0:
-            _issue_sweep_copies(r, w, k, a, b, v, mats, raw_k, raw_v, raw_m, 0, 0, bos, eos, c0, i_h, i_v,
+        c_end = gl.minimum(n_chunks, c_hi)
+        if c_lo < c_end:
+            _issue_sweep_copies(r, w, k, a, b, v, mats, raw_k, raw_v, raw_m, 0, c_lo, bos, eos, c0, i_h, i_v,
                                 H, K, V, BV, BT, NW)
-        for i_c in range(0, n_chunks):
-            st = i_c % 2
+        for i_c in range(c_lo, c_end):
+            st = (i_c - c_lo) % 2
             cp.wait_group(0)
             gl.thread_barrier()          # every thread's copies have landed; all are done with chunk i_c - 1
-            if i_c + 1 < n_chunks:
+            if i_c + 1 < c_end:
                 _issue_sweep_copies(r, w, k, a, b, v, mats, raw_k, raw_v, raw_m, 1 - st, i_c + 1, bos, eos, c0,
                                     i_h, i_v, H, K, V, BV, BT, NW)
             if STORE_SEGMENTS:
@@ -969,13 +984,14 @@ if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def chunk_prep_gluon_kernel(
-        r, w, k, a, b, mats, chunk_offsets, cu_seqlens, T,
+        r, w, k, a, b, mats, chunk_offsets, cu_seqlens, T, c_lo, c_hi,
         H: gl.constexpr, K: gl.constexpr, BT: gl.constexpr, W_FORM: gl.constexpr, IS_VARLEN: gl.constexpr,
         NW: gl.constexpr,
     ):
         """kernels/wkv7.py chunk_prep_kernel, tf32 products: program (i_p, i_nh) builds and stores the
-        chunk matrices of chunks i_p, i_p + P, ... of its sequence (P = the grid's first size), with
-        the next one's inputs arriving by cp.async; the inverse as chunk_fwd_gluon_kernel squares it."""
+        chunk matrices of chunks c_lo + i_p, c_lo + i_p + P, ... below c_hi of its sequence (P = the
+        grid's first size), with the next one's inputs arriving by cp.async; the inverse as
+        chunk_fwd_gluon_kernel squares it."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
         ROW: gl.constexpr = gl.SliceLayout(1, MMA)
         COL: gl.constexpr = gl.SliceLayout(0, MMA)
@@ -1006,11 +1022,11 @@ if GLUON_IMPORT_ERROR is None:
         sm_p = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SHARED32)       # N^2, N^4, N^8
         sm_x = gl.allocate_shared_memory(gl.float32, [3, BT, BT], SHARED32)       # I + N, then its products
         sm_tri.store(gl.where(rows >= cols, 1.0, 0.0) + z_tt)                    # [t, s]: s <= t
-        n_mine = gl.cdiv(gl.maximum(n_chunks - i_p, 0), n_p)
+        n_mine = gl.cdiv(gl.maximum(gl.minimum(n_chunks, c_hi) - c_lo - i_p, 0), n_p)
         if n_mine > 0:
-            _issue_prep_copies(r, w, k, a, b, raw, 0, i_p, bos, eos, i_h, H, K, BT, NW)
+            _issue_prep_copies(r, w, k, a, b, raw, 0, c_lo + i_p, bos, eos, i_h, H, K, BT, NW)
         for j in range(0, n_mine):
-            i_c = i_p + j * n_p
+            i_c = c_lo + i_p + j * n_p
             st = j % 2
             cp.wait_group(0)
             gl.thread_barrier()          # every thread's copies have landed; all are done with the last chunk
