@@ -256,6 +256,9 @@ def test_gluon_kernels_say_why_they_cannot_take_a_launch(kernel, precision, chan
                 segmented=False)
     assert gluon_nvidia.unsupported(kernel, **fits) is None
     assert gluon_nvidia.unsupported(kernel, **(fits | dict(dtype=torch.float16))) is None
+    if kernel == "chunk_states" and change == dict(segmented=True):     # it walks segments too (head 128)
+        assert gluon_nvidia.unsupported(kernel, **(fits | change)) is None
+        return
     assert phrase in gluon_nvidia.unsupported(kernel, **(fits | change))
 
 
@@ -269,6 +272,15 @@ def test_gluon_kernels_say_why_for_what_only_some_of_them_take():
     for mode in (dict(mats_mode="load"), dict(store_states=True)):
         assert "recompute" in gluon_nvidia.unsupported("chunk_fwd", **fits, block_v=64, dot_precision="tf32", **mode)
     assert "no Gluon" in gluon_nvidia.unsupported("chunk_transition", **fits, block_v=64, dot_precision="tf32")
+    # head 128's two-pass kernels, and the state rebuild at both head sizes
+    wide = dict(K=128, V=128, chunk_size=16, dtype=torch.bfloat16, dot_precision="tf32")
+    for kernel in ("chunk_prep", "chunk_fwd_loaded", "chunk_states"):
+        assert gluon_nvidia.unsupported(kernel, **wide, block_v=64) is None, kernel
+    for kernel in ("chunk_prep", "chunk_fwd_loaded"):
+        assert "K = V = 128" in gluon_nvidia.unsupported(kernel, **fits, block_v=64, dot_precision="tf32")
+    assert gluon_nvidia.unsupported("chunk_dstate", **wide, block_v=64, segmented=True) is None
+    assert "no segments" in gluon_nvidia.unsupported("chunk_dstate", **wide, block_v=64)
+    assert "walks no segments" in gluon_nvidia.unsupported("chunk_fwd_loaded", **wide, block_v=64, segmented=True)
 
 
 def test_the_ksplit_gluon_kernel_says_why_it_cannot_take_a_launch():
