@@ -53,13 +53,13 @@ def _no_bf16_dots(kernel: str, cfg: KernelConfig) -> KernelConfig:
     return cfg.with_(dot_precision="tf32") if cfg.dot_precision == "bf16" else cfg
 
 
-# The Triton releases the Gluon gradient kernel (kernels/gluon_nvidia.py) was compiled and checked on
-# a card with: triton.experimental.gluon is experimental, and its API moves between releases.
+# The Triton releases the Gluon kernels (kernels/gluon_nvidia.py) were compiled and checked on a card
+# with: triton.experimental.gluon is experimental, and its API moves between releases.
 GLUON_CHECKED_TRITON = ((3, 6),)
 
 
 def _gluon_unchecked(d: DeviceInfo, tv: tuple) -> bool:
-    """NVIDIA devices where the Gluon gradient kernel has not been checked: before sm80 (it issues
+    """NVIDIA devices where the Gluon kernels have not been checked: before sm80 (they issue
     mma.sync and cp.async), other Triton releases, and the interpreter (which cannot run Gluon).
     Other vendors have no Gluon kernel at all (TritonChunk.fit_configs keeps it off there)."""
     if d.vendor != "nvidia":
@@ -146,9 +146,9 @@ CATALOG = (
         id="gluon-experimental",
         link="https://github.com/triton-lang/triton/tree/main/python/tutorials/gluon",
         summary="triton.experimental.gluon is experimental (its API changes between releases) and the "
-                "interpreter cannot run it: the Gluon gradient kernel is off here, chunk_bwd runs in Triton",
+                "interpreter cannot run it: the Gluon kernels are off here, their Triton kernels run",
         scope="NVIDIA devices before sm80, Triton releases other than 3.6, and TRITON_INTERPRET=1: the "
-              "Gluon kernel was compiled and checked on an H100 with Triton 3.6 only (NOTES change 51)",
+              "Gluon kernels were compiled and checked on an H100 with Triton 3.6 only (NOTES changes 51-65)",
         applies=lambda d, tv, pv: _gluon_unchecked(d, tv),
         constrain=_no_gluon,
     ),

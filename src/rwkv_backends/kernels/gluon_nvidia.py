@@ -1,7 +1,14 @@
-"""The one-pass chunked path's kernels written in Gluon, Triton's layout-explicit dialect, for NVIDIA
-sm80 and later (mma.sync and cp.async): the gradient kernel (chunk_bwd), the forward (chunk_fwd) and
-the state rebuild from U (chunk_states). What `KernelConfig.gluon` selects for each; the kernels of
+"""The chunked paths' kernels written in Gluon, Triton's layout-explicit dialect, for NVIDIA sm80 and
+later (mma.sync and cp.async). What `KernelConfig.gluon` selects for each kernel; the kernels of
 kernels/wkv7.py are the same math and the reference for them.
+
+- One-pass training and prefill at K = V = 64: the gradient kernel (chunk_bwd), the forward
+  (chunk_fwd) and the state rebuild from U (chunk_states).
+- Two-pass training and prefill at K = V = 128 (few pairs): the chunk-matrix build (chunk_prep), the
+  loaded forward (chunk_fwd_loaded), the state-gradient sweep (with dZ and dv), the state rebuild
+  over segments (chunk_states), and the segmented gradient kernel split over K (chunk_bwd_split):
+  with dZ from the sweep, the rest of a chunk's gradients and the dS walk are per K row or sums
+  over V, so each half of K is a program of its own, in the K = 64 gradient kernel's layout.
 
 Why a second implementation: the Triton kernels are latency-bound. In the gradient kernel every
 tl.dot whose operand was computed in registers, every store and every decay scan changes layout
@@ -10,15 +17,15 @@ through shared memory with all eight warps synchronised: about 89 barriers per 1
 in one mma.sync accumulator layout (the warps side by side along the columns, so that reductions
 and scans over a chunk's 16 rows stay inside a warp), every product takes its operands from shared
 memory, the decays' scans are products with 0/1 triangles, and the next chunk's inputs arrive by
-cp.async while this one computes: seven barriers per chunk in the gradient kernel. The forward and
-the state rebuild gain less (Triton already ran them at two programs per multiprocessor; NOTES
-changes 54, 56), but they gain.
+cp.async while this one computes: seven barriers per chunk in the gradient kernel. The walks of the
+two-pass path (forward, sweep) are dependent chains over few programs, so there the decays come
+straight from the landed inputs and the chain takes three barriers per chunk.
 
-Scope (`unsupported()` says why a launch does not fit): K = V = 64, chunk 16, 16-bit inputs, the
-tables' dot precision for that kernel ("bf16" for the gradients, whose in-chunk pair products stay
-tf32 as in the Triton kernel; "tf32" for the forward and the state rebuild), whole sequences (no
-segments); varlen works. Not under TRITON_INTERPRET=1: the interpreter cannot run Gluon, so CI
-compiles these kernels for sm90 (ptxas) and only a card runs them.
+Scope (`unsupported()` says why a launch does not fit): the head sizes above, chunk 16, 16-bit
+inputs, the tables' dot precision for that kernel ("bf16" for the gradients, whose in-chunk pair
+products stay tf32 as in the Triton kernel; "tf32" elsewhere), no one-step sequences; varlen works.
+Not under TRITON_INTERPRET=1: the interpreter cannot run Gluon, so CI compiles these kernels for
+sm90 (ptxas) and only a card runs them.
 """
 
 from __future__ import annotations
@@ -141,6 +148,31 @@ if GLUON_IMPORT_ERROR is None:
         return (x.to(gl.int32, bitcast=True) & -8192).to(gl.float32, bitcast=True)
 
     @gluon.jit
+    def _triangle_scan(sm_tri, raw_w, t0, eos, W_FORM: gl.constexpr, BT: gl.constexpr, K: gl.constexpr,
+                       MMA: gl.constexpr):
+        """The 0/1 triangle in sm_tri times the log-decays L of the chunk landed in raw_w (rows from token
+        t0, zero from eos on): L's cumulative sums over the rows, inclusive prefix or suffix as the
+        triangle says, [BT, K] in MMA. L is taken in the product's operand layout straight from raw_w
+        (no round trip), as a tf32 head and its exact remainder."""
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        t_b = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, B32))
+        L_b = gl.where((t_b < eos)[:, None], _log_decay(raw_w.load(B32).to(gl.float32), W_FORM), 0.0)
+        L_b_hi = _tf32_head(L_b)
+        tri = sm_tri.load(A32)
+        acc = mma_v2(tri, L_b_hi, gl.zeros([BT, K], gl.float32, MMA), input_precision="tf32")
+        return mma_v2(tri, L_b - L_b_hi, acc, input_precision="tf32")
+
+    @gluon.jit
+    def _segment_base(seg_offsets, i_n, T, seg_chunks, BT: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """Sequence i_n's first segment in the segment buffers (kernels/wkv7.py _segment_base)."""
+        if IS_VARLEN:
+            s0 = gl.load(seg_offsets + i_n).to(gl.int64)
+        else:
+            s0 = i_n.to(gl.int64) * gl.cdiv(T, BT * seg_chunks)
+        return s0
+
+    @gluon.jit
     def _chunk_rows(bos, eos, i_c, i_h, col0, H: gl.constexpr, N: gl.constexpr, BT: gl.constexpr,
                     NCOLS: gl.constexpr, LAYOUT: gl.constexpr):
         """Offsets and mask of chunk i_c's rows, columns [col0, col0 + NCOLS), of a [tokens, H, N]
@@ -218,6 +250,60 @@ if GLUON_IMPORT_ERROR is None:
         A_rb = gl.where(rows >= cols, A_rb, 0.0)
         A_rk = gl.where(rows >= cols, A_rk, 0.0)
         return A_ab, A_ak, A_rb, A_rk
+
+    @gluon.jit
+    def _gradient_decays(L, r_c, k_c, a_c, b_c, sm_l, sm_tri, BT: gl.constexpr, MMA: gl.constexpr):
+        """The gradient kernels' chunk decays from L: G = cumsum(L) over the rows as a product of the
+        inclusive 0/1 triangle (sm_tri.index(0)) with L's tf32 head and remainder (through sm_l, with a
+        barrier), G_last from G's own last row (as the Triton kernel's comment on tail says: taken from
+        a separate sum, tail rounds to 1 +- 3e-5), and what the gradients are taken through."""
+        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        rows = gl.arange(0, BT, layout=gl.SliceLayout(1, MMA))[:, None]
+        L_hi = _tf32_head(L)
+        sm_l.index(0).store(L_hi)
+        sm_l.index(1).store(L - L_hi)
+        gl.thread_barrier()
+        incl = sm_tri.index(0).load(A32)
+        G = mma_v2(incl, sm_l.index(0).load(B32), gl.zeros_like(L), input_precision="tf32")
+        G = mma_v2(incl, sm_l.index(1).load(B32), G, input_precision="tf32")
+        Gm = G - L
+        G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
+        a_hat = a_c * gl.exp(Gm)
+        r_hat = r_c * gl.exp(G)
+        tail = gl.exp(G_last[None, :] - G)
+        gamma = gl.exp(G_last)
+        b_t = b_c * tail
+        k_t = k_c * tail
+        e_neg = gl.exp(-G)                          # inf past SAFE_RANGE: only the safe path reads it
+        b_f = b_c * e_neg
+        k_f = k_c * e_neg
+        safe = gl.min(G_last, 0) >= -SAFE_RANGE
+        return G, Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, safe
+
+    @gluon.jit
+    def _pair_matrix_grads(sm_dz, sm_do, sm_u, sm_v, sm_da, BT: gl.constexpr, MMA: gl.constexpr):
+        """The gradients of the four in-chunk matrices (dA_ab = dZ Uᵀ, dA_ak = dZ Vᵀ strictly lower;
+        dA_rb = dO Uᵀ, dA_rk = dO Vᵀ lower; bf16 operands from shared memory), also stored in sm_da,
+        and dZ, dO as A operands."""
+        A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        rows = gl.arange(0, BT, layout=gl.SliceLayout(1, MMA))[:, None]
+        cols = gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))[None, :]
+        z_tt = gl.zeros([BT, BT], gl.float32, MMA)
+        dz_a = sm_dz.load(A16)
+        do_a = sm_do.load(A16)
+        ut_b = sm_u.permute((1, 0)).load(B16)
+        vt_b = sm_v.permute((1, 0)).load(B16)
+        dA_ab = gl.where(rows > cols, mma_v2(dz_a, ut_b, z_tt), 0.0)
+        dA_ak = gl.where(rows > cols, mma_v2(dz_a, vt_b, z_tt), 0.0)
+        dA_rb = gl.where(rows >= cols, mma_v2(do_a, ut_b, z_tt), 0.0)
+        dA_rk = gl.where(rows >= cols, mma_v2(do_a, vt_b, z_tt), 0.0)
+        sm_da.index(0).store(dA_ab)
+        sm_da.index(1).store(dA_ak)
+        sm_da.index(2).store(dA_rb)
+        sm_da.index(3).store(dA_rk)
+        return dz_a, do_a, dA_ab, dA_ak, dA_rb, dA_rk
 
     @gluon.jit
     def _input_grads(safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c,
@@ -331,8 +417,6 @@ if GLUON_IMPORT_ERROR is None:
         COL: gl.constexpr = gl.SliceLayout(0, MMA)
         A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
-        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
 
         i_nh = gl.program_id(1)
         i_n = i_nh // H
@@ -407,27 +491,8 @@ if GLUON_IMPORT_ERROR is None:
             S = raw_s.index(st).load(MMA)
             L = gl.where(m_t, _log_decay(w_c, W_FORM), 0.0)
 
-            # G = cumsum(L) over the rows, G_last from G's own last row (as the Triton kernel's
-            # comment on tail says: taken from a separate sum, tail rounds to 1 +- 3e-5).
-            L_hi = _tf32_head(L)
-            sm_l.index(0).store(L_hi)
-            sm_l.index(1).store(L - L_hi)
-            gl.thread_barrier()
-            incl = sm_tri.index(0).load(A32)
-            G = mma_v2(incl, sm_l.index(0).load(B32), z_tv, input_precision="tf32")
-            G = mma_v2(incl, sm_l.index(1).load(B32), G, input_precision="tf32")
-            Gm = G - L
-            G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
-            a_hat = a_c * gl.exp(Gm)
-            r_hat = r_c * gl.exp(G)
-            tail = gl.exp(G_last[None, :] - G)
-            gamma = gl.exp(G_last)
-            b_t = b_c * tail
-            k_t = k_c * tail
-            e_neg = gl.exp(-G)                          # inf past SAFE_RANGE: only the safe path reads it
-            b_f = b_c * e_neg
-            k_f = k_c * e_neg
-            safe = gl.min(G_last, 0) >= -SAFE_RANGE
+            G, Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, safe = _gradient_decays(
+                L, r_c, k_c, a_c, b_c, sm_l, sm_tri, BT, MMA)
 
             sm_do.store(dO.to(gl.bfloat16))
             sm_u.store(U.to(gl.bfloat16))
@@ -455,18 +520,7 @@ if GLUON_IMPORT_ERROR is None:
             sm_dz.store(dZ.to(gl.bfloat16))
             gl.thread_barrier()
 
-            dz_a = sm_dz.load(A16)
-            do_a = sm_do.load(A16)
-            ut_b = sm_u.permute((1, 0)).load(B16)
-            vt_b = sm_v.permute((1, 0)).load(B16)
-            dA_ab = gl.where(rows > cols, mma_v2(dz_a, ut_b, z_tt), 0.0)
-            dA_ak = gl.where(rows > cols, mma_v2(dz_a, vt_b, z_tt), 0.0)
-            dA_rb = gl.where(rows >= cols, mma_v2(do_a, ut_b, z_tt), 0.0)
-            dA_rk = gl.where(rows >= cols, mma_v2(do_a, vt_b, z_tt), 0.0)
-            sm_da.index(0).store(dA_ab)
-            sm_da.index(1).store(dA_ak)
-            sm_da.index(2).store(dA_rb)
-            sm_da.index(3).store(dA_rk)
+            dz_a, do_a, dA_ab, dA_ak, dA_rb, dA_rk = _pair_matrix_grads(sm_dz, sm_do, sm_u, sm_v, sm_da, BT, MMA)
             dz_b = sm_dz.load(B16)
             do_b = sm_do.load(B16)
             dv_c = mma_v2(sm_mat.index(1).permute((1, 0)).load(A16), dz_b, z_tv)
@@ -543,8 +597,6 @@ if GLUON_IMPORT_ERROR is None:
         COL: gl.constexpr = gl.SliceLayout(0, MMA)
         A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
-        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
 
         i_k = gl.program_id(0)
         i_nh = gl.program_id(1)
@@ -554,10 +606,7 @@ if GLUON_IMPORT_ERROR is None:
         k0 = i_k * BK
         bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
         # The segment's chunks [c_begin, c_end) (kernels/wkv7.py _segment_range); none past the end.
-        if IS_VARLEN:
-            s0 = gl.load(seg_offsets + i_n).to(gl.int64)
-        else:
-            s0 = i_n.to(gl.int64) * gl.cdiv(T, BT * seg_chunks)
+        s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
         c_begin = i_seg * seg_chunks
         c_end = gl.minimum(c_begin + seg_chunks, n_chunks)
         n_walk = c_end - c_begin
@@ -632,26 +681,8 @@ if GLUON_IMPORT_ERROR is None:
             sm_dz.store(gl.where(m_v, raw_v.index(st * 3 + 2).load(MMA).to(gl.float32), 0.0).to(gl.bfloat16))
             sm_u.store(gl.where(m_v, raw_u.index(st).load(MMA), 0.0).to(gl.bfloat16))
 
-            # G = cumsum(L) over the rows (as in chunk_bwd_gluon_kernel).
-            L_hi = _tf32_head(L)
-            sm_scan.index(0).store(L_hi)
-            sm_scan.index(1).store(L - L_hi)
-            gl.thread_barrier()
-            incl = sm_tri.index(0).load(A32)
-            G = mma_v2(incl, sm_scan.index(0).load(B32), z_tk, input_precision="tf32")
-            G = mma_v2(incl, sm_scan.index(1).load(B32), G, input_precision="tf32")
-            Gm = G - L
-            G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
-            a_hat = a_c * gl.exp(Gm)
-            r_hat = r_c * gl.exp(G)
-            tail = gl.exp(G_last[None, :] - G)
-            gamma = gl.exp(G_last)
-            b_t = b_c * tail
-            k_t = k_c * tail
-            e_neg = gl.exp(-G)                          # inf past SAFE_RANGE: only the safe path reads it
-            b_f = b_c * e_neg
-            k_f = k_c * e_neg
-            safe = gl.min(G_last, 0) >= -SAFE_RANGE
+            G, Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, safe = _gradient_decays(
+                L, r_c, k_c, a_c, b_c, sm_scan, sm_tri, BT, MMA)
             sm_rh.store(r_hat.to(gl.bfloat16))
             sm_ah.store(a_hat.to(gl.bfloat16))
             sm_bf.store(b_f)
@@ -660,18 +691,7 @@ if GLUON_IMPORT_ERROR is None:
             sm_rh32.store(r_hat)
             gl.thread_barrier()
 
-            dz_a = sm_dz.load(A16)
-            do_a = sm_do.load(A16)
-            ut_b = sm_u.permute((1, 0)).load(B16)
-            vt_b = sm_v.permute((1, 0)).load(B16)
-            dA_ab = gl.where(rows > cols, mma_v2(dz_a, ut_b, z_tt), 0.0)
-            dA_ak = gl.where(rows > cols, mma_v2(dz_a, vt_b, z_tt), 0.0)
-            dA_rb = gl.where(rows >= cols, mma_v2(do_a, ut_b, z_tt), 0.0)
-            dA_rk = gl.where(rows >= cols, mma_v2(do_a, vt_b, z_tt), 0.0)
-            sm_da.index(0).store(dA_ab)
-            sm_da.index(1).store(dA_ak)
-            sm_da.index(2).store(dA_rb)
-            sm_da.index(3).store(dA_rk)
+            dz_a, do_a, dA_ab, dA_ak, dA_rb, dA_rk = _pair_matrix_grads(sm_dz, sm_do, sm_u, sm_v, sm_da, BT, MMA)
             st_b = sm_s.permute((1, 0)).load(B16)
             d_ahat = mma_v2(dz_a, st_b, z_tk)
             d_rhat = mma_v2(do_a, st_b, z_tk)
@@ -741,10 +761,7 @@ if GLUON_IMPORT_ERROR is None:
         i_n = i_nh // H
         i_h = i_nh % H
         bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
-        if IS_VARLEN:
-            s0 = gl.load(seg_offsets + i_n).to(gl.int64)
-        else:
-            s0 = i_n.to(gl.int64) * gl.cdiv(T, BT * seg_chunks)
+        s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
         t_idx = gl.arange(0, BT, layout=ROW)
         kk = gl.arange(0, K, layout=COL)
         kr = gl.arange(0, K, layout=ROW)
@@ -753,7 +770,6 @@ if GLUON_IMPORT_ERROR is None:
         rows = t_idx[:, None]
         cols = tc[None, :]
         s_tile = kr[:, None] * V + vv[None, :]
-        z_tk = gl.zeros([BT, K], gl.float32, MMA)
         z_tv = gl.zeros([BT, BV], gl.float32, MMA)
 
         raw_k = gl.allocate_shared_memory(r.dtype.element_ty, [10, BT, K], SHARED16)   # r w k a b, two stages
@@ -793,13 +809,7 @@ if GLUON_IMPORT_ERROR is None:
             m_k = (o_t < eos)[:, None] & (kk < K)[None, :]
             m_v = (o_t < eos)[:, None] & (vv < V)[None, :]
             # G = cumsum(L) over the rows, L loaded in the product's operand layout (no round trip).
-            t_b = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, B32))
-            L_b = gl.where((t_b < eos)[:, None], _log_decay(raw_k.index(st * 5 + 1).load(B32).to(gl.float32), W_FORM),
-                           0.0)
-            L_b_hi = _tf32_head(L_b)
-            incl = sm_tri.load(A32)
-            G = mma_v2(incl, L_b_hi, z_tk, input_precision="tf32")
-            G = mma_v2(incl, L_b - L_b_hi, G, input_precision="tf32")
+            G = _triangle_scan(sm_tri, raw_k.index(st * 5 + 1), bos + i_c * BT, eos, W_FORM, BT, K, MMA)
             L = gl.where(m_k, _log_decay(raw_k.index(st * 5 + 1).load(MMA).to(gl.float32), W_FORM), 0.0)
             G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
             tail = gl.exp(G_last[None, :] - G)
@@ -873,10 +883,7 @@ if GLUON_IMPORT_ERROR is None:
         i_h = i_nh % H
         bos, eos, c0, n_chunks = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
         if STORE_SEGMENTS:
-            if IS_VARLEN:
-                s0 = gl.load(seg_offsets + i_n).to(gl.int64)
-            else:
-                s0 = i_n.to(gl.int64) * gl.cdiv(T, BT * seg_chunks)
+            s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
         t_idx = gl.arange(0, BT, layout=ROW)
         kk = gl.arange(0, K, layout=COL)
         kr = gl.arange(0, K, layout=ROW)
@@ -885,7 +892,6 @@ if GLUON_IMPORT_ERROR is None:
         rows = t_idx[:, None]
         cols = tc[None, :]
         s_tile = kr[:, None] * V + vv[None, :]
-        z_tk = gl.zeros([BT, K], gl.float32, MMA)
         z_tv = gl.zeros([BT, BV], gl.float32, MMA)
 
         raw_k = gl.allocate_shared_memory(r.dtype.element_ty, [10, BT, K], SHARED16)   # r w k a b, two stages
@@ -922,13 +928,7 @@ if GLUON_IMPORT_ERROR is None:
             o_t = bos + i_c * BT + t_idx
             m_k = (o_t < eos)[:, None] & (kk < K)[None, :]
             m_v = (o_t < eos)[:, None] & (vv < V)[None, :]
-            t_b = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, B32))
-            L_b = gl.where((t_b < eos)[:, None], _log_decay(raw_k.index(st * 5 + 1).load(B32).to(gl.float32), W_FORM),
-                           0.0)
-            L_b_hi = _tf32_head(L_b)
-            incl = sm_tri.load(A32)
-            G = mma_v2(incl, L_b_hi, z_tk, input_precision="tf32")
-            G = mma_v2(incl, L_b - L_b_hi, G, input_precision="tf32")
+            G = _triangle_scan(sm_tri, raw_k.index(st * 5 + 1), bos + i_c * BT, eos, W_FORM, BT, K, MMA)
             L = gl.where(m_k, _log_decay(raw_k.index(st * 5 + 1).load(MMA).to(gl.float32), W_FORM), 0.0)
             G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
             tail = gl.exp(G_last[None, :] - G)
@@ -1009,7 +1009,6 @@ if GLUON_IMPORT_ERROR is None:
         rows = t_idx[:, None]
         cols = tc[None, :]
         m_off = rows * BT + cols
-        z_tk = gl.zeros([BT, K], gl.float32, MMA)
         z_tt = gl.zeros([BT, BT], gl.float32, MMA)
         eye = gl.where(rows == cols, 1.0, 0.0) + z_tt
         raw = gl.allocate_shared_memory(r.dtype.element_ty, [10, BT, K], SHARED16)   # r w k a b, two stages
@@ -1034,13 +1033,7 @@ if GLUON_IMPORT_ERROR is None:
                 _issue_prep_copies(r, w, k, a, b, raw, 1 - st, i_c + n_p, bos, eos, i_h, H, K, BT, NW)
             o_t = bos + i_c * BT + t_idx
             m_k = (o_t < eos)[:, None] & (kk < K)[None, :]
-            t_b = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, B32))
-            L_b = gl.where((t_b < eos)[:, None], _log_decay(raw.index(st * 5 + 1).load(B32).to(gl.float32), W_FORM),
-                           0.0)
-            L_b_hi = _tf32_head(L_b)
-            incl = sm_tri.load(A32)
-            G = mma_v2(incl, L_b_hi, z_tk, input_precision="tf32")
-            G = mma_v2(incl, L_b - L_b_hi, G, input_precision="tf32")
+            G = _triangle_scan(sm_tri, raw.index(st * 5 + 1), bos + i_c * BT, eos, W_FORM, BT, K, MMA)
             L = gl.where(m_k, _log_decay(raw.index(st * 5 + 1).load(MMA).to(gl.float32), W_FORM), 0.0)
             Gm = G - L
             G_last = gl.sum(gl.where(rows == BT - 1, G, 0.0), 0)
@@ -1295,7 +1288,6 @@ if GLUON_IMPORT_ERROR is None:
         rows = t_idx[:, None]
         cols = tc[None, :]
         s_tile = kr[:, None] * V + vv[None, :]
-        z_tk = gl.zeros([BT, K], gl.float32, MMA)
         raw16 = gl.allocate_shared_memory(w.dtype.element_ty, [8, BT, K], SHARED16)   # w k b v, two stages
         raw_u = gl.allocate_shared_memory(gl.float32, [2, BT, BV], SHARED32)
         sm_tri = gl.allocate_shared_memory(gl.float32, [BT, BT], SHARED32)
@@ -1304,10 +1296,7 @@ if GLUON_IMPORT_ERROR is None:
         sm_v = gl.allocate_shared_memory(gl.float32, [BT, BV], SHARED32)
         sm_tri.store(gl.where(rows <= cols, 1.0, 0.0) + gl.zeros([BT, BT], gl.float32, MMA))   # [t, s]: s >= t
         if SEGMENTED:            # kernels/wkv7.py _segment_range: the segment's chunks, none past the end
-            if IS_VARLEN:
-                s0 = gl.load(seg_offsets + i_n).to(gl.int64)
-            else:
-                s0 = i_n.to(gl.int64) * gl.cdiv(T, BT * seg_chunks)
+            s0 = _segment_base(seg_offsets, i_n, T, seg_chunks, BT, IS_VARLEN)
             i_seg = gl.program_id(2)
             c_begin = i_seg * seg_chunks
             c_end = gl.minimum(c_begin + seg_chunks, n_chunks)
@@ -1332,12 +1321,7 @@ if GLUON_IMPORT_ERROR is None:
             o_t = bos + i_c * BT + t_idx
             m_t = (o_t < eos)[:, None] & (kk < K)[None, :]
             L = gl.where(m_t, _log_decay(raw16.index(st * 4 + 0).load(MMA).to(gl.float32), W_FORM), 0.0)
-            t_b = bos + i_c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, B32))
-            L_b = gl.where((t_b < eos)[:, None], _log_decay(raw16.index(st * 4 + 0).load(B32).to(gl.float32), W_FORM), 0.0)
-            L_b_hi = _tf32_head(L_b)
-            tri = sm_tri.load(A32)
-            suffix = mma_v2(tri, L_b_hi, z_tk, input_precision="tf32")       # Σ_{s >= t} L_s
-            suffix = mma_v2(tri, L_b - L_b_hi, suffix, input_precision="tf32")
+            suffix = _triangle_scan(sm_tri, raw16.index(st * 4 + 0), bos + i_c * BT, eos, W_FORM, BT, K, MMA)   # Σ_{s >= t} L_s
             G_last = gl.sum(gl.where(rows == 0, suffix, 0.0), 0)
             tail = gl.exp(suffix - L)                                           # e^{G_last - G_t}
             k_c = gl.where(m_t, raw16.index(st * 4 + 1).load(MMA).to(gl.float32), 0.0)

@@ -61,9 +61,11 @@ _SM90 = {
     # from the chunk matrices it replaces 0.94 (hand-run sweep, results-h100-2026-11-27-u.json).
     # gluon (NOTES change 56): the Gluon state rebuild, 0.748 -> 0.700 ms at B8 H32, 1.625 -> 1.430 ms
     # at H64 (results-h100-2026-11-27r-gluon.json).
-    # K = V = 128: the segmented rebuild of head 128's two-pass training (beside the sweep), hand-run
-    # sweep of 18 launch shapes through training B4 T4096 H16 (NOTES change 61): 4.71 ms at BV 32,
-    # 2 warps, 3 stages; the default entry (ieee dots, BV 64, 4 warps) 4.99 ms, tf32 at its shape 4.81.
+    # K = V = 128: the segmented rebuild of head 128's two-pass training, beside the sweep. Hand-run
+    # sweep of 18 launch shapes of the Triton kernel through training B4 T4096 H16 (NOTES change 61):
+    # 4.71 ms at BV 32, 2 warps, 3 stages, against 4.99 for the default entry (ieee dots); then the
+    # Gluon rebuild over segments (its own 4 warps, BV 64; change 62): 4.72 -> 4.65 ms. The Triton
+    # fields stay for where it cannot run.
     "chunk_states": {"64": C(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32", gluon=True),
                      "128": C(block_v=32, num_warps=2, num_stages=3, dot_precision="tf32", gluon=True)},
     # fp32 state: BV 32 and BV 64 tie (98.2 and 98.3 us at B256 H32, interleaved); a 16-bit state
@@ -72,13 +74,15 @@ _SM90 = {
     # Prefill at B1 T16384 H32: chunk 32, prep 0.42 ms + loaded forward 1.98 ms (chunk 16: 0.35 + 3.00).
     # At K = V = 128, the issue's B4 T4096 H16 (64 pairs): chunk 16, prep 0.51 ms + loaded forward
     # 1.15 ms (chunk 32: 0.51 + 1.31).
-    # gluon at K = 128 (NOTES change 63): the Gluon build (kernels/gluon_nvidia.py chunk_prep_gluon_kernel).
+    # gluon at K = 128 (NOTES change 63): the Gluon build (kernels/gluon_nvidia.py chunk_prep_gluon_kernel,
+    # 4 warps): B4 T4096 H16 training 4.36 -> 4.19 ms, prefill 1.25 -> 1.10 ms.
     "chunk_prep": {"64": C(chunk_size=32, block_k=32, num_warps=2, dot_precision="tf32"),
                    "128": C(chunk_size=16, block_k=32, num_warps=2, dot_precision="tf32", gluon=True)},
     # 3 stages at K = V = 64 (NOTES change 32; the sweep takes this launch shape too): B1 T16384 H32
     # training 8.17 -> 7.52 ms, prefill 2.60 -> 2.34 ms (2 stages: 7.77 and 2.42).
-    # gluon at K = V = 128 (NOTES change 60): the Gluon loaded forward (kernels/gluon_nvidia.py
-    # chunk_fwd_loaded_gluon_kernel, its own 8 warps and V blocks of 64).
+    # gluon at K = V = 128 (NOTES changes 60, 62): the Gluon loaded forward (kernels/gluon_nvidia.py
+    # chunk_fwd_loaded_gluon_kernel, its own 4 warps and V blocks of 64): B4 T4096 H16 training 5.34 ->
+    # 4.99 ms, prefill 1.60 -> 1.47 ms at 8 warps; 4 warps then 1.48 -> 1.25 ms.
     "chunk_fwd_loaded": {"64": C(chunk_size=32, block_v=16, num_warps=4, num_stages=3, dot_precision="tf32"),
                          "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32", gluon=True)},
     # Chunk transitions (NOTES change 36), B1 T16384 H32, hand-run sweep (.exp-style script, numbers in
@@ -94,10 +98,12 @@ _SM90 = {
     # bf16 operands since NOTES change 43, from the tune tool: K = 64 (B1 T16384 H32)
     # tune-sm90-2026-11-27-bf16-split64.json, 5.02 ms (tf32) -> 3.97 ms at 3 stages; K = 128
     # (B4 T4096 H16) tune-sm90-2026-11-27-bf16-split128.json, 10.55 -> 6.32 ms at BV 128.
-    # keep_u and gluon at K = V = 128 (NOTES change 58): the K-split Gluon gradient kernel
+    # keep_u and gluon at K = V = 128 (NOTES changes 58, 59, 65): the K-split Gluon gradient kernel
     # (kernels/gluon_nvidia.py chunk_bwd_ksplit_gluon_kernel), U kept by the forward, dZ and dv from
-    # the sweep. B4 T4096 H16 training 7.95 -> 5.47 ms; the gradient kernel 4.64 -> 1.51 ms
-    # (.exp-style script, numbers in NOTES). Where the Gluon kernel cannot run (float32 inputs,
+    # the Gluon sweep (its dS products at this entry's bf16). B4 T4096 H16 training 7.95 -> 5.47 ms,
+    # the gradient kernel 4.64 -> 1.51 ms (hand-run scripts, numbers in NOTES). With the rest of
+    # head 128's two-pass kernels in Gluon: 3.89 ms against fla-core's 7.99 (2.05x,
+    # results-h100-2026-11-27s.json). Where the Gluon kernel cannot run (float32 inputs,
     # RWKV_BACKENDS_GLUON=0) the Triton kernel runs with this entry, U included: 8% slower than
     # without U at that shape (7.93 -> 8.58 ms, change 45).
     "chunk_bwd_split": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=3, dot_precision="bf16"),
@@ -124,8 +130,9 @@ TABLES = {
 
 PROVENANCE = {
     "sm90": "measured on an H100 80GB HBM3 (torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27); "
-            "chunk_fwd and chunk_bwd at K,V <= 128 not swept (the 64 bucket's shapes); the 64 bucket's "
-            "Gluon kernels ran on that H100 (the gradient kernel also on an H200), their T = 1 fallback "
-            "to Triton on no card",
+            "chunk_fwd and chunk_bwd at K,V <= 128 not swept (the 64 bucket's shapes); the two-pass "
+            "kernels at K = V = 128 from hand-run experiments on that H100 (NOTES changes 58-65); every "
+            "Gluon kernel ran on that H100 (the K = 64 gradient kernel also on an H200), their T = 1 "
+            "fallback to Triton too",
     "default": "untuned starting point, not measured",
 }
