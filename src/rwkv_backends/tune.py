@@ -56,7 +56,8 @@ VENDOR_CANDIDATES = {
     # block and pipeline, so their configs differ only where they read them (candidates() folds the rest).
     "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128}), "gluon": (False, True)},
                "chunk_fwd": {"gluon": (False, True)}, "chunk_states": {"gluon": (False, True)},
-               "chunk_bwd_split": {"gluon": (False, True)}},
+               "chunk_bwd_split": {"gluon": (False, True)}, "chunk_prep": {"gluon": (False, True)},
+               "chunk_fwd_loaded": {"gluon": (False, True)}},
 }
 BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split", "chunk_recompute", "chunk_states")
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
