@@ -75,14 +75,16 @@ _SM90 = {
     # At K = V = 128, the issue's B4 T4096 H16 (64 pairs): chunk 16, prep 0.51 ms + loaded forward
     # 1.15 ms (chunk 32: 0.51 + 1.31).
     # gluon at K = 128 (NOTES change 63): the Gluon build (kernels/gluon_nvidia.py chunk_prep_gluon_kernel,
-    # 4 warps): B4 T4096 H16 training 4.36 -> 4.19 ms, prefill 1.25 -> 1.10 ms.
+    # 4 warps): B4 T4096 H16 training 4.36 -> 4.19 ms, prefill 1.25 -> 1.10 ms. The tune tool, narrowed
+    # to this entry's Triton fields, picks it: 0.259 against 0.308 ms (tune-sm90-2026-11-27s-128-prep.json).
     "chunk_prep": {"64": C(chunk_size=32, block_k=32, num_warps=2, dot_precision="tf32"),
                    "128": C(chunk_size=16, block_k=32, num_warps=2, dot_precision="tf32", gluon=True)},
     # 3 stages at K = V = 64 (NOTES change 32; the sweep takes this launch shape too): B1 T16384 H32
     # training 8.17 -> 7.52 ms, prefill 2.60 -> 2.34 ms (2 stages: 7.77 and 2.42).
     # gluon at K = V = 128 (NOTES changes 60, 62): the Gluon loaded forward (kernels/gluon_nvidia.py
     # chunk_fwd_loaded_gluon_kernel, its own 4 warps and V blocks of 64): B4 T4096 H16 training 5.34 ->
-    # 4.99 ms, prefill 1.60 -> 1.47 ms at 8 warps; 4 warps then 1.48 -> 1.25 ms.
+    # 4.99 ms, prefill 1.60 -> 1.47 ms at 8 warps; 4 warps then 1.48 -> 1.25 ms. The tune tool picks it:
+    # 0.783 against 1.162 ms (tune-sm90-2026-11-27s-128-fwd-loaded.json).
     "chunk_fwd_loaded": {"64": C(chunk_size=32, block_v=16, num_warps=4, num_stages=3, dot_precision="tf32"),
                          "128": C(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32", gluon=True)},
     # Chunk transitions (NOTES change 36), B1 T16384 H32, hand-run sweep (.exp-style script, numbers in
@@ -103,7 +105,9 @@ _SM90 = {
     # the Gluon sweep (its dS products at this entry's bf16). B4 T4096 H16 training 7.95 -> 5.47 ms,
     # the gradient kernel 4.64 -> 1.51 ms (hand-run scripts, numbers in NOTES). With the rest of
     # head 128's two-pass kernels in Gluon: 3.89 ms against fla-core's 7.99 (2.05x,
-    # results-h100-2026-11-27s.json). Where the Gluon kernel cannot run (float32 inputs,
+    # results-h100-2026-11-27s.json). The tune tool, narrowed to this entry's Triton fields, picks it:
+    # sweep, rebuild and gradients 2.71 ms against 6.27 (Triton, no U) and 6.85 (Triton, U)
+    # (tune-sm90-2026-11-27s-128-bwd-split.json). Where the Gluon kernel cannot run (float32 inputs,
     # RWKV_BACKENDS_GLUON=0) the Triton kernel runs with this entry, U included: 8% slower than
     # without U at that shape (7.93 -> 8.58 ms, change 45).
     "chunk_bwd_split": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=3, dot_precision="bf16"),
