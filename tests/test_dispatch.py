@@ -299,18 +299,22 @@ def test_the_ksplit_gluon_kernel_says_why_it_cannot_take_a_launch():
 
 def test_head_128_plans_the_ksplit_gluon_kernel_or_says_why_not(monkeypatch):
     """B4 T4096 H16 K = V = 128 (64 pairs) plans the two-pass variant; its gradient kernel is the
-    K-split Gluon one with U kept, except for float32 inputs, which get the Triton kernel and the reason."""
+    K-split Gluon one with U kept, except for float32 inputs, which get the Triton kernel (without U)
+    and the reason."""
     import dataclasses
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     info = dev.profile("nvidia:sm90")
     problem = _problem(info.device_type, B=4, T=4096, H=16, K=128, V=128, needs_grad=True)
     p = plan(problem, info, triton_version_as="3.6.0", runtime=False)
+    from rwkv_backends.kernels.launch import keeps_u
     assert p.variant.name == "triton.chunk_twopass"
-    assert p.configs["chunk_bwd_split"].gluon and p.configs["chunk_bwd_split"].keep_u
+    assert p.configs["chunk_bwd_split"].gluon and keeps_u(p.configs["chunk_bwd_split"])
     assert "gluon off" not in p.config_sources["chunk_bwd_split"]
     fp32 = dataclasses.replace(problem, dtype=torch.float32, w_dtype=torch.float32)
     p = plan(fp32, info, triton_version_as="3.6.0", runtime=False)
     assert not p.configs["chunk_bwd_split"].gluon and "float32 inputs" in p.config_sources["chunk_bwd_split"]
+    # the Triton kernel it falls back to trains without U, its faster form at head 128 (NOTES change 45)
+    assert not keeps_u(p.configs["chunk_bwd_split"])
 
 
 def test_plans_fall_back_from_the_gluon_kernels_and_say_why(monkeypatch):

@@ -21,10 +21,11 @@ KERNELS = {
                   "doc": "chunked backward: gradients of r, w, k, v, a, b and the initial state"},
     "chunk_states": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages", "dot_precision", "gluon"),
                      "doc": "the backward's chunk-state recompute from the U the training forward kept (when the "
-                            "gradient kernel's keep_u asks for it), at the gradient kernel's chunk size"},
-    "chunk_prep": {"chained_dots": True, "uses": ("chunk_size", "block_k", "num_warps", "num_stages", "dot_precision"),
+                            "gradient kernel's keep_u or gluon asks for it), at the gradient kernel's chunk size"},
+    "chunk_prep": {"chained_dots": True, "uses": ("chunk_size", "block_k", "num_warps", "num_stages", "dot_precision",
+                                                  "gluon"),
                    "doc": "every chunk's matrices in one launch, all chunks in parallel (two-pass prefill)"},
-    "chunk_fwd_loaded": {"chained_dots": True, "uses": _CHUNK_FIELDS,
+    "chunk_fwd_loaded": {"chained_dots": True, "uses": _CHUNK_FIELDS + ("gluon",),
                          "doc": "chunked forward that loads chunk_prep's matrices (its chunk size must be chunk_prep's)"},
     "chunk_transition": {"chained_dots": True, "uses": ("chunk_size", "block_k", "num_warps", "num_stages", "dot_precision"),
                          "doc": "every chunk's transition (S' = M S + P V, O = R̃ S + Q V) in one launch, all chunks in "
@@ -32,7 +33,7 @@ KERNELS = {
     "chunk_fwd_transition": {"chained_dots": False, "uses": ("block_v", "num_warps", "num_stages", "dot_precision"),
                              "doc": "the walk over chunk_transition's transitions, at its chunk size; the state-gradient "
                                     "sweep of that training takes the same launch shape"},
-    "chunk_bwd_split": {"chained_dots": True, "uses": _GRADIENT_FIELDS,
+    "chunk_bwd_split": {"chained_dots": True, "uses": _GRADIENT_FIELDS + ("gluon",),
                         "doc": "chunked backward, V split over programs, for few (sequence, head) pairs (two-pass "
                                "training; its chunk size rules the prep and forward there)"},
     "chunk_recompute": {"chained_dots": True, "uses": _CHUNK_FIELDS,

@@ -120,7 +120,7 @@ def _segmented_training_backward(kernel, cfg, x):
                                      detect(DEVICE).multiprocessors)
     seg_states, seg_len = launch.segment_states(x["k"], x["v"], None, segments,
                                                 (cfgs["chunk_prep"].chunk_size, cfgs["chunk_bwd_split"].chunk_size))
-    u = launch.empty_u(x["v"], cfgs["chunk_bwd_split"].keep_u)
+    u = launch.empty_u(x["v"], launch.keeps_u(cfgs["chunk_bwd_split"]))
     _, _, mats = launch.twopass_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
                                         cfg_prep=cfgs["chunk_prep"], cfg_fwd=cfgs["chunk_fwd_loaded"],
                                         programs_per_sequence=4, seg_states=seg_states, seg_len=seg_len, u=u)
@@ -203,7 +203,7 @@ def _runner(kernel, cfg, x, for_error_check=False):
     states_cfg = cfg if kernel == "chunk_states" else _fit_gluon(
         "chunk_states", _table_config("chunk_states", K).with_(chunk_size=bwd_cfg.chunk_size), K)
     mats = launch.empty_mats(x["k"], None, bwd_cfg.chunk_size)
-    u = launch.empty_u(x["v"], bwd_cfg.keep_u)
+    u = launch.empty_u(x["v"], launch.keeps_u(bwd_cfg))
     launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd_cfg, mats=mats,
                          mats_mode="store", u=u)
     if kernel == "chunk_states" and not for_error_check:
@@ -335,8 +335,9 @@ def pick(ranked: dict) -> dict:
 def unsweepable(kernels, K) -> dict:
     """{kernel: why} for requested kernels that this device's tables never run, so that a sweep of
     them would time nothing real: chunk_states runs only where the chunk_bwd entry keeps U."""
+    from .kernels.launch import keeps_u
     why = {}
-    if "chunk_states" in kernels and not _table_config("chunk_bwd", K).keep_u:
+    if "chunk_states" in kernels and not keeps_u(_table_config("chunk_bwd", K)):
         why["chunk_states"] = (f"the table's chunk_bwd entry at K = {K} keeps no U (keep_u False), so training never "
                                "runs chunk_states; paste a chunk_bwd entry with keep_u first")
     return why

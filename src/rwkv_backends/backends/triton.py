@@ -83,7 +83,7 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
     the plan's config_source says why. {kernel: (config, why)} as Variant.fit_configs returns.
     `sweep_chunk_size`: the segmented backward's sweep chunk size (gluon_nvidia.unsupported)."""
     from ..kernels import gluon_nvidia
-    from ..kernels.launch import _dot_precision
+    from ..kernels.launch import _dot_precision, keeps_u
     changed = {}
     for kernel in kernels:
         cfg = configs[kernel]
@@ -97,7 +97,7 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
             why = gluon_nvidia.unsupported(kernel, K=problem.K, V=problem.V, chunk_size=cfg.chunk_size,
                                            block_v=cfg.block_v, dtype=problem.dtype,
                                            dot_precision=_dot_precision(cfg, problem.dtype), T=problem.T,
-                                           has_u=cfg.keep_u, segmented=segmented,
+                                           has_u=keeps_u(cfg), segmented=segmented,
                                            sweep_chunk_size=sweep_chunk_size)
         if why:
             changed[kernel] = (cfg.with_(gluon=False), f"gluon off: {why}")
@@ -131,7 +131,7 @@ class _TrainedVariant(Variant):
 
 class TritonChunk(_TrainedVariant):
     """One program per (sequence, head, V block) walks the chunks with the state on chip (chunk_fwd);
-    training keeps the chunk matrices (and U where chunk_bwd's keep_u asks), and the backward
+    training keeps the chunk matrices (and U where chunk_bwd's config asks: launch.keeps_u), and the backward
     rebuilds the chunk states (chunk_states from U, or a forward that loads the matrices) before
     the gradient kernel walks the chunks back (chunk_bwd)."""
 
@@ -175,7 +175,7 @@ class TritonChunkTwoPass(_TrainedVariant):
     pass 2 walks the chunks, loading them, with V split over more programs (chunk_fwd_loaded), at
     chunk_prep's chunk size. Training also keeps the start state of each segment of the sequence;
     the backward sweeps the state gradient back to every segment's end, then recomputes the chunk
-    states (chunk_recompute; chunk_states where chunk_bwd_split's keep_u has the forward keep U) and
+    states (chunk_recompute; chunk_states where chunk_bwd_split's config has the forward keep U) and
     the gradients (chunk_bwd_split) of all segments at once.
     benchmarks/NOTES.md, changes 11 and 24."""
 

@@ -162,9 +162,10 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import gluon_nvidia
+    from .launch import keeps_u
     prec = "ieee" if dtype == "float32" else cfg.dot_precision
     why = gluon_nvidia.unsupported(kernel, K=K, V=V, chunk_size=cfg.chunk_size, block_v=cfg.block_v,
-                                   dtype=getattr(torch, dtype), dot_precision=prec, has_u=cfg.keep_u,
+                                   dtype=getattr(torch, dtype), dot_precision=prec, has_u=keeps_u(cfg),
                                    segmented=kernel in ("chunk_bwd_split", "chunk_dstate"))
     if why:
         raise ValueError(f"cfg: gluon is set, but {why}")

@@ -3,7 +3,7 @@ chunked forward to the chunked backward. The torch.library op wraps `TritonWKV7`
 
 What forward saves for backward: the inputs, the initial state and the chunk matrices it built
 (4 x C x C float32 per chunk and head, 16 C bytes per token and head), and U where the gradient
-kernel's `keep_u` asks for it (float32, 4 bytes per token, head and V column). Backward recomputes
+kernel's config asks for it (`keeps_u`: float32, 4 bytes per token, head and V column). Backward recomputes
 the chunk start states into a temporary buffer: from U with one multiply-add per chunk on the
 chain (chunk_states), or else with a lighter forward pass that loads those matrices (`MATS_LOAD`:
 no outputs, no in-chunk products, no inverse).
@@ -165,6 +165,13 @@ def empty_states(k, v, cu_seqlens, steps: int):
     N = _num_sequences(B, cu_seqlens)
     return torch.empty(_chunk_count(cu_seqlens, N, T, steps), H, K, v.shape[-1], dtype=torch.float32,
                        device=k.device)
+
+
+def keeps_u(cfg_bwd: KernelConfig) -> bool:
+    """Whether training keeps U for this gradient kernel config: its `keep_u` asks for it, and the
+    Gluon gradient kernels load it. A config that falls back from Gluon to Triton (the plan turns
+    `gluon` off) keeps U only if `keep_u` says so: at head 128 the Triton kernel is faster without it."""
+    return cfg_bwd.keep_u or cfg_bwd.gluon
 
 
 def empty_u(v, keep_u: bool):
@@ -746,7 +753,7 @@ class TrainingPlan:
     sequence; the backward runs the segments in parallel. Without, everything runs at the backward's
     chunk size, so that it can load the forward's matrices.
 
-    Unless `transitions`, the forward also keeps U when cfg_bwd's `keep_u` asks for it; the backward
+    Unless `transitions`, the forward also keeps U when cfg_bwd asks for it (`keeps_u`); the backward
     then rebuilds the chunk states from it with `cfg_states`' launch shape.
 
     With `transitions`, cfg_prep is chunk_transition's config and cfg_fwd the walk's (at that chunk
@@ -785,7 +792,7 @@ def training_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, how: Tr
         if how.segments > 1:
             seg_states, seg_len = segment_states(k, v, cu_seqlens, how.segments,
                                                  (how.cfg_prep.chunk_size, how.cfg_bwd.chunk_size))
-        u = empty_u(v, how.cfg_bwd.keep_u)
+        u = empty_u(v, keeps_u(how.cfg_bwd))
         o, ht, mats = twopass_forward(r, w, k, v, a, b, h0, **out,
                                       cfg_prep=how.cfg_prep if seg_states is not None
                                       else how.cfg_prep.with_(chunk_size=how.cfg_bwd.chunk_size),
@@ -794,7 +801,7 @@ def training_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, how: Tr
     else:
         if how.cfg_bwd.chunk_size == how.cfg_fwd.chunk_size:
             mats = empty_mats(k, cu_seqlens, how.cfg_fwd.chunk_size)
-        u = empty_u(v, how.cfg_bwd.keep_u)
+        u = empty_u(v, keeps_u(how.cfg_bwd))
         o, ht, _ = chunk_forward(r, w, k, v, a, b, h0, **out, cfg=how.cfg_fwd, mats=mats,
                                  mats_mode="build" if mats is None else "store", u=u)
     return o, ht, (mats, seg_states, u, *kept), seg_len

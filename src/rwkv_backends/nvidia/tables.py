@@ -100,19 +100,20 @@ _SM90 = {
     # bf16 operands since NOTES change 43, from the tune tool: K = 64 (B1 T16384 H32)
     # tune-sm90-2026-11-27-bf16-split64.json, 5.02 ms (tf32) -> 3.97 ms at 3 stages; K = 128
     # (B4 T4096 H16) tune-sm90-2026-11-27-bf16-split128.json, 10.55 -> 6.32 ms at BV 128.
-    # keep_u and gluon at K = V = 128 (NOTES changes 58, 59, 65): the K-split Gluon gradient kernel
+    # gluon at K = V = 128 (NOTES changes 58, 59, 65): the K-split Gluon gradient kernel
     # (kernels/gluon_nvidia.py chunk_bwd_ksplit_gluon_kernel), U kept by the forward, dZ and dv from
     # the Gluon sweep (its dS products at this entry's bf16). B4 T4096 H16 training 7.95 -> 5.47 ms,
     # the gradient kernel 4.64 -> 1.51 ms (hand-run scripts, numbers in NOTES). With the rest of
     # head 128's two-pass kernels in Gluon: 3.89 ms against fla-core's 7.99 (2.05x,
     # results-h100-2026-11-27s.json). The tune tool, narrowed to this entry's Triton fields, picks it:
     # sweep, rebuild and gradients 2.71 ms against 6.27 (Triton, no U) and 6.85 (Triton, U)
-    # (tune-sm90-2026-11-27s-128-bwd-split.json). Where the Gluon kernel cannot run (float32 inputs,
-    # RWKV_BACKENDS_GLUON=0) the Triton kernel runs with this entry, U included: 8% slower than
-    # without U at that shape (7.93 -> 8.58 ms, change 45).
+    # (tune-sm90-2026-11-27s-128-bwd-split.json). The Gluon kernel keeps U by itself
+    # (launch.keeps_u), so keep_u stays off: where it cannot run (float32 inputs, RWKV_BACKENDS_GLUON=0)
+    # the Triton kernel runs with this entry and without U, its faster form at that shape (7.93
+    # against 8.58 ms with U, change 45).
     "chunk_bwd_split": {"64": C(chunk_size=16, block_v=64, num_warps=8, num_stages=3, dot_precision="bf16"),
                         "128": C(chunk_size=16, block_v=128, num_warps=8, num_stages=2, dot_precision="bf16",
-                                 keep_u=True, gluon=True)},
+                                 gluon=True)},
     # The recompute gets its programs from the segments, so one V block (the chunk matrices built
     # once, not once per block): B1 T16384 H32 training 9.76 ms at BV 16, 8.79 at BV 32, 8.25 at
     # BV 64 (results-h100-2026-11-27f-segments.json). At K = V = 128 the forward's chunk size is
