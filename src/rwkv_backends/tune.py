@@ -128,8 +128,7 @@ def _segmented_training_backward(kernel, cfg, x):
                                          w_form="log", cfg_fwd=cfgs["chunk_fwd_loaded"],
                                          cfg_bwd=cfgs["chunk_bwd_split"], mats=mats, seg_states=seg_states,
                                          seg_len=seg_len, cfg_recompute=cfgs["chunk_recompute"], u=u,
-                                         cfg_states=_fit_gluon("chunk_states", _table_config("chunk_states", K), K,
-                                                               segmented=True))
+                                         cfg_states=_table_config("chunk_states", K))
 
 
 def _transition_programs(x) -> int:

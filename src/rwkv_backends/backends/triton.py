@@ -186,9 +186,8 @@ class TritonChunkTwoPass(_TrainedVariant):
         return common_reasons(problem, device, runtime) + few_pairs_reasons(problem, device)
 
     def fit_configs(self, problem, device, configs):
-        # Its chunk states are rebuilt segment by segment: no Gluon state rebuild (it walks whole
-        # sequences). Its gradients run segment by segment too: head 128's K-split Gluon kernel, whose
-        # dZ comes from the sweep at the forward's chunk size (prep's).
+        # Its backward runs segment by segment: the state rebuild, and head 128's K-split Gluon
+        # gradient kernel, whose dZ comes from the sweep at the forward's chunk size (prep's).
         changed = gluon_fallbacks(problem, device, configs, ("chunk_states", "chunk_bwd_split"), segmented=True,
                                   sweep_chunk_size=configs["chunk_prep"].chunk_size)
         # Its forward builds the chunk matrices, then walks whole sequences (storing the segments' start

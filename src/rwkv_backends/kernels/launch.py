@@ -199,32 +199,24 @@ def chunk_states(w, k, v, b, u, h0, *, cu_seqlens, cfg: KernelConfig, w_form, st
         _check_gluon("cfg", "chunk_states", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
                      dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_states is not None)
         w, k, v, b = _aligned16(w, k, v, b)
-        launch = gluon_nvidia.LAUNCH["chunk_states"]
-        grid, seg_offsets, seg_chunks = (_cdiv(V, launch["block_v"]), N * H), None, 1
-        if seg_states is not None:
-            seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
-            grid = grid + (n_segments,)
-        gluon_nvidia.chunk_states_gluon_kernel[grid](
-            w, k, v, b, u, h0 if h0 is not None else v, states, offsets if offsets is not None else v,
-            cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
-            seg_offsets if seg_offsets is not None else v, T, seg_chunks,
-            H=H, K=K, V=V, BV=launch["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
-            SEGMENTED=seg_states is not None, IS_VARLEN=cu_seqlens is not None, NW=launch["num_warps"],
-            num_warps=launch["num_warps"],
-        )
-        return states
+        BV = gluon_nvidia.LAUNCH["chunk_states"]["block_v"]     # the Gluon kernel's own V blocks
     grid, seg_offsets, seg_chunks = (_cdiv(V, BV), N * H), None, 1
     if seg_states is not None:
         seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
         grid = grid + (n_segments,)
-    kern.chunk_states_kernel[grid](
-        w, k, v, b, u, h0 if h0 is not None else v, states, offsets if offsets is not None else v,
-        cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
-        seg_offsets if seg_offsets is not None else v, T, seg_chunks,
-        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
-        SEGMENTS=SEG_MODES["none" if seg_states is None else "walk"], IS_VARLEN=cu_seqlens is not None,
-        DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
-    )
+    args = (w, k, v, b, u, h0 if h0 is not None else v, states, offsets if offsets is not None else v,
+            cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
+            seg_offsets if seg_offsets is not None else v, T, seg_chunks)
+    common = dict(H=H, K=K, V=V, BV=BV, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
+                  IS_VARLEN=cu_seqlens is not None)
+    if cfg.gluon:
+        warps = gluon_nvidia.LAUNCH["chunk_states"]["num_warps"]
+        gluon_nvidia.chunk_states_gluon_kernel[grid](*args, **common, SEGMENTED=seg_states is not None, NW=warps,
+                                                     num_warps=warps)
+    else:
+        kern.chunk_states_kernel[grid](*args, **common, BK=_pow2(K),
+                                       SEGMENTS=SEG_MODES["none" if seg_states is None else "walk"],
+                                       DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg))
     return states
 
 
