@@ -345,6 +345,33 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         assert gluon["registers"] <= 255 and gluon["stack_bytes"] <= 64, gluon
 
 
+def _skip_unless_gluon_is_checked():
+    """The Gluon GPU tests run where known issue gluon-experimental does not apply."""
+    import triton
+    from rwkv_backends import known_issues
+    from rwkv_backends.device import detect
+    if any(i.id == "gluon-experimental" for i in known_issues.active(detect(torch.device("cuda")), triton.__version__)):
+        pytest.skip("the Gluon kernels are not checked on this card or Triton release (known issue gluon-experimental)")
+
+
+def _misaligned(t):
+    """t copied to storage that starts 2 bytes past 16-byte alignment (cp.async needs 16: the
+    launcher must realign it)."""
+    odd = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].copy_(t.flatten()).view_as(t)
+    assert odd.data_ptr() % 16 != 0
+    return odd
+
+
+def _float64_reference(args, x, common):
+    """Float64 leaves of args (r, w, k, v, a, b) and x's state, their gradients through the reference
+    for x's do and dstate, and the reference's output and final state."""
+    from rwkv_backends.reference import wkv7_reference
+    leaves = [t.double().requires_grad_(True) for t in args + [x["state"]]]
+    o, s = wkv7_reference(*leaves, **common)
+    torch.autograd.backward((o, s), (x["do"].double(), x["dstate"].double()))
+    return leaves, o, s
+
+
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("regime, w_form, seqlens, dtype", [
@@ -355,28 +382,19 @@ def test_gpu_gluon_gradient_kernel_matches_the_triton_one(regime, w_form, seqlen
     """The Gluon gradient kernel is the Triton one's math with other layouts (and the decays' scans
     as products): on the same forward's matrices, U and chunk states, every gradient is as close to
     the float64 reference as the Triton kernel's, in every regime and w form, varlen included."""
-    import triton
-    from rwkv_backends import known_issues
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance.cases import make_inputs, relative_error
-    from rwkv_backends.device import detect
     from rwkv_backends.kernels import launch
-    from rwkv_backends.reference import wkv7_reference
-    if any(i.id == "gluon-experimental" for i in known_issues.active(detect(torch.device("cuda")), triton.__version__)):
-        pytest.skip("the Gluon gradient kernel is not checked on this card or Triton release (known issue gluon-experimental)")
+    _skip_unless_gluon_is_checked()
     T = sum(seqlens) or 700
     x = make_inputs(Case("backward", dtype, regime, 1 if seqlens else 2, T, 4, 64, 64, w_form=w_form, scale=0.125,
                          seqlens=seqlens), 7, "cuda")
     names = ("r", "w", "k", "v", "a", "b")
     args = [x[n] for n in names]
-    if seqlens:          # and a do whose storage starts 2 bytes past 16-byte alignment (cp.async needs 16)
-        odd = torch.empty(x["do"].numel() + 1, dtype=x["do"].dtype, device="cuda")[1:]
-        x["do"] = odd.copy_(x["do"].flatten()).view_as(x["do"])
-        assert x["do"].data_ptr() % 16 != 0
+    if seqlens:
+        x["do"] = _misaligned(x["do"])
     common = dict(scale=0.125, cu_seqlens=x["cu_seqlens"], w_form=w_form)
-    leaves = [t.double().requires_grad_(True) for t in args + [x["state"]]]
-    o, s = wkv7_reference(*leaves, **common)
-    torch.autograd.backward((o, s), (x["do"].double(), x["dstate"].double()))
+    leaves, _, _ = _float64_reference(args, x, common)
     fwd = KernelConfig(num_warps=4, dot_precision="tf32")
     mats = launch.empty_mats(x["k"], x["cu_seqlens"], 16)
     u = launch.empty_u(x["v"], True)
@@ -399,44 +417,38 @@ def test_gpu_gluon_gradient_kernel_matches_the_triton_one(regime, w_form, seqlen
     ("realistic", "log", (300, 0, 1, 411), "bfloat16"),
 ])
 def test_gpu_gluon_ksplit_gradient_kernel_matches_the_triton_one(regime, w_form, seqlens, dtype):
-    """Head 128's segmented backward with the K-split Gluon gradient kernel (dZ and dv from the sweep,
-    U kept by the forward) against the Triton gradient kernel the table had before (no U): every
-    gradient as close to the float64 reference, in every regime and w form, varlen with an empty and
-    a one-step sequence included, and a misaligned do."""
-    import triton
-    from rwkv_backends import known_issues
+    """Head 128's two-pass training in Gluon (the chunk-matrix build, split beside the loaded forward
+    for whole sequences; the sweep with dZ and dv; the state rebuild over segments; the K-split
+    gradient kernel, U kept) against the same path in Triton (no U): the outputs and every gradient
+    as close to the float64 reference, in every regime and w form, varlen with an empty and a
+    one-step sequence included, and a misaligned do."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance.cases import make_inputs, relative_error
-    from rwkv_backends.device import detect
     from rwkv_backends.kernels import launch
-    from rwkv_backends.reference import wkv7_reference
-    if any(i.id == "gluon-experimental" for i in known_issues.active(detect(torch.device("cuda")), triton.__version__)):
-        pytest.skip("the Gluon kernels are not checked on this card or Triton release (known issue gluon-experimental)")
+    _skip_unless_gluon_is_checked()
     T = sum(seqlens) or 500
     x = make_inputs(Case("backward", dtype, regime, 1 if seqlens else 2, T, 3, 128, 128, w_form=w_form, scale=0.125,
                          seqlens=seqlens), 5, "cuda")
     names = ("r", "w", "k", "v", "a", "b")
     args = [x[n] for n in names]
     if seqlens:
-        odd = torch.empty(x["do"].numel() + 1, dtype=x["do"].dtype, device="cuda")[1:]
-        x["do"] = odd.copy_(x["do"].flatten()).view_as(x["do"])
+        x["do"] = _misaligned(x["do"])
     common = dict(scale=0.125, cu_seqlens=x["cu_seqlens"], w_form=w_form)
-    leaves = [t.double().requires_grad_(True) for t in args + [x["state"]]]
-    o, s = wkv7_reference(*leaves, **common)
-    torch.autograd.backward((o, s), (x["do"].double(), x["dstate"].double()))
-    cfg = KernelConfig(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32")
+    leaves, o_ref, s_ref = _float64_reference(args, x, common)
     errors = {}
     for gluon in (False, True):
-        bwd = KernelConfig(chunk_size=16, block_v=128, num_warps=8, dot_precision="bf16", keep_u=gluon, gluon=gluon)
+        cfg = KernelConfig(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32", gluon=gluon)
+        bwd = KernelConfig(chunk_size=16, block_v=128, num_warps=8, dot_precision="bf16", gluon=gluon)
         seg, seg_len = launch.segment_states(x["k"], x["v"], x["cu_seqlens"], 5, (16,))
-        u = launch.empty_u(x["v"], gluon)
-        _, _, mats = launch.twopass_forward(*args, x["state"], **common, cfg_prep=cfg, cfg_fwd=cfg,
-                                            programs_per_sequence=3, seg_states=seg, seg_len=seg_len, u=u)
+        u = launch.empty_u(x["v"], launch.keeps_u(bwd))
+        o, ht, mats = launch.twopass_forward(*args, x["state"], **common, cfg_prep=cfg, cfg_fwd=cfg,
+                                             programs_per_sequence=3, seg_states=seg, seg_len=seg_len, u=u)
         grads = launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=cfg, cfg_bwd=bwd,
                                       mats=mats, seg_states=seg, seg_len=seg_len, u=u, cfg_states=cfg)
         assert all(torch.isfinite(g).all() for g in grads)
-        errors[gluon] = [relative_error(g, t.grad) for g, t in zip(grads, leaves)]
-    for name, ours, theirs in zip(names + ("state",), errors[True], errors[False]):
+        errors[gluon] = [relative_error(o, o_ref), relative_error(ht, s_ref)] + [
+            relative_error(g, t.grad) for g, t in zip(grads, leaves)]
+    for name, ours, theirs in zip(("o", "state_out") + names + ("state",), errors[True], errors[False]):
         assert ours <= 1.1 * theirs + 1e-4, (name, ours, theirs)
 
 
@@ -451,23 +463,18 @@ def test_gpu_gluon_forward_and_state_rebuild_match_the_triton_ones(regime, w_for
     forward's; the chunk matrices and U it keeps for the backward, and the chunk states the Gluon
     rebuild walks from them, agree with the Triton kernels' (varlen with an empty sequence, and a
     misaligned r, included)."""
-    import triton
-    from rwkv_backends import known_issues
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance.cases import make_inputs, relative_error
-    from rwkv_backends.device import detect
     from rwkv_backends.kernels import launch
-    from rwkv_backends.reference import wkv7_reference
-    if any(i.id == "gluon-experimental" for i in known_issues.active(detect(torch.device("cuda")), triton.__version__)):
-        pytest.skip("the Gluon kernels are not checked on this card or Triton release (known issue gluon-experimental)")
+    _skip_unless_gluon_is_checked()
     T = sum(seqlens) or 700
     x = make_inputs(Case("forward", dtype, regime, 1 if seqlens else 2, T, 4, 64, 64, w_form=w_form, scale=0.125,
                          seqlens=seqlens), 9, "cuda")
     if seqlens:
-        odd = torch.empty(x["r"].numel() + 1, dtype=x["r"].dtype, device="cuda")[1:]
-        x["r"] = odd.copy_(x["r"].flatten()).view_as(x["r"])
+        x["r"] = _misaligned(x["r"])
     args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     common = dict(scale=0.125, cu_seqlens=x["cu_seqlens"], w_form=w_form)
+    from rwkv_backends.reference import wkv7_reference
     o_ref, s_ref = wkv7_reference(*[t.double() for t in args], x["state"].double(), **common)
     got = {}
     for gluon in (False, True):
