@@ -397,6 +397,22 @@ def test_doctor_simulated_old_triton_on_hopper(monkeypatch):
     assert not {i["id"] for i in report["known_issues"] if i["active"]} & {"triton#4492", "triton#5609"}
 
 
+@pytest.mark.parametrize("profile", ["nvidia:sm90", "amd:gfx942"])
+def test_doctor_text_report_names_every_planned_config(monkeypatch, profile):
+    """The human-readable report (the doctor's default) renders every field a planned kernel uses,
+    the keep_u and gluon flags included (it raised a KeyError on them before), and says the device
+    is simulated."""
+    from rwkv_backends.config import KERNELS
+    from rwkv_backends.doctor import _FIELD_WORDS, render
+    monkeypatch.delenv("RWKV_BACKENDS_SIMULATE", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert all(set(k["uses"]) <= set(_FIELD_WORDS) for k in KERNELS.values())
+    text = render(collect(simulate=profile, triton_version_as="3.6.0", probe=False))
+    assert f"SIMULATED {profile}" in text and "training" in text
+    if profile == "nvidia:sm90":
+        assert "Gluon" in text and "keeps U" in text
+
+
 def test_doctor_simulation_does_not_outlive_the_call(monkeypatch):
     """collect(simulate=...) plans as the profile only while it runs: afterwards the process plans
     for its real device again (it used to leave RWKV_BACKENDS_SIMULATE set)."""

@@ -222,15 +222,18 @@ def _self_test(info, simulate):
                   f"wkv7 ({variant}) vs float64 reference, float32 B1 T40 H2 K32: rel. error {err:.1e} (limit 2e-5)")
 
 
+# Every KernelConfig field a kernel may use (config.KERNELS "uses"); the flags show only when set.
 _FIELD_WORDS = {"chunk_size": "chunk {}", "block_v": "BV {}", "block_k": "BK {}", "num_warps": "warps {}",
-                "num_stages": "stages {}", "dot_precision": "{}"}
+                "num_stages": "stages {}", "dot_precision": "{}", "keep_u": "keeps U", "gluon": "Gluon"}
+_FLAGS = ("keep_u", "gluon")
 
 
 def _config_text(kernel, c):
     """One kernel's launch config in a few words, only the fields that kernel uses."""
     from .config import KERNELS
     uses = KERNELS.get(kernel, {}).get("uses", tuple(_FIELD_WORDS))
-    words = [_FIELD_WORDS[f].format(c[f]) for f in uses if f in c and not (f == "num_stages" and c[f] == 1)]
+    words = [_FIELD_WORDS[f].format(c[f]) for f in uses
+             if f in c and not (f == "num_stages" and c[f] == 1) and not (f in _FLAGS and not c[f])]
     if c["vendor_options"]:
         words.append(str(c["vendor_options"]))
     return f"{kernel}: " + " ".join(words)

@@ -136,7 +136,7 @@ TABLES = {
 PROVENANCE = {
     "sm90": "measured on an H100 80GB HBM3 (torch 2.11.0+cu130, Triton 3.6.0, 2026-11-27); "
             "chunk_fwd and chunk_bwd at K,V <= 128 not swept (the 64 bucket's shapes); the two-pass "
-            "kernels at K = V = 128 from hand-run experiments on that H100 (NOTES changes 58-65); every "
+            "kernels at K = V = 128 from hand-run experiments on that H100 (NOTES changes 58-66); every "
             "Gluon kernel ran on that H100 (the K = 64 gradient kernel also on an H200), their T = 1 "
             "fallback to Triton too",
     "default": "untuned starting point, not measured",
