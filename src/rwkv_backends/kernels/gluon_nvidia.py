@@ -33,16 +33,8 @@ from __future__ import annotations
 import torch
 
 from . import wkv7 as kern
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-except ImportError as exc:   # pragma: no cover - Triton before Gluon
-    GLUON_IMPORT_ERROR = f"triton.experimental.gluon is not importable ({exc})"
-else:
-    GLUON_IMPORT_ERROR = None
+from .gluon_api import IMPORT_ERROR as GLUON_IMPORT_ERROR
+from .gluon_api import async_load, barrier, cp, gl, gluon, mma_v2
 
 HEAD = 64
 CHUNK = 16
@@ -191,20 +183,20 @@ if GLUON_IMPORT_ERROR is None:
         o_k = gl.arange(0, K, layout=gl.SliceLayout(0, ROWS))
         p, m = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, ROWS)
         base = stage * 7
-        cp.async_copy_global_to_shared(raw16.index(base + 0), r + p, mask=m)
-        cp.async_copy_global_to_shared(raw16.index(base + 1), w + p, mask=m)
-        cp.async_copy_global_to_shared(raw16.index(base + 2), k + p, mask=m)
-        cp.async_copy_global_to_shared(raw16.index(base + 3), a + p, mask=m)
-        cp.async_copy_global_to_shared(raw16.index(base + 4), b + p, mask=m)
-        cp.async_copy_global_to_shared(raw16.index(base + 5), v + p, mask=m)
-        cp.async_copy_global_to_shared(raw16.index(base + 6), do + p, mask=m)
-        cp.async_copy_global_to_shared(raw_u.index(stage), u + p, mask=m)
+        async_load(raw16.index(base + 0), r + p, mask=m)
+        async_load(raw16.index(base + 1), w + p, mask=m)
+        async_load(raw16.index(base + 2), k + p, mask=m)
+        async_load(raw16.index(base + 3), a + p, mask=m)
+        async_load(raw16.index(base + 4), b + p, mask=m)
+        async_load(raw16.index(base + 5), v + p, mask=m)
+        async_load(raw16.index(base + 6), do + p, mask=m)
+        async_load(raw_u.index(stage), u + p, mask=m)
         c = c0 + i_c
         o_r = gl.arange(0, K, layout=gl.SliceLayout(1, ROWS))
-        cp.async_copy_global_to_shared(raw_s.index(stage), states + (c * H + i_h) * K * V + o_r[:, None] * V + o_k[None, :])
+        async_load(raw_s.index(stage), states + (c * H + i_h) * K * V + o_r[:, None] * V + o_k[None, :])
         m_r = gl.arange(0, 4 * BT, layout=gl.SliceLayout(1, MATS))
         m_c = gl.arange(0, BT, layout=gl.SliceLayout(0, MATS))
-        cp.async_copy_global_to_shared(raw_m.index(stage), mats + (c * H + i_h) * 4 * BT * BT + m_r[:, None] * BT + m_c[None, :])
+        async_load(raw_m.index(stage), mats + (c * H + i_h) * 4 * BT * BT + m_r[:, None] * BT + m_c[None, :])
         cp.commit_group()
 
     @gluon.jit
@@ -263,7 +255,7 @@ if GLUON_IMPORT_ERROR is None:
         L_hi = _tf32_head(L)
         sm_l.index(0).store(L_hi)
         sm_l.index(1).store(L - L_hi)
-        gl.thread_barrier()
+        barrier()
         incl = sm_tri.index(0).load(A32)
         G = mma_v2(incl, sm_l.index(0).load(B32), gl.zeros_like(L), input_precision="tf32")
         G = mma_v2(incl, sm_l.index(1).load(B32), G, input_precision="tf32")
@@ -393,7 +385,7 @@ if GLUON_IMPORT_ERROR is None:
         sm_dl.index(1).store(dG - dG_hi)
         sm_dl.index(2).store(dGm_hi)
         sm_dl.index(3).store(dGm - dGm_hi)
-        gl.thread_barrier()
+        barrier()
         incl_t = sm_tri.index(0).permute((1, 0)).load(A32)
         strict_t = sm_tri.index(1).permute((1, 0)).load(A32)
         dL = mma_v2(incl_t, sm_dl.index(0).load(B32), dG_last[None, :] + z_tk, input_precision="tf32")
@@ -476,7 +468,7 @@ if GLUON_IMPORT_ERROR is None:
             p = (o_t[:, None] * H + i_h) * K + kk[None, :]
             st = j % 2
             cp.wait_group(0)
-            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk j - 1
+            barrier()          # every thread's copies have landed; all are done with chunk j - 1
             if j + 1 < n_chunks:
                 _issue_copies(r, w, k, a, b, v, do, u, states, mats, raw16, raw_u, raw_s, raw_m, 1 - st, i_c - 1,
                               bos, eos, c0, i_h, H, K, BT)
@@ -509,16 +501,16 @@ if GLUON_IMPORT_ERROR is None:
             sm_kf.store(k_f)
             sm_ah32.store(a_hat)
             sm_rh32.store(r_hat)
-            gl.thread_barrier()
+            barrier()
 
             # The chain to the previous chunk: dU = A_rbᵀ dO + B̃ dS, dZ = Tinvᵀ dU.
             dU = mma_v2(sm_mat.index(2).permute((1, 0)).load(A16), sm_do.load(B16), z_tv)
             dU = mma_v2(sm_bt.load(A16), sm_ds.load(B16), dU)
             sm_du.store(dU.to(gl.bfloat16))
-            gl.thread_barrier()
+            barrier()
             dZ = mma_v2(sm_mat.index(0).permute((1, 0)).load(A16), sm_du.load(B16), z_tv)
             sm_dz.store(dZ.to(gl.bfloat16))
-            gl.thread_barrier()
+            barrier()
 
             dz_a, do_a, dA_ab, dA_ak, dA_rb, dA_rk = _pair_matrix_grads(sm_dz, sm_do, sm_u, sm_v, sm_da, BT, MMA)
             dz_b = sm_dz.load(B16)
@@ -536,7 +528,7 @@ if GLUON_IMPORT_ERROR is None:
             gamma_k = gl.convert_layout(gamma, ROW)
             dS_prev = mma_v2(sm_rh.permute((1, 0)).load(A16), do_b, gamma_k[:, None] * dS)
             dS_prev = mma_v2(sm_ah.permute((1, 0)).load(A16), dz_b, dS_prev)
-            gl.thread_barrier()
+            barrier()
 
             dr_c, dw_c, dk_c, da_c, db_c = _input_grads(
                 safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c, L, G,
@@ -561,19 +553,19 @@ if GLUON_IMPORT_ERROR is None:
         KROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [8, 1], [1, 0])    # [16, 64]
         VROWS: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [8, 1], [1, 0])    # [16, 128] and [64, 128]
         pk, mk = _chunk_rows(bos, eos, i_c, i_h, k0, H, K, BT, BK, KROWS)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 0), r + pk, mask=mk)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 1), w + pk, mask=mk)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 2), k + pk, mask=mk)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 3), a + pk, mask=mk)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 4), b + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 0), r + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 1), w + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 2), k + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 3), a + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 4), b + pk, mask=mk)
         pv, mv = _chunk_rows(bos, eos, i_c, i_h, 0, H, V, BT, V, VROWS)
-        cp.async_copy_global_to_shared(raw_v.index(stage * 3 + 0), v + pv, mask=mv)
-        cp.async_copy_global_to_shared(raw_v.index(stage * 3 + 1), do + pv, mask=mv)
-        cp.async_copy_global_to_shared(raw_v.index(stage * 3 + 2), dz + pv, mask=mv)
-        cp.async_copy_global_to_shared(raw_u.index(stage), u + pv, mask=mv)
+        async_load(raw_v.index(stage * 3 + 0), v + pv, mask=mv)
+        async_load(raw_v.index(stage * 3 + 1), do + pv, mask=mv)
+        async_load(raw_v.index(stage * 3 + 2), dz + pv, mask=mv)
+        async_load(raw_u.index(stage), u + pv, mask=mv)
         o_r = k0 + gl.arange(0, BK, layout=gl.SliceLayout(1, VROWS))
         o_v = gl.arange(0, V, layout=gl.SliceLayout(0, VROWS))
-        cp.async_copy_global_to_shared(raw_s.index(stage), states + ((c0 + i_c) * H + i_h) * K * V
+        async_load(raw_s.index(stage), states + ((c0 + i_c) * H + i_h) * K * V
                                        + o_r[:, None] * V + o_v[None, :])
         cp.commit_group()
 
@@ -662,7 +654,7 @@ if GLUON_IMPORT_ERROR is None:
             p = (o_t[:, None] * H + i_h) * K + (k0 + kk)[None, :]
             st = j % 2
             cp.wait_group(0)
-            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk j - 1
+            barrier()          # every thread's copies have landed; all are done with chunk j - 1
             if j + 1 < n_walk:
                 _issue_ksplit_copies(r, w, k, a, b, v, do, dz, u, states, raw_k, raw_v, raw_u, raw_s, 1 - st,
                                      i_c - 1, bos, eos, c0, i_h, k0, H, K, V, BK, BT)
@@ -689,7 +681,7 @@ if GLUON_IMPORT_ERROR is None:
             sm_kf.store(k_f)
             sm_ah32.store(a_hat)
             sm_rh32.store(r_hat)
-            gl.thread_barrier()
+            barrier()
 
             dz_a, do_a, dA_ab, dA_ak, dA_rb, dA_rk = _pair_matrix_grads(sm_dz, sm_do, sm_u, sm_v, sm_da, BT, MMA)
             st_b = sm_s.permute((1, 0)).load(B16)
@@ -701,7 +693,7 @@ if GLUON_IMPORT_ERROR is None:
             gamma_k = gl.convert_layout(gamma, ROW)
             dS = mma_v2(sm_rh.permute((1, 0)).load(A16), sm_do.load(B16), gamma_k[:, None] * dS)
             dS = mma_v2(sm_ah.permute((1, 0)).load(A16), sm_dz.load(B16), dS)
-            gl.thread_barrier()
+            barrier()
 
             dr_c, dw_c, dk_c, da_c, db_c = _input_grads(
                 safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c, L, G,
@@ -723,16 +715,16 @@ if GLUON_IMPORT_ERROR is None:
         VROWS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BV // 4), BV // 4], [NW, 1], [1, 0])   # [16, BV]
         MATS: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])     # [64, 16]: the four matrices
         pk, mk = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, KROWS)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 0), r + pk, mask=mk)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 1), w + pk, mask=mk)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 2), k + pk, mask=mk)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 3), a + pk, mask=mk)
-        cp.async_copy_global_to_shared(raw_k.index(stage * 5 + 4), b + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 0), r + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 1), w + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 2), k + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 3), a + pk, mask=mk)
+        async_load(raw_k.index(stage * 5 + 4), b + pk, mask=mk)
         pv, mv = _chunk_rows(bos, eos, i_c, i_h, i_v * BV, H, V, BT, BV, VROWS)
-        cp.async_copy_global_to_shared(raw_do.index(stage), do + pv, mask=mv)
+        async_load(raw_do.index(stage), do + pv, mask=mv)
         m_r = gl.arange(0, 4 * BT, layout=gl.SliceLayout(1, MATS))
         m_c = gl.arange(0, BT, layout=gl.SliceLayout(0, MATS))
-        cp.async_copy_global_to_shared(raw_m.index(stage), mats + ((c0 + i_c) * H + i_h) * 4 * BT * BT
+        async_load(raw_m.index(stage), mats + ((c0 + i_c) * H + i_h) * 4 * BT * BT
                                        + m_r[:, None] * BT + m_c[None, :])
         cp.commit_group()
 
@@ -799,7 +791,7 @@ if GLUON_IMPORT_ERROR is None:
             i_c = n_chunks - 1 - j
             st = j % 2
             cp.wait_group(0)
-            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk j - 1
+            barrier()          # every thread's copies have landed; all are done with chunk j - 1
             if j + 1 < n_chunks:
                 _issue_sweep_copies(r, w, k, a, b, do, mats, raw_k, raw_do, raw_m, 1 - st, i_c - 1, bos, eos, c0,
                                     i_h, i_v, H, K, V, BV, BT, NW)
@@ -825,7 +817,7 @@ if GLUON_IMPORT_ERROR is None:
             dO = gl.where(m_v, raw_do.index(st).load(MMA).to(gl.float32), 0.0) * scale
             sm_do.store(dO)
             sm_ds.store(dS.to(DS_TYPE))
-            gl.thread_barrier()
+            barrier()
 
             # The chain: dU = A_rbᵀ dO + B̃ dS, dZ = Tinvᵀ dU, dS_prev = R̂ᵀ dO + γ dS + Âᵀ dZ.
             mats_c = raw_m.index(st)
@@ -836,11 +828,11 @@ if GLUON_IMPORT_ERROR is None:
             else:
                 dU = mma_v2(sm_bt.load(A32), sm_ds.load(B32), dU, input_precision="tf32")
             sm_du.store(dU)
-            gl.thread_barrier()
+            barrier()
             dZ = mma_v2(mats_c.slice(0, BT, 0).permute((1, 0)).load(A32), sm_du.load(B32), z_tv,
                         input_precision="tf32")
             sm_dz.store(dZ)
-            gl.thread_barrier()
+            barrier()
             dz_b = sm_dz.load(B32)
             do_b = sm_do.load(B32)
             dS = mma_v2(sm_rh.permute((1, 0)).load(A32), do_b, gamma[:, None] * dS, input_precision="tf32")
@@ -918,7 +910,7 @@ if GLUON_IMPORT_ERROR is None:
         for i_c in range(c_lo, c_end):
             st = (i_c - c_lo) % 2
             cp.wait_group(0)
-            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk i_c - 1
+            barrier()          # every thread's copies have landed; all are done with chunk i_c - 1
             if i_c + 1 < c_end:
                 _issue_sweep_copies(r, w, k, a, b, v, mats, raw_k, raw_v, raw_m, 1 - st, i_c + 1, bos, eos, c0,
                                     i_h, i_v, H, K, V, BV, BT, NW)
@@ -943,7 +935,7 @@ if GLUON_IMPORT_ERROR is None:
             gamma = gl.convert_layout(gl.exp(G_last), ROW)
             sm_v.store(gl.where(m_v, raw_v.index(st).load(MMA).to(gl.float32), 0.0))
             sm_s.store(S)
-            gl.thread_barrier()
+            barrier()
 
             mats_c = raw_m.index(st)
             s_b = sm_s.load(B32)
@@ -951,13 +943,13 @@ if GLUON_IMPORT_ERROR is None:
             Z = mma_v2(sm_ah.load(A32), s_b, z_tv, input_precision="tf32")
             Z = mma_v2(mats_c.slice(BT, BT, 0).load(A32), v_b, Z, input_precision="tf32")          # + A_ak V
             sm_z.store(Z)
-            gl.thread_barrier()
+            barrier()
             U = mma_v2(mats_c.slice(0, BT, 0).load(A32), sm_z.load(B32), z_tv, input_precision="tf32")  # U_t = a_tᵀ h_{t-1}
             sm_u.store(U)
             p_v = (o_t[:, None] * H + i_h) * V + vv[None, :]
             if STORE_U:
                 gl.store(u + p_v, U, mask=m_v)
-            gl.thread_barrier()
+            barrier()
             u_b = sm_u.load(B32)
             if STORE_O:
                 O = mma_v2(sm_rh.load(A32), s_b, z_tv, input_precision="tf32")
@@ -975,11 +967,11 @@ if GLUON_IMPORT_ERROR is None:
         """cp.async of chunk i_c's r, w, k, a, b into raw buffer `stage`."""
         ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (K // 4), K // 4], [NW, 1], [1, 0])
         p, m = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, ROWS)
-        cp.async_copy_global_to_shared(raw.index(stage * 5 + 0), r + p, mask=m)
-        cp.async_copy_global_to_shared(raw.index(stage * 5 + 1), w + p, mask=m)
-        cp.async_copy_global_to_shared(raw.index(stage * 5 + 2), k + p, mask=m)
-        cp.async_copy_global_to_shared(raw.index(stage * 5 + 3), a + p, mask=m)
-        cp.async_copy_global_to_shared(raw.index(stage * 5 + 4), b + p, mask=m)
+        async_load(raw.index(stage * 5 + 0), r + p, mask=m)
+        async_load(raw.index(stage * 5 + 1), w + p, mask=m)
+        async_load(raw.index(stage * 5 + 2), k + p, mask=m)
+        async_load(raw.index(stage * 5 + 3), a + p, mask=m)
+        async_load(raw.index(stage * 5 + 4), b + p, mask=m)
         cp.commit_group()
 
     @gluon.jit
@@ -1028,7 +1020,7 @@ if GLUON_IMPORT_ERROR is None:
             i_c = c_lo + i_p + j * n_p
             st = j % 2
             cp.wait_group(0)
-            gl.thread_barrier()          # every thread's copies have landed; all are done with the last chunk
+            barrier()          # every thread's copies have landed; all are done with the last chunk
             if j + 1 < n_mine:
                 _issue_prep_copies(r, w, k, a, b, raw, 1 - st, i_c + n_p, bos, eos, i_h, H, K, BT, NW)
             o_t = bos + i_c * BT + t_idx
@@ -1047,26 +1039,26 @@ if GLUON_IMPORT_ERROR is None:
             sm_rh.store(r_c * gl.exp(G))
             sm_bf.store(b_c * e_neg)
             sm_kf.store(k_c * e_neg)
-            gl.thread_barrier()
+            barrier()
             A_ab, A_ak, A_rb, A_rk = _intra(safe, sm_ah, sm_rh, sm_bf, sm_kf, G, Gm, r_c, k_c, a_c, b_c, BT, MMA)
             # Tinv = (I + N)(I + N^2)(I + N^4)(I + N^8), N = A_ab (kernels/wkv7.py _unit_lower_inverse).
             X = eye + A_ab
             sm_n.store(A_ab)
             sm_x.index(0).store(X)
-            gl.thread_barrier()
+            barrier()
             P = mma_v2(sm_n.load(A32), sm_n.load(B32), z_tt, input_precision="tf32")
             sm_p.index(0).store(P)
-            gl.thread_barrier()
+            barrier()
             X = mma_v2(sm_x.index(0).load(A32), sm_p.index(0).load(B32), X, input_precision="tf32")
             P = mma_v2(sm_p.index(0).load(A32), sm_p.index(0).load(B32), z_tt, input_precision="tf32")
             sm_x.index(1).store(X)
             sm_p.index(1).store(P)
-            gl.thread_barrier()
+            barrier()
             X = mma_v2(sm_x.index(1).load(A32), sm_p.index(1).load(B32), X, input_precision="tf32")
             P = mma_v2(sm_p.index(1).load(A32), sm_p.index(1).load(B32), z_tt, input_precision="tf32")
             sm_x.index(2).store(X)
             sm_p.index(2).store(P)
-            gl.thread_barrier()
+            barrier()
             Tinv = mma_v2(sm_x.index(2).load(A32), sm_p.index(2).load(B32), X, input_precision="tf32")
             mbase = mats + ((c0 + i_c) * H + i_h) * 4 * BT * BT       # kernels/wkv7.py MAT_TINV, MAT_AK, MAT_RB, MAT_RK
             gl.store(mbase + m_off, Tinv)
@@ -1081,12 +1073,12 @@ if GLUON_IMPORT_ERROR is None:
         ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NW, 1], [1, 0])
         p, m = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, ROWS)
         base = stage * 6
-        cp.async_copy_global_to_shared(raw.index(base + 0), r + p, mask=m)
-        cp.async_copy_global_to_shared(raw.index(base + 1), w + p, mask=m)
-        cp.async_copy_global_to_shared(raw.index(base + 2), k + p, mask=m)
-        cp.async_copy_global_to_shared(raw.index(base + 3), a + p, mask=m)
-        cp.async_copy_global_to_shared(raw.index(base + 4), b + p, mask=m)
-        cp.async_copy_global_to_shared(raw.index(base + 5), v + p, mask=m)
+        async_load(raw.index(base + 0), r + p, mask=m)
+        async_load(raw.index(base + 1), w + p, mask=m)
+        async_load(raw.index(base + 2), k + p, mask=m)
+        async_load(raw.index(base + 3), a + p, mask=m)
+        async_load(raw.index(base + 4), b + p, mask=m)
+        async_load(raw.index(base + 5), v + p, mask=m)
         cp.commit_group()
 
     @gluon.jit
@@ -1154,7 +1146,7 @@ if GLUON_IMPORT_ERROR is None:
             p = (o_t[:, None] * H + i_h) * K + kk[None, :]
             st = i_c % 2
             cp.wait_group(0)
-            gl.thread_barrier()          # every thread's copies have landed; all are done with chunk i_c - 1
+            barrier()          # every thread's copies have landed; all are done with chunk i_c - 1
             if i_c + 1 < n_chunks:
                 _issue_forward_copies(r, w, k, a, b, v, raw, 1 - st, i_c + 1, bos, eos, i_h, H, K, BT, NW)
             r_c = gl.where(m_t, raw.index(st * 6 + 0).load(MMA).to(gl.float32), 0.0)
@@ -1167,7 +1159,7 @@ if GLUON_IMPORT_ERROR is None:
             L_hi = _tf32_head(L)
             sm_l.index(0).store(L_hi)
             sm_l.index(1).store(L - L_hi)
-            gl.thread_barrier()
+            barrier()
             incl = sm_tri.load(A32)
             G = mma_v2(incl, sm_l.index(0).load(B32), z_tv, input_precision="tf32")
             G = mma_v2(incl, sm_l.index(1).load(B32), G, input_precision="tf32")
@@ -1186,7 +1178,7 @@ if GLUON_IMPORT_ERROR is None:
             sm_kf.store(k_c * e_neg)
             sm_bt.store(b_c * tail)
             sm_kt.store(k_c * tail)
-            gl.thread_barrier()
+            barrier()
 
             # The in-chunk matrices (kernels/wkv7.py _intra): factored where safe, pair by pair otherwise.
             A_ab, A_ak, A_rb, A_rk = _intra(safe, sm_ah, sm_rh, sm_bf, sm_kf, G, Gm, r_c, k_c, a_c, b_c, BT, MMA)
@@ -1198,23 +1190,23 @@ if GLUON_IMPORT_ERROR is None:
             sm_m.index(0).store(A_ak)
             sm_m.index(1).store(A_rb)
             sm_m.index(2).store(A_rk)
-            gl.thread_barrier()
+            barrier()
             P = mma_v2(sm_n.load(A32), sm_n.load(B32), z_tt, input_precision="tf32")
             Z = mma_v2(sm_ah.load(A32), sm_s.load(B32), z_tv, input_precision="tf32")
             Z = mma_v2(sm_m.index(0).load(A32), sm_v.load(B32), Z, input_precision="tf32")
             sm_p.index(0).store(P)
             sm_z.store(Z)
-            gl.thread_barrier()
+            barrier()
             X = mma_v2(sm_x.index(0).load(A32), sm_p.index(0).load(B32), X, input_precision="tf32")
             P = mma_v2(sm_p.index(0).load(A32), sm_p.index(0).load(B32), z_tt, input_precision="tf32")
             sm_x.index(1).store(X)
             sm_p.index(1).store(P)
-            gl.thread_barrier()
+            barrier()
             X = mma_v2(sm_x.index(1).load(A32), sm_p.index(1).load(B32), X, input_precision="tf32")
             P = mma_v2(sm_p.index(1).load(A32), sm_p.index(1).load(B32), z_tt, input_precision="tf32")
             sm_x.index(2).store(X)
             sm_p.index(2).store(P)
-            gl.thread_barrier()
+            barrier()
             Tinv = mma_v2(sm_x.index(2).load(A32), sm_p.index(2).load(B32), X, input_precision="tf32")
             sm_tinv.store(Tinv)
             if STORE_MATS:               # kernels/wkv7.py MAT_TINV, MAT_AK, MAT_RB, MAT_RK
@@ -1223,12 +1215,12 @@ if GLUON_IMPORT_ERROR is None:
                 gl.store(mbase + BT * BT + m_off, A_ak)
                 gl.store(mbase + 2 * BT * BT + m_off, A_rb)
                 gl.store(mbase + 3 * BT * BT + m_off, A_rk)
-            gl.thread_barrier()
+            barrier()
             U = mma_v2(sm_tinv.load(A32), sm_z.load(B32), z_tv, input_precision="tf32")     # U_t = a_tᵀ h_{t-1}
             if STORE_U:
                 gl.store(u + p, U, mask=m_t)
             sm_u.store(U)
-            gl.thread_barrier()
+            barrier()
             u_b = sm_u.load(B32)
             v_b = sm_v.load(B32)
             if STORE_O:
@@ -1249,13 +1241,13 @@ if GLUON_IMPORT_ERROR is None:
         ROWS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (K // 4), K // 4], [NW, 1], [1, 0])
         p, m = _chunk_rows(bos, eos, i_c, i_h, 0, H, K, BT, K, ROWS)
         base = stage * 4
-        cp.async_copy_global_to_shared(raw16.index(base + 0), w + p, mask=m)
-        cp.async_copy_global_to_shared(raw16.index(base + 1), k + p, mask=m)
-        cp.async_copy_global_to_shared(raw16.index(base + 2), b + p, mask=m)
+        async_load(raw16.index(base + 0), w + p, mask=m)
+        async_load(raw16.index(base + 1), k + p, mask=m)
+        async_load(raw16.index(base + 2), b + p, mask=m)
         VROWS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BV // 4), BV // 4], [NW, 1], [1, 0])
         pv, mv = _chunk_rows(bos, eos, i_c, i_h, i_v * BV, H, V, BT, BV, VROWS)
-        cp.async_copy_global_to_shared(raw16.index(base + 3).slice(0, BV, 1), v + pv, mask=mv)
-        cp.async_copy_global_to_shared(raw_u.index(stage), u + pv, mask=mv)
+        async_load(raw16.index(base + 3).slice(0, BV, 1), v + pv, mask=mv)
+        async_load(raw_u.index(stage), u + pv, mask=mv)
         cp.commit_group()
 
     @gluon.jit
@@ -1313,7 +1305,7 @@ if GLUON_IMPORT_ERROR is None:
         for i_c in range(c_begin, c_end):
             st = (i_c - c_begin) % 2
             cp.wait_group(0)
-            gl.thread_barrier()
+            barrier()
             if i_c + 1 < c_end:
                 _issue_states_copies(w, k, b, v, u, raw16, raw_u, 1 - st, i_c + 1, bos, eos, i_h, i_v, H, K, V, BV,
                                      BT, NW)
@@ -1330,7 +1322,7 @@ if GLUON_IMPORT_ERROR is None:
             sm_kt.store(k_c * tail)
             sm_v.store(raw16.index(st * 4 + 3).slice(0, BV, 1).load(MMA).to(gl.float32))
             gamma = gl.convert_layout(gl.exp(G_last), ROW)
-            gl.thread_barrier()
+            barrier()
             S = mma_v2(sm_bt.permute((1, 0)).load(A32), raw_u.index(st).load(B32), S * gamma[:, None],
                        input_precision="tf32")
             S = mma_v2(sm_kt.permute((1, 0)).load(A32), sm_v.load(B32), S, input_precision="tf32")
