@@ -129,7 +129,11 @@ def _walk_start(start, seg_start, seg_offsets, i_n, i_h, i_nh, T, n_chunks, seg_
     if SEGMENTS == SEG_WALK:
         i_s, c_begin, c_end = _segment_range(seg_offsets, i_n, tl.program_id(2), T, n_chunks, seg_chunks, BT,
                                              IS_VARLEN)
-        X = tl.load(seg_start + (i_s * H + i_h) * K * V + s_tile, mask=m_kv & (c_begin < c_end), other=0.0)
+        # An empty segment (past its sequence's end) loads nothing. The scalar test is folded into a
+        # tensor comparison: a block mask and'ed with a scalar predicate is rejected by Triton
+        # 3.9's interpreter ("mask has unsupported dtype").
+        live = tl.where(c_begin < c_end, K * V, 0)
+        X = tl.load(seg_start + (i_s * H + i_h) * K * V + s_tile, mask=m_kv & (s_tile < live), other=0.0)
     else:
         c_begin = 0
         c_end = n_chunks
