@@ -43,38 +43,78 @@ def _check(name, status, detail):
 
 @contextlib.contextmanager
 def _simulating(profile):
-    """RWKV_BACKENDS_SIMULATE=profile for the duration only: the doctor must not leave later
-    wkv7 calls in the same process planning for a simulated device."""
-    if not profile:
-        yield
-        return
-    before = os.environ.get("RWKV_BACKENDS_SIMULATE")
-    os.environ["RWKV_BACKENDS_SIMULATE"] = profile
+    """RWKV_BACKENDS_SIMULATE=profile (unset when None) for the duration only: the doctor must not
+    leave later wkv7 calls in the same process planning for another device."""
+    from .device import SIMULATE_ENV
+    before = os.environ.get(SIMULATE_ENV)
+    if profile:
+        os.environ[SIMULATE_ENV] = profile
+    else:
+        os.environ.pop(SIMULATE_ENV, None)
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("RWKV_BACKENDS_SIMULATE", None)
+            os.environ.pop(SIMULATE_ENV, None)
         else:
-            os.environ["RWKV_BACKENDS_SIMULATE"] = before
+            os.environ[SIMULATE_ENV] = before
+
+
+def _settings(simulate, triton_version_as):
+    """(profile, Triton version to plan as, settings checks). A profile, backend or Triton version
+    that is not known becomes a failed check naming it and what is accepted; the report then
+    describes this machine and its installed Triton."""
+    from .device import SIMULATE_ENV, list_profiles, parse_version, simulated_profile_name
+    from .registry import BACKEND_ENV, backends, variants
+    checks = []
+    source = "--simulate" if simulate else SIMULATE_ENV
+    profile = (simulate or "").strip() or simulated_profile_name()
+    if profile:
+        known = sorted(list_profiles())
+        if profile not in known:
+            checks.append(_check("simulated profile", "fail",
+                                 f"{source}: unknown profile {profile!r}; known: {', '.join(known)} "
+                                 "(--list-profiles names them); reporting this machine instead"))
+            profile = None
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        names = variants()
+        if forced not in names and forced not in backends():
+            checks.append(_check("backend setting", "fail",
+                                 f"{BACKEND_ENV}: unknown backend {forced!r}; registered backends: "
+                                 f"{', '.join(backends())}; variants: {', '.join(sorted(names))} "
+                                 f"(wkv7 raises until {BACKEND_ENV} is one of them or unset)"))
+    if triton_version_as is not None and not parse_version(triton_version_as):
+        checks.append(_check("triton version", "fail",
+                             f"--triton-version: expected a release X.Y.Z such as 3.6.0, got {triton_version_as!r}; "
+                             "planning as the installed Triton instead"))
+        triton_version_as = None
+    return profile, triton_version_as, checks
 
 
 def collect(simulate=None, triton_version_as=None, probe=True) -> dict:
-    """The doctor's report as a dict (SPEC §5), planning as on `simulate` when given."""
-    with _simulating(simulate):
-        return _collect(simulate, triton_version_as, probe)
+    """The doctor's report as a dict (SPEC §5), planning as on `simulate` (or the profile that
+    RWKV_BACKENDS_SIMULATE names) when given. Bad settings are failed checks, never exceptions."""
+    profile, triton_version_as, settings = _settings(simulate, triton_version_as)
+    with _simulating(profile):
+        return _collect(profile, triton_version_as, probe, settings)
 
 
-def _collect(simulate, triton_version_as, probe) -> dict:
+def _collect(simulate, triton_version_as, probe, settings) -> dict:
     from . import known_issues
-    from .device import (default_device, detect, interpreter_enabled, python_ok, triton_target,
+    from .device import (CPU, default_device, detect, interpreter_enabled, python_ok, triton_target,
                          triton_version, versions)
-    from .registry import NoBackendError, plan
+    from .registry import plan
     from .tuning import provenance
 
-    info = detect(None if simulate else default_device())
+    checks = list(settings)
+    try:
+        info = detect(None if simulate else default_device())
+    except Exception as exc:
+        checks.append(_check("device", "fail", f"detection raised {type(exc).__name__}: {exc}; "
+                                               "reporting the CPU instead"))
+        info = CPU
     tv = triton_version_as or triton_version()
-    checks = []
     py = versions()["python"]
     checks.append(_check("python", "ok" if python_ok() else "fail",
                          f"Python {py}" + ("" if python_ok() else ": rwkv-backends needs >= 3.10 (triton#5224)")))
@@ -124,11 +164,16 @@ def _collect(simulate, triton_version_as, probe) -> dict:
                           "adjusted_by_known_issues": {k: v for k, v in p.adjusted_by.items() if v},
                           "rejected": p.rejected}
             chosen = chosen or p.variant.backend
-        except NoBackendError as exc:
+        except ValueError as exc:          # NoBackendError, or a backend setting that names nothing
             plans[cls] = {"error": str(exc)}
     if probe:
-        checks.append(_compile_probe(info, tv, plans))
-    checks.append(_self_test(info, simulate))
+        checks.append(_guarded("compile probe", _compile_probe, info, tv, plans))
+    blocked = next((c for c in settings if c["name"] == "backend setting"), None)
+    if blocked is not None:
+        checks += [_check(name, "warn", f"not run: {blocked['detail'].split(';')[0]}")
+                   for name in ("self-test", "self-test backward")]
+    else:
+        checks += _self_tests(info, simulate)
 
     report = {
         "schema": SCHEMA, "python": py, "packages": versions() | ({"triton_planned_as": tv} if triton_version_as else {}),
@@ -138,6 +183,14 @@ def _collect(simulate, triton_version_as, probe) -> dict:
     }
     report["ok"] = all(c["status"] != "fail" for c in checks)
     return report
+
+
+def _guarded(name, fn, *args):
+    """fn(*args), a check; an exception it raises becomes a failed check of that name."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return _check(name, "fail", f"raised {type(exc).__name__}: {exc}")
 
 
 def _cache_check():
@@ -196,30 +249,76 @@ def _compile_probe(info, tv, plans):
         f"{d['kernel']} ({d['num_warps']} warps, {d['shared_bytes']} B shared)" for d in done))
 
 
-def _self_test(info, simulate):
+_SELF_TEST_CASE = ("float32", "realistic", 1, 40, 2, 32, 32)
+_GRADIENTS = ("r", "w", "k", "v", "a", "b", "state")
+
+
+def _self_tests(info, simulate):
+    """wkv7 forward (without gradients) and backward (the training path: outputs and the gradients
+    of r, w, k, v, a, b and state) against the float64 reference, its gradients by autograd."""
     import torch
 
     from .device import interpreter_enabled
     if simulate and not interpreter_enabled():
-        return _check("self-test", "ok", "skipped for a simulated profile without TRITON_INTERPRET=1 (nothing to run)")
-    from . import wkv7, wkv7_reference
-    from .conformance.cases import Case, make_inputs, relative_error
+        why = "skipped for a simulated profile without TRITON_INTERPRET=1 (nothing to run)"
+        return [_check("self-test", "ok", why), _check("self-test backward", "ok", why)]
+    from .conformance.cases import TOLERANCES, Case, make_inputs
     device = torch.device("cpu") if (simulate or info.vendor == "cpu") else torch.device(info.device_type, info.index)
-    case = Case("forward", "float32", "realistic", 1, 40, 2, 32, 32)
+    ref_device = device if info.has_float64 else torch.device("cpu")
+    case = Case("backward", *_SELF_TEST_CASE)
     x = make_inputs(case, 1234, device)
-    ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
-    try:
-        o, s = wkv7(*ins, x["state"])
-        ref_dev = device if info.has_float64 else torch.device("cpu")
-        o_ref, _ = wkv7_reference(*(t.to(ref_dev) for t in ins), x["state"].to(ref_dev))
-        err = relative_error(o, o_ref)
-    except Exception as exc:
-        return _check("self-test", "fail", f"wkv7 raised {type(exc).__name__}: {exc}")
-    from .api import explain
-    variant = explain(*ins, x["state"])["variant"]
-    ok = err <= 2e-5
-    return _check("self-test", "ok" if ok else "fail",
-                  f"wkv7 ({variant}) vs float64 reference, float32 B1 T40 H2 K32: rel. error {err:.1e} (limit 2e-5)")
+    limits = TOLERANCES[case.dtype]
+    shape = f"{case.dtype} B{case.B} T{case.T} H{case.H} K{case.K}"
+    return [_guarded("self-test", _forward_test, x, ref_device, limits[0], shape),
+            _guarded("self-test backward", _backward_test, x, ref_device, limits, shape)]
+
+
+def _forward_test(x, ref_device, limit, shape):
+    import torch
+
+    from . import explain, wkv7, wkv7_reference
+    from .conformance.cases import relative_error
+    ins = [x[n] for n in _GRADIENTS]
+    with torch.no_grad():
+        variant = explain(*ins)["variant"]
+        o, s = wkv7(*ins)
+        o_ref, s_ref = wkv7_reference(*(t.to(ref_device) for t in ins))
+    errs = {"o": relative_error(o, o_ref), "state_out": relative_error(s, s_ref)}
+    return _verdict("self-test", f"wkv7 ({variant}) forward vs float64 reference, {shape}", errs, limit)
+
+
+def _backward_test(x, ref_device, limits, shape):
+    import torch
+
+    from . import explain, wkv7, wkv7_reference
+    from .conformance.cases import relative_error
+    ins = [x[n].detach().clone().requires_grad_() for n in _GRADIENTS]
+    refs = [x[n].detach().to(ref_device, torch.float64).requires_grad_() for n in _GRADIENTS]
+    do, dstate = x["do"], x["dstate"]
+    with torch.enable_grad():
+        variant = explain(*ins)["variant"]
+        o, s = wkv7(*ins)
+        grads = torch.autograd.grad((o.float() * do.float()).sum() + (s * dstate).sum(), ins)
+        o_ref, s_ref = wkv7_reference(*refs)
+        loss = (o_ref * do.to(ref_device, torch.float64)).sum() + (s_ref * dstate.to(ref_device, torch.float64)).sum()
+        ref_grads = torch.autograd.grad(loss, refs)
+    out = {"o": relative_error(o, o_ref), "state_out": relative_error(s, s_ref)}
+    grad = {f"d{n}": relative_error(g, gr) for n, g, gr in zip(_GRADIENTS, grads, ref_grads)}
+    what = f"wkv7 ({variant}) forward and backward vs float64 reference with autograd, {shape}"
+    first = _verdict("self-test backward", what, out, limits[0])
+    second = _verdict("self-test backward", "gradients", grad, limits[1])
+    status = "fail" if "fail" in (first["status"], second["status"]) else "ok"
+    return _check("self-test backward", status, f"{first['detail']}; {second['detail']}")
+
+
+def _verdict(name, what, errors, limit):
+    """A check over relative errors: ok when every one is within `limit`, else fail naming those over."""
+    over = [n for n, e in errors.items() if not e <= limit]
+    listed = ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
+    detail = f"{what}: rel. error {listed} (limit {limit:g})"
+    if over:
+        detail += f"; over the limit: {', '.join(over)}"
+    return _check(name, "fail" if over else "ok", detail)
 
 
 # Every KernelConfig field a kernel may use (config.KERNELS "uses"); the flags show only when set.
@@ -259,7 +358,7 @@ def render(report: dict) -> str:
     lines.append(f"known issues active: {', '.join(active) or 'none'} (of {len(report['known_issues'])} catalogued)")
     lines.append("checks :")
     for c in report["checks"]:
-        lines.append(f"  [{c['status']:^4}] {c['name']:<18}{c['detail']}")
+        lines.append(f"  [{c['status']:^4}] {c['name']:<20}{c['detail']}")
     lines.append("OK" if report["ok"] else "FAILED: see the checks marked fail")
     return "\n".join(lines)
 
