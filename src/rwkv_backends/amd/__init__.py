@@ -27,9 +27,11 @@ def _profile(name, arch, cus):
                       simulated=f"amd:{arch}")
 
 
-# Compute units from AMD's datasheets: MI300X 304 CUs; Radeon RX 7900 XTX 96 CUs.
+# Compute units from AMD's datasheets: MI300X 304 CUs; MI250X 220 CUs over two GCDs, each a device
+# of its own; Radeon RX 7900 XTX 96 CUs.
 PROFILES = {
     "amd:gfx942": _profile("AMD Instinct MI300X", "gfx942", 304),
+    "amd:gfx90a": _profile("AMD Instinct MI250X (one GCD)", "gfx90a", 110),
     "amd:gfx1100": _profile("AMD Radeon RX 7900 XTX", "gfx1100", 96),
 }
 

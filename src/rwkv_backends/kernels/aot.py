@@ -133,14 +133,17 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
 
 def _resource_usage(compiled) -> dict:
     """Registers and stack bytes (spills) from the cubin, read by the cuobjdump in Triton's wheel
-    (no GPU needed: n_regs and n_spills only exist once a kernel is loaded on a device). {} when the
-    target has no cubin or the tool is missing."""
+    (no GPU needed: n_regs and n_spills only exist once a kernel is loaded on a device), or an AMD
+    kernel's registers and spills from its amdgcn assembly. {} when neither can be read."""
     import os
     import re
     import subprocess
     import tempfile
 
     import triton
+    amdgcn = compiled.asm.get("amdgcn") if hasattr(compiled, "asm") else None
+    if amdgcn:
+        return _amdgcn_usage(amdgcn)
     cubin = compiled.asm.get("cubin") if hasattr(compiled, "asm") else None
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not cubin or not os.path.exists(tool):
@@ -151,6 +154,19 @@ def _resource_usage(compiled) -> dict:
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
     return {"registers": int(regs.group(1)), "stack_bytes": int(stack.group(1))} if regs and stack else {}
+
+
+def _amdgcn_usage(asm: str) -> dict:
+    """VGPRs, AGPRs, SGPRs and spilled registers from the kernel descriptor's metadata in the
+    amdgcn assembly (LDS is the compiler's `shared`, allocated at launch)."""
+    import re
+    out = {}
+    for key, name in (("vgpr_count", "vgprs"), ("agpr_count", "agprs"), ("sgpr_count", "sgprs"),
+                      ("vgpr_spill_count", "vgpr_spills"), ("sgpr_spill_count", "sgpr_spills")):
+        m = re.search(rf"\.{key}:\s+(\d+)", asm)
+        if m:
+            out[name] = int(m.group(1))
+    return out
 
 
 def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size: int, K: int, V: int,
@@ -230,9 +246,9 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
         | _resource_usage(compiled)
 
 
-def compile_in_subprocess(jobs, *, arch: int, warp_size: int = 32, timeout: float = 900):
+def compile_in_subprocess(jobs, *, arch, warp_size: int = 32, timeout: float = 900, backend: str = "cuda"):
     """Compile [(kernel, KernelConfig)] or [(kernel, KernelConfig, head size)] (K = V; default 64)
-    for an NVIDIA arch in a fresh process, without the interpreter. Returns (returncode, results or
+    for (backend, arch) in a fresh process, without the interpreter. Returns (returncode, results or
     None, stderr): a compiler assertion aborts that process (negative return code), never the caller."""
     import json
     import os
@@ -240,13 +256,13 @@ def compile_in_subprocess(jobs, *, arch: int, warp_size: int = 32, timeout: floa
     import sys
 
     payload = json.dumps({"jobs": [(job[0], job[1].as_dict(), job[2] if len(job) > 2 else 64) for job in jobs],
-                          "arch": arch, "warp": warp_size})
+                          "arch": arch, "warp": warp_size, "backend": backend})
     code = ("import json,sys\n"
             "from rwkv_backends.config import KernelConfig\n"
             "from rwkv_backends.kernels.aot import compile_for\n"
             "p=json.loads(sys.argv[1]); out=[]\n"
             "for k,c,d in p['jobs']:\n"
-            "    out.append(compile_for(k, KernelConfig.make(**c), backend='cuda', arch=p['arch'], warp_size=p['warp'],"
+            "    out.append(compile_for(k, KernelConfig.make(**c), backend=p['backend'], arch=p['arch'], warp_size=p['warp'],"
             " K=d, V=d))\n"
             "print(json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
