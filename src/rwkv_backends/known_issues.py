@@ -53,9 +53,22 @@ def _no_bf16_dots(kernel: str, cfg: KernelConfig) -> KernelConfig:
     return cfg.with_(dot_precision="tf32") if cfg.dot_precision == "bf16" else cfg
 
 
-# The Triton releases the Gluon kernels (kernels/gluon_nvidia.py) were compiled and checked on a card
-# with: triton.experimental.gluon is experimental, and its API moves between releases.
+# The Triton releases the package supports: those torch 2.11 to 2.15 pin (3.6.0, 3.7.0, 3.7.1, 3.8.0,
+# 3.9.0) and their patch releases. pyproject.toml declares the same range.
+SUPPORTED_TRITON = ((3, 6), (3, 9))
+# The Triton releases the Gluon kernels (kernels/gluon_nvidia.py) passed the card's checks on
+# (conformance and the Gluon GPU tests): triton.experimental.gluon is experimental, and its API
+# moves between releases (kernels/gluon_api.py resolves the renamed calls).
 GLUON_CHECKED_TRITON = ((3, 6),)
+
+
+def supported_triton(tv: tuple) -> bool:
+    """Whether Triton release `tv` (a parse_version tuple) is in SUPPORTED_TRITON's range."""
+    return bool(tv) and SUPPORTED_TRITON[0] <= tv[:2] <= SUPPORTED_TRITON[1]
+
+
+def _release_words(tv: tuple) -> str:
+    return ".".join(map(str, tv)) if tv else "none"
 
 
 def _gluon_unchecked(d: DeviceInfo, tv: tuple) -> bool:
@@ -147,10 +160,53 @@ CATALOG = (
         link="https://github.com/triton-lang/triton/tree/main/python/tutorials/gluon",
         summary="triton.experimental.gluon is experimental (its API changes between releases) and the "
                 "interpreter cannot run it: the Gluon kernels are off here, their Triton kernels run",
-        scope="NVIDIA devices before sm80, Triton releases other than 3.6, and TRITON_INTERPRET=1: the "
-              "Gluon kernels were compiled and checked on an H100 with Triton 3.6 only (NOTES changes 51-65)",
+        scope="NVIDIA devices before sm80, Triton releases other than "
+              f"{', '.join(_release_words(tv) for tv in GLUON_CHECKED_TRITON)} (GLUON_CHECKED_TRITON: where the "
+              "Gluon kernels passed the card's conformance and GPU tests), and TRITON_INTERPRET=1",
         applies=lambda d, tv, pv: _gluon_unchecked(d, tv),
         constrain=_no_gluon,
+    ),
+    KnownIssue(
+        id="triton-release-unsupported",
+        link="https://pypi.org/project/triton/#history",
+        summary="the installed Triton release is outside the supported range (3.6 to 3.9): the Triton "
+                "kernels run but are unverified there, and the Gluon kernels are off",
+        scope="any device with a Triton release before 3.6 or after 3.9; torch 2.11 to 2.15 pin "
+              "releases inside the range. Response: the plans keep the Triton kernels (the doctor and "
+              "explain() name this entry); install a torch that pins a supported Triton",
+        applies=lambda d, tv, pv: bool(tv) and d.triton_backend is not None and not supported_triton(tv),
+        constrain=_no_gluon,
+    ),
+    KnownIssue(
+        id="gluon-api-renames",
+        link="https://github.com/triton-lang/triton/tree/main/python/triton/experimental/gluon",
+        summary="Gluon renames calls between releases: thread_barrier became barrier (3.7), and "
+                "async_copy_global_to_shared became async_load (3.8; a stub that raises in 3.9)",
+        scope="NVIDIA, Triton 3.7 and later. Response: kernels/gluon_api.py resolves each call once "
+              "for the installed release; the kernels use its names. Layouts, mma_v2, commit_group and "
+              "wait_group are unchanged from 3.6 to 3.9 (compile_check compiles every Gluon kernel)",
+        applies=lambda d, tv, pv: d.vendor == "nvidia" and bool(tv) and tv >= (3, 7),
+    ),
+    KnownIssue(
+        id="triton-3.9-interpreter-scalar-mask",
+        link="https://github.com/triton-lang/triton/blob/main/python/triton/runtime/interpreter.py",
+        summary="under TRITON_INTERPRET=1, a block mask and'ed with a scalar comparison "
+                "(mask=m & (i < n)) gives an int32 mask that tl.load rejects: 'mask has unsupported dtype'",
+        scope="TRITON_INTERPRET=1, Triton 3.9.0 (seen here; 3.6 to 3.8 accept it; compiled kernels are "
+              "unaffected). Response: the kernels fold scalar tests into tensor comparisons "
+              "(kernels/wkv7.py _walk_start); CI interprets every vendor's plan on 3.9",
+        applies=lambda d, tv, pv: interpreter_enabled() and bool(tv) and tv >= (3, 9),
+    ),
+    KnownIssue(
+        id="fla-hopper-chunk64-gradients",
+        link="https://github.com/fla-org/flash-linear-attention/issues/984",
+        summary="Hopper miscompiles seen by flash-linear-attention at chunk 64: wrong dk/dbeta from a "
+                "4-warp 64-row program, and a tl.trans of an accumulated tl.dot fed to another dot "
+                "(fla-org/flash-linear-attention#640, #983, #984)",
+        scope="NVIDIA Hopper, Triton 3.4 up to 3.7.1 as fla reports it. The tables here run chunks of "
+              "16 and 32; tests/test_chunk64_gpu.py holds every chunked variant's training at chunk 64, "
+              "4 and 8 warps, to the float64 reference on the card (docs/verification.md has its runs)",
+        applies=lambda d, tv, pv: _hopper(d) and bool(tv) and (3, 4) <= tv < (3, 7, 1),
     ),
     KnownIssue(
         id="interpreter",
