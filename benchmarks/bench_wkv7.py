@@ -102,6 +102,38 @@ def peer_fla(x, mode):
                       initial_state=x["h0"], output_final_state=True)
 
 
+# flash-linear-attention's RWKV7Attention calls chunk_rwkv7 so in training: inputs' log-decays respect
+# the bound (make() draws them in (-0.6065, 0)).
+FLA_LAYER = dict(safe_gate=True, lower_bound=-0.6065306597126334, chunk_size=64)
+
+
+def peer_fla_layer(x, mode, **extra):
+    from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    if mode == "decode":
+        return peer_fla(x, mode)
+    return lambda: chunk_rwkv7(x["r"], x["w_log"], x["k"], x["v"], x["a"], x["b"], scale=1.0,
+                               initial_state=x["h0"], output_final_state=True, **FLA_LAYER, **extra)
+
+
+def peer_fla_layer_norecompute(x, mode):
+    return peer_fla_layer(x, mode, disable_recompute=True)
+
+
+def peer_wind(x, mode):
+    """wind_rwkv's chunked CUDA kernel (bf16 throughout, T % 16 == 0, RWKV-LM's [B, H, V, K] state
+    in bf16, raw w). It builds for one head size per process: --wind-head picks it."""
+    import wind_rwkv.rwkv7 as wind
+    B, T, H, K = x["r"].shape
+    if K != WIND_HEAD[0] or mode == "decode":
+        raise RuntimeError(f"not run: this process builds wind_rwkv for head size {WIND_HEAD[0]}, T % 16 == 0")
+    wind.load_chunked_cuda(K)
+    s0 = x["h0"].detach().transpose(-1, -2).to(torch.bfloat16).contiguous().requires_grad_(x["h0"].requires_grad)
+    return lambda: wind.attn_chunked_cuda(x["r"], x["w_raw"], x["k"], x["v"], x["a"], x["b"], s0)
+
+
+WIND_HEAD = [64]
+
+
 def peer_rwkv_fla(x, mode):
     from rwkvfla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
     fn = fused_recurrent_rwkv7 if mode == "decode" else chunk_rwkv7
@@ -109,7 +141,9 @@ def peer_rwkv_fla(x, mode):
                       initial_state=x["h0"], output_final_state=True)
 
 
-PEERS = {"fla": peer_fla, "rwkv-fla": peer_rwkv_fla}
+# "fla" is fla-core at its defaults (chunk 16, safe_gate off); "fla-layer" at its RWKV-7 layer's settings.
+PEERS = {"fla": peer_fla, "fla-layer": peer_fla_layer, "fla-layer-norecompute": peer_fla_layer_norecompute,
+         "rwkv-fla": peer_rwkv_fla, "wind": peer_wind}
 
 
 def timed(make_fn, x, mode):
@@ -272,7 +306,8 @@ def versions():
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--peers", default="", help="comma-separated: fla,rwkv-fla")
+    p.add_argument("--peers", default="", help="comma-separated: " + ",".join(PEERS))
+    p.add_argument("--wind-head", type=int, default=64, help="the head size wind_rwkv is built for in this process")
     p.add_argument("--peer-path", action="append", default=[], help="folder to put on sys.path (repeatable)")
     p.add_argument("--only", default="", help="comma-separated shape names")
     p.add_argument("--out", default="")
@@ -283,6 +318,7 @@ def main():
     args = p.parse_args()
     for path in args.peer_path:
         sys.path.append(path)
+    WIND_HEAD[0] = args.wind_head
     peers = [n for n in args.peers.split(",") if n]
     shapes = dict(SHAPES)
     names = [n for n in args.only.split(",") if n] or list(SHAPES)

@@ -24,19 +24,21 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 # TRITON_CACHE_AUTOTUNING=1 makes every autotuner keep its results in the cache, rwkv-fla's too
 # (fla-core asks for it itself; rwkv-fla does not).
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/rwkv-backends-triton-cache TRITON_CACHE_AUTOTUNING=1
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/rwkv-backends-triton-cache} TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 [ -f .tcache/tc.tar.xz ] && tar -xJf .tcache/tc.tar.xz -C "$TRITON_CACHE_DIR"
 NAMES=()
 if ls .peers/fla_core-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-deps --no-index --target /tmp/peer-fla .peers/fla_core-*.whl .peers/einops-*.whl \
-        && NAMES+=(fla)
+        && NAMES+=(fla fla-layer fla-layer-norecompute)
 fi
 if ls .peers/rwkv_fla-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-deps --no-index --target /tmp/peer-rwkvfla .peers/rwkv_fla-*.whl .peers/einops-*.whl \
         && NAMES+=(rwkv-fla)
 fi
-PEERS=(--peer-path /tmp/peer-fla --peer-path /tmp/peer-rwkvfla)
+# wind_rwkv's chunked CUDA kernel builds with nvcc on the card (one head size per process).
+[ -d .peers/wind_rwkv ] && NAMES+=(wind)
+PEERS=(--peer-path /tmp/peer-fla --peer-path /tmp/peer-rwkvfla --peer-path "$PWD/.peers")
 [ ${#NAMES[@]} -gt 0 ] && PEERS+=(--peers "$(IFS=,; echo "${NAMES[*]}")")
 export PYTHONPATH="src:tests:/tmp/peer-fla:/tmp/peer-rwkvfla${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -50,9 +52,12 @@ for step in "$@"; do
                      # small cases plan the two-pass variant: check the one-pass kernels as well
                      timeout 300 python3 -m rwkv_backends.conformance --backend triton.chunk \
                          --report "$OUT/conformance-onepass.json" --junit "$OUT/conformance-onepass.xml" | tail -n 3 ;;
-        bench)       # BENCH_ONLY="long_T16384,head128" runs those shapes only
-                     timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --only "${BENCH_ONLY:-}" \
-                         --out "$OUT/bench.json" | tail -n 14 ;;
+        bench)       # BENCH_ONLY="long_T16384,head128" runs those shapes only; head 128 runs in a process of its
+                     # own, where wind_rwkv builds for that head size
+                     timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --only "${BENCH_ONLY:-train_H32,train_H64,prefill_H32,prefill_H64,long_T16384,decode_B256}" \
+                         --out "$OUT/bench.json" | tail -n 10
+                     timeout 300 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --wind-head 128 --only head128 \
+                         --out "$OUT/bench-head128.json" | tail -n 3 ;;
         plot)        timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --only prefill_H32 \
                          --plot "$OUT/speedup.png" --out "$OUT/bench-plot.json" | tail -n 12 ;;
         tune)        # one tool run per kernel group ("K:kernels"), each with its own limit and JSON; the prep and
