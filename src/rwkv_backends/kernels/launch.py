@@ -56,6 +56,80 @@ def _launch_options(cfg: KernelConfig) -> dict:
     return {} if interpreter_enabled() else cfg.launch_options()
 
 
+# CUDA caps a grid's y and z sizes at 65535 (x at 2^31 - 1). Every kernel takes its (sequence, head)
+# pair from program_id(1), and a segment walk its segment from program_id(2). A launch with more
+# pairs goes out as several, each over a slice of whole sequences with its tensors cut to that slice
+# (_launch); segment_states keeps the segments per sequence within the cap.
+GRID_YZ_MAX = 65535
+
+
+class _Cut:
+    """A kernel argument that a sliced launch cuts to sequences [n0, n1): along `dim`, `per` entries
+    per sequence, and `extra` more (1 for the [N + 1] sequence bounds)."""
+
+    __slots__ = ("x", "dim", "per", "extra")
+
+    def __init__(self, x, dim=0, per=1, extra=0):
+        self.x, self.dim, self.per, self.extra = x, dim, per, extra
+
+    def cut(self, n0, n1):
+        return self.x.narrow(self.dim, n0 * self.per, (n1 - n0) * self.per + self.extra)
+
+
+class _Pairs:
+    """How one launch's tensors split by sequence. Each method takes the tensor, or None and the
+    stand-in passed in its place (never read, never cut). Packed sequences (varlen) index the token
+    axis and the chunk and segment buffers through cu_seqlens and the offsets, whose values stay
+    global: only those bounds and the per-sequence states are cut. Equal lengths index everything
+    from the sequence number: every per-sequence tensor is cut."""
+
+    def __init__(self, N, H, varlen):
+        self.N, self.H, self.varlen = N, H, varlen
+
+    def tokens(self, x, dummy=None, dim=0):
+        """[B, T, H, D] (or with a leading V-block axis, dim=1)."""
+        return dummy if x is None else x if self.varlen else _Cut(x, dim)
+
+    def rows(self, x, dummy=None):
+        """[N, H, K, V] per-sequence states."""
+        return dummy if x is None else _Cut(x)
+
+    def bounds(self, x, dummy=None):
+        """[N + 1] cu_seqlens and offsets (packed sequences only)."""
+        return dummy if x is None else _Cut(x, extra=1)
+
+    def chunks(self, x, per, dummy=None):
+        """Buffers with `per` entries per sequence (chunks, segments) at equal lengths."""
+        return dummy if x is None else x if self.varlen else _Cut(x, per=per)
+
+    def slices(self):
+        """Sequence ranges [n0, n1) of at most GRID_YZ_MAX pairs each: the whole call when it fits.
+        A slice's sequence count is a multiple of 16 where it can be, so that cut tensors keep their
+        16-byte alignment."""
+        per = GRID_YZ_MAX // self.H
+        if per < 1:
+            raise ValueError(f"H: {self.H} heads exceed the {GRID_YZ_MAX} programs a launch grid's y size allows")
+        if per >= self.N:
+            return [(0, self.N)]
+        if per >= 16:
+            per -= per % 16
+        return [(n0, min(self.N, n0 + per)) for n0 in range(0, self.N, per)]
+
+
+def _launch(kernel, grid, pairs: _Pairs, args, **kw):
+    """kernel[grid](*args, **kw), where grid[1] is the pair count: one launch per slice of sequences
+    (_Pairs.slices), the _Cut arguments cut to it."""
+    if grid[1] != pairs.N * pairs.H:
+        raise ValueError(f"grid: its y size {grid[1]} is not the {pairs.N} x {pairs.H} (sequence, head) pairs")
+    slices = pairs.slices()
+    for n0, n1 in slices:
+        if len(slices) == 1:
+            sub = [x.x if isinstance(x, _Cut) else x for x in args]
+        else:
+            sub = [x.cut(n0, n1) if isinstance(x, _Cut) else x for x in args]
+        kernel[(grid[0], (n1 - n0) * pairs.H, *grid[2:])](*sub, **kw)
+
+
 def _dot_precision(cfg: KernelConfig, dtype: torch.dtype) -> str:
     # Float32 inputs never go through TF32 silently (SPEC §2); tables choose for 16-bit inputs.
     if dtype == torch.float32:
@@ -138,10 +212,13 @@ def segment_states(k, v, cu_seqlens, segments_per_sequence: int, chunk_sizes) ->
     that keeps them. A sequence splits into about `segments_per_sequence` segments, each a multiple
     of every chunk size that walks them; packed sequences (cu_seqlens) are split by their mean
     length: longer ones get more segments, shorter fewer."""
-    B, T = k.shape[:2]
-    T = T if cu_seqlens is None else max(1, T // _num_sequences(B, cu_seqlens))
+    B, T_all = k.shape[:2]
+    T = T_all if cu_seqlens is None else max(1, T_all // _num_sequences(B, cu_seqlens))
     multiple = max(chunk_sizes)
     seg_len = multiple * _cdiv(_cdiv(T, multiple), max(1, segments_per_sequence))
+    # The segment walks' grids take one z index per segment of the longest possible sequence (a
+    # packed one may span the whole token axis): longer segments keep that count within GRID_YZ_MAX.
+    seg_len = max(seg_len, multiple * _cdiv(_cdiv(T_all, multiple), GRID_YZ_MAX))
     return empty_states(k, v, cu_seqlens, seg_len), seg_len
 
 
@@ -155,6 +232,9 @@ def _segment_launch(cu_seqlens, N, T, seg_len, BT, device) -> tuple:
     """What a kernel walking segments of `seg_len` steps at chunk size BT takes: (chunks per segment,
     packed sequences' offsets into the segment buffers or None, the most segments one sequence can
     have: the grid's third size when every segment runs at once)."""
+    if _cdiv(T, seg_len) > GRID_YZ_MAX:
+        raise ValueError(f"seg_len: {seg_len} steps make {_cdiv(T, seg_len)} segments of {T} steps, over the "
+                         f"{GRID_YZ_MAX} a launch grid's z size allows (segment_states picks a longer one)")
     return _chunks_per_segment(seg_len, BT), _chunk_offsets(cu_seqlens, N, seg_len, device), _cdiv(T, seg_len)
 
 
@@ -204,19 +284,20 @@ def chunk_states(w, k, v, b, u, h0, *, cu_seqlens, cfg: KernelConfig, w_form, st
     if seg_states is not None:
         seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
         grid = grid + (n_segments,)
-    args = (w, k, v, b, u, h0 if h0 is not None else v, states, offsets if offsets is not None else v,
-            cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
-            seg_offsets if seg_offsets is not None else v, T, seg_chunks)
+    P = _Pairs(N, H, cu_seqlens is not None)
+    args = (*(P.tokens(x) for x in (w, k, v, b, u)), P.rows(h0, v), P.chunks(states, _cdiv(T, BT)),
+            P.bounds(offsets, v), P.bounds(cu_seqlens, v), P.chunks(seg_states, _cdiv(T, seg_len or 1), v),
+            P.bounds(seg_offsets, v), T, seg_chunks)
     common = dict(H=H, K=K, V=V, BV=BV, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
                   IS_VARLEN=cu_seqlens is not None)
     if cfg.gluon:
         warps = gluon_nvidia.LAUNCH["chunk_states"]["num_warps"]
-        gluon_nvidia.chunk_states_gluon_kernel[grid](*args, **common, SEGMENTED=seg_states is not None, NW=warps,
-                                                     num_warps=warps)
+        _launch(gluon_nvidia.chunk_states_gluon_kernel, grid, P, args, **common, SEGMENTED=seg_states is not None,
+                NW=warps, num_warps=warps)
     else:
-        kern.chunk_states_kernel[grid](*args, **common, BK=_pow2(K),
-                                       SEGMENTS=SEG_MODES["none" if seg_states is None else "walk"],
-                                       DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg))
+        _launch(kern.chunk_states_kernel, grid, P, args, **common, BK=_pow2(K),
+                SEGMENTS=SEG_MODES["none" if seg_states is None else "walk"],
+                DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg))
     return states
 
 
@@ -251,6 +332,8 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
         raise ValueError(f"seg_states: mode {seg_mode!r} {'needs' if seg_states is None else 'takes no'} a buffer")
     if seg_mode == "walk" and (store_o or store_final):
         raise ValueError("seg_mode: 'walk' recomputes chunk states only (store_o and store_final must be False)")
+    P = _Pairs(N, H, cu_seqlens is not None)
+    n_chunks = _cdiv(T, BT)
     if cfg.gluon and mats_mode == "load":      # head 128's loaded forward
         _check_gluon("cfg", "chunk_fwd_loaded", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
                      dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_mode == "walk",
@@ -260,11 +343,13 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
         if seg_mode == "store":
             seg_chunks, seg_offsets, _ = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
         r, w, k, v, a, b = _aligned16(r, w, k, v, a, b)
-        gluon_nvidia.chunk_fwd_loaded_gluon_kernel[(_cdiv(V, shape["block_v"]), N * H)](
-            r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, mats, offsets if offsets is not None else v,
-            cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
-            seg_offsets if seg_offsets is not None else v, u if u is not None else v, float(scale), T, seg_chunks,
-            c_lo, c_hi, H=H, K=K, V=V, BV=shape["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
+        _launch(
+            gluon_nvidia.chunk_fwd_loaded_gluon_kernel, (_cdiv(V, shape["block_v"]), N * H), P,
+            (*(P.tokens(x) for x in (r, w, k, v, a, b)), P.tokens(o if store_o else None, v), P.rows(h0, v),
+             P.rows(ht if store_final else None, v), P.chunks(mats, n_chunks),
+             P.bounds(offsets, v), P.bounds(cu_seqlens, v), P.chunks(seg_states, _cdiv(T, seg_len or 1), v),
+             P.bounds(seg_offsets, v), P.tokens(u, v), float(scale), T, seg_chunks, c_lo, c_hi),
+            H=H, K=K, V=V, BV=shape["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
             STORE_FINAL=store_final, STORE_O=store_o, STORE_SEGMENTS=seg_mode == "store", STORE_U=u is not None,
             IS_VARLEN=cu_seqlens is not None, NW=shape["num_warps"], num_warps=shape["num_warps"],
         )
@@ -274,10 +359,11 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
                      dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_mode != "none", mats_mode=mats_mode,
                      store_states=store_states)
         r, w, k, v, a, b = _aligned16(r, w, k, v, a, b)
-        gluon_nvidia.chunk_fwd_gluon_kernel[(1, N * H)](
-            r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, mats if mats is not None else v,
-            offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
-            u if u is not None else v, float(scale), T,
+        _launch(
+            gluon_nvidia.chunk_fwd_gluon_kernel, (1, N * H), P,
+            (*(P.tokens(x) for x in (r, w, k, v, a, b)), P.tokens(o if store_o else None, v), P.rows(h0, v),
+             P.rows(ht if store_final else None, v), P.chunks(mats, n_chunks, v),
+             P.bounds(offsets, v), P.bounds(cu_seqlens, v), P.tokens(u, v), float(scale), T),
             H=H, K=K, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None, STORE_FINAL=store_final,
             STORE_O=store_o, STORE_MATS=mats_mode == "store", STORE_U=u is not None, IS_VARLEN=cu_seqlens is not None,
             NW=gluon_nvidia.LAUNCH["chunk_fwd"]["num_warps"], num_warps=gluon_nvidia.LAUNCH["chunk_fwd"]["num_warps"],
@@ -289,12 +375,13 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
         seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
         if seg_mode == "walk":
             grid = grid + (n_segments,)
-    kern.chunk_fwd_kernel[grid](
-        r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, states if store_states else v,
-        mats if mats is not None else v,
-        offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
-        seg_states if seg_states is not None else v, seg_offsets if seg_offsets is not None else v,
-        u if u is not None else v, float(scale), T, seg_chunks,
+    _launch(
+        kern.chunk_fwd_kernel, grid, P,
+        (*(P.tokens(x) for x in (r, w, k, v, a, b)), P.tokens(o if store_o else None, v), P.rows(h0, v),
+             P.rows(ht if store_final else None, v),
+         P.chunks(states if store_states else None, n_chunks, v), P.chunks(mats, n_chunks, v),
+         P.bounds(offsets, v), P.bounds(cu_seqlens, v), P.chunks(seg_states, _cdiv(T, seg_len or 1), v),
+         P.bounds(seg_offsets, v), P.tokens(u, v), float(scale), T, seg_chunks),
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
         STORE_FINAL=store_final, STORE_O=store_o, STORE_STATES=store_states, MATS=MATS_MODES[mats_mode],
         SEGMENTS=SEG_MODES[seg_mode], STORE_U=u is not None, IS_VARLEN=cu_seqlens is not None,
@@ -319,18 +406,23 @@ def chunk_prepare(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, progr
     if (c_lo, c_hi) != (0, _cdiv(T, BT)) and not cfg.gluon:
         raise ValueError("chunks: only the Gluon build takes a chunk range")
     P = max(1, min(programs_per_sequence, _cdiv(T, BT)))
+    pairs = _Pairs(N, H, cu_seqlens is not None)
     if cfg.gluon:
         _check_gluon("cfg", "chunk_prep", K=K, V=K, chunk_size=BT, block_v=K, dtype=k.dtype,
                      dot_precision=_dot_precision(cfg, k.dtype), T=T)
         r, w, k, a, b = _aligned16(r, w, k, a, b)
         warps = gluon_nvidia.LAUNCH["chunk_prep"]["num_warps"]
-        gluon_nvidia.chunk_prep_gluon_kernel[(P, N * H)](
-            r, w, k, a, b, mats, offsets if offsets is not None else k, cu_seqlens if cu_seqlens is not None else k, T,
-            c_lo, c_hi, H=H, K=K, BT=BT, W_FORM=W_FORM_CODES[w_form], IS_VARLEN=cu_seqlens is not None, NW=warps, num_warps=warps,
+        _launch(
+            gluon_nvidia.chunk_prep_gluon_kernel, (P, N * H), pairs,
+            (*(pairs.tokens(x) for x in (r, w, k, a, b)), pairs.chunks(mats, _cdiv(T, BT)),
+             pairs.bounds(offsets, k), pairs.bounds(cu_seqlens, k), T, c_lo, c_hi),
+            H=H, K=K, BT=BT, W_FORM=W_FORM_CODES[w_form], IS_VARLEN=cu_seqlens is not None, NW=warps, num_warps=warps,
         )
         return mats
-    kern.chunk_prep_kernel[(P, N * H)](
-        r, w, k, a, b, mats, offsets if offsets is not None else k, cu_seqlens if cu_seqlens is not None else k, T,
+    _launch(
+        kern.chunk_prep_kernel, (P, N * H), pairs,
+        (*(pairs.tokens(x) for x in (r, w, k, a, b)), pairs.chunks(mats, _cdiv(T, BT)), pairs.bounds(offsets, k),
+         pairs.bounds(cu_seqlens, k), T),
         H=H, K=K, BT=BT, BKK=min(_pow2(K), cfg.block_k), W_FORM=W_FORM_CODES[w_form], IS_VARLEN=cu_seqlens is not None,
         DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
     )
@@ -400,9 +492,11 @@ def chunk_transitions(r, w, k, a, b, *, cu_seqlens, w_form, cfg: KernelConfig, p
     r_eff = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
     P = max(1, min(programs_per_sequence, _cdiv(T, BT)))
-    kern.chunk_transition_kernel[(P, N * H)](
-        r, w, k, a, b, trans, p_mat, q_mat, r_eff, offsets if offsets is not None else k,
-        cu_seqlens if cu_seqlens is not None else k, T,
+    pairs = _Pairs(N, H, cu_seqlens is not None)
+    _launch(
+        kern.chunk_transition_kernel, (P, N * H), pairs,
+        (*(pairs.tokens(x) for x in (r, w, k, a, b)), *(pairs.chunks(x, _cdiv(T, BT)) for x in (trans, p_mat, q_mat)),
+         pairs.tokens(r_eff), pairs.bounds(offsets, k), pairs.bounds(cu_seqlens, k), T),
         H=H, K=K, BT=BT, BK=_pow2(K), BKK=min(_pow2(K), cfg.block_k), W_FORM=W_FORM_CODES[w_form],
         IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
     )
@@ -424,10 +518,12 @@ def transition_forward(v, h0, trans, p_mat, q_mat, r_eff, *, scale, cu_seqlens, 
     seg_offsets, seg_chunks = None, 1
     if seg_states is not None:
         seg_chunks, seg_offsets, _ = _segment_launch(cu_seqlens, N, T, seg_len, BT, v.device)
-    kern.chunk_transition_fwd_kernel[(_cdiv(V, BV), N * H)](
-        v, trans, p_mat, q_mat, r_eff, o, h0 if h0 is not None else v, ht, offsets if offsets is not None else v,
-        cu_seqlens if cu_seqlens is not None else v, seg_states if seg_states is not None else v,
-        seg_offsets if seg_offsets is not None else v, float(scale), T, seg_chunks,
+    P = _Pairs(N, H, cu_seqlens is not None)
+    _launch(
+        kern.chunk_transition_fwd_kernel, (_cdiv(V, BV), N * H), P,
+        (P.tokens(v), *(P.chunks(x, _cdiv(T, BT)) for x in (trans, p_mat, q_mat)), P.tokens(r_eff),
+         P.tokens(o if store_o else None, v), P.rows(h0, v), P.rows(ht if store_final else None, v), P.bounds(offsets, v), P.bounds(cu_seqlens, v),
+         P.chunks(seg_states, _cdiv(T, seg_len or 1), v), P.bounds(seg_offsets, v), float(scale), T, seg_chunks),
         H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, HAS_STATE=h0 is not None, STORE_FINAL=store_final,
         STORE_O=store_o, SEGMENTS=SEG_MODES["none" if seg_states is None else "store"],
         IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(cfg, v.dtype), **_launch_options(cfg),
@@ -460,10 +556,12 @@ def transition_dstate(do, dht, trans, r_eff, seg_ds, dh0, *, scale, cu_seqlens, 
     offsets = _chunk_offsets(cu_seqlens, N, BT, do.device)
     if seg_offsets is None:
         seg_offsets = _chunk_offsets(cu_seqlens, N, seg_len, do.device)
-    kern.chunk_transition_dstate_kernel[(_cdiv(V, BV), N * H)](
-        trans, r_eff, do, dht if dht is not None else do, seg_ds, dh0 if dh0 is not None else do,
-        offsets if offsets is not None else do, seg_offsets if seg_offsets is not None else do,
-        cu_seqlens if cu_seqlens is not None else do, float(scale), T, _chunks_per_segment(seg_len, BT),
+    P = _Pairs(N, H, cu_seqlens is not None)
+    _launch(
+        kern.chunk_transition_dstate_kernel, (_cdiv(V, BV), N * H), P,
+        (P.chunks(trans, _cdiv(T, BT)), P.tokens(r_eff), P.tokens(do), P.rows(dht, do),
+         P.chunks(seg_ds, _cdiv(T, seg_len)), P.rows(dh0, do), P.bounds(offsets, do), P.bounds(seg_offsets, do),
+         P.bounds(cu_seqlens, do), float(scale), T, _chunks_per_segment(seg_len, BT)),
         H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
         IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(cfg, do.dtype), **_launch_options(cfg),
     )
@@ -487,6 +585,7 @@ def dstate_sweep(r, w, k, a, b, do, dht, mats, seg_ds, dh0, *, scale, cu_seqlens
     _, seg_offsets, _ = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)
     if (dz is None) != (dv is None):
         raise ValueError("dz, dv: the sweep stores both or neither")
+    P = _Pairs(N, H, cu_seqlens is not None)
     if gluon:
         launch_shape = gluon_nvidia.LAUNCH["chunk_dstate"]
         _check_gluon("gluon", "chunk_dstate", K=K, V=V, chunk_size=BT, block_v=launch_shape["block_v"], dtype=k.dtype,
@@ -494,20 +593,23 @@ def dstate_sweep(r, w, k, a, b, do, dht, mats, seg_ds, dh0, *, scale, cu_seqlens
         if dz is None:
             raise ValueError("dz, dv: the Gluon sweep stores both; pass them")
         r, w, k, a, b, do = _aligned16(r, w, k, a, b, do)
-        gluon_nvidia.chunk_dstate_gluon_kernel[(_cdiv(V, launch_shape["block_v"]), N * H)](
-            r, w, k, a, b, do, dht if dht is not None else do, mats, seg_ds, dh0 if dh0 is not None else seg_ds,
-            dz, dv, offsets if offsets is not None else do, seg_offsets if seg_offsets is not None else do,
-            cu_seqlens if cu_seqlens is not None else do, float(scale), T, _chunks_per_segment(seg_len, BT),
+        _launch(
+            gluon_nvidia.chunk_dstate_gluon_kernel, (_cdiv(V, launch_shape["block_v"]), N * H), P,
+            (*(P.tokens(x) for x in (r, w, k, a, b, do)), P.rows(dht, do), P.chunks(mats, _cdiv(T, BT)),
+             P.chunks(seg_ds, _cdiv(T, seg_len)), P.rows(dh0, seg_ds), P.tokens(dz), P.tokens(dv),
+             P.bounds(offsets, do), P.bounds(seg_offsets, do), P.bounds(cu_seqlens, do), float(scale), T,
+             _chunks_per_segment(seg_len, BT)),
             H=H, K=K, V=V, BV=launch_shape["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
             STORE_DH0=dh0 is not None, IS_VARLEN=cu_seqlens is not None, NW=launch_shape["num_warps"],
             DS_BF16=ds_bf16, num_warps=launch_shape["num_warps"],
         )
         return
-    kern.chunk_dstate_kernel[(_cdiv(V, BV), N * H)](
-        r, w, k, a, b, do, dht if dht is not None else do, mats, seg_ds, dh0 if dh0 is not None else seg_ds,
-        dz if dz is not None else do, dv if dv is not None else do, offsets if offsets is not None else do,
-        seg_offsets if seg_offsets is not None else do, cu_seqlens if cu_seqlens is not None else do,
-        float(scale), T, _chunks_per_segment(seg_len, BT),
+    _launch(
+        kern.chunk_dstate_kernel, (_cdiv(V, BV), N * H), P,
+        (*(P.tokens(x) for x in (r, w, k, a, b, do)), P.rows(dht, do), P.chunks(mats, _cdiv(T, BT)),
+         P.chunks(seg_ds, _cdiv(T, seg_len)), P.rows(dh0, seg_ds), P.tokens(dz, do), P.tokens(dv, do),
+         P.bounds(offsets, do), P.bounds(seg_offsets, do), P.bounds(cu_seqlens, do), float(scale), T,
+         _chunks_per_segment(seg_len, BT)),
         H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
         STORE_DH0=dh0 is not None, IS_VARLEN=cu_seqlens is not None, STORE_DZ_DV=dz is not None,
         DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
@@ -578,6 +680,8 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     dv = torch.empty_like(v)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
     grid, seg_ds, seg_offsets, seg_chunks = (NV, N * H), None, None, 1
+    P = _Pairs(N, H, cu_seqlens is not None)
+    n_chunks = _cdiv(T, BT)
     # Head size 128's Gluon gradient kernel splits K over two programs; the sweep gives it dZ and
     # writes dv (kernels/wkv7.py chunk_dstate_kernel's STORE_DZ_DV).
     ksplit = cfg_bwd.gluon and segmented
@@ -611,10 +715,12 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         torch.cuda.current_stream(k.device).wait_stream(side)
     if ksplit:
         r, w, k, v, a, b, do, dz = _aligned16(r, w, k, v, a, b, do, dz)
-        gluon_nvidia.chunk_bwd_ksplit_gluon_kernel[(K // gluon_nvidia.KSPLIT_BLOCK_K, N * H, grid[2])](
-            r, w, k, v, a, b, do, dz, states, seg_ds, offsets if offsets is not None else v,
-            seg_offsets if seg_offsets is not None else v, cu_seqlens if cu_seqlens is not None else v, u,
-            dr, dw, dk, da, db, float(scale), T, seg_chunks,
+        _launch(
+            gluon_nvidia.chunk_bwd_ksplit_gluon_kernel, (K // gluon_nvidia.KSPLIT_BLOCK_K, N * H, grid[2]), P,
+            (*(P.tokens(x) for x in (r, w, k, v, a, b, do, dz)), P.chunks(states, n_chunks),
+             P.chunks(seg_ds, _cdiv(T, seg_len)), P.bounds(offsets, v), P.bounds(seg_offsets, v),
+             P.bounds(cu_seqlens, v), P.tokens(u), *(P.tokens(g) for g in (dr, dw, dk, da, db)),
+             float(scale), T, seg_chunks),
             H=H, K=K, V=V, BK=gluon_nvidia.KSPLIT_BLOCK_K, BT=BT, W_FORM=W_FORM_CODES[w_form],
             IS_VARLEN=cu_seqlens is not None, num_warps=gluon_nvidia.LAUNCH["chunk_bwd_split"]["num_warps"],
         )
@@ -623,20 +729,25 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         _check_gluon("cfg_bwd", "chunk_bwd", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
                      dot_precision=_dot_precision(cfg_bwd, k.dtype), T=T, has_u=u is not None, segmented=segmented)
         r, w, k, v, a, b, do = _aligned16(r, w, k, v, a, b, do)
-        gluon_nvidia.chunk_bwd_gluon_kernel[(1, N * H)](
-            r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
-            offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v, u,
-            dr, dw, dk, dv, da, db, dh0, float(scale), T,
+        _launch(
+            gluon_nvidia.chunk_bwd_gluon_kernel, (1, N * H), P,
+            (*(P.tokens(x) for x in (r, w, k, v, a, b, do)), P.rows(dht, v), P.chunks(states, n_chunks),
+             P.chunks(mats, n_chunks), P.bounds(offsets, v), P.bounds(cu_seqlens, v), P.tokens(u),
+             *(P.tokens(g) for g in (dr, dw, dk, dv, da, db)), P.rows(dh0 if h0 is not None else None, v),
+             float(scale), T),
             H=H, K=K, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
             IS_VARLEN=cu_seqlens is not None, num_warps=gluon_nvidia.NUM_WARPS,
         )
         return dr, dw, dk, dv, da, db, (dh0 if h0 is not None else None)
-    kern.chunk_bwd_kernel[grid](
-        r, w, k, v, a, b, do, dht if dht is not None else v, states, mats,
-        offsets if offsets is not None else v, cu_seqlens if cu_seqlens is not None else v,
-        seg_ds if seg_ds is not None else v, seg_offsets if seg_offsets is not None else v,
-        u if u is not None else v,
-        dr, dw, dk, dv, da, db, dh0, float(scale), T, 0 if NV == 1 else r.numel(), seg_chunks,
+    # With several V blocks the r, w, k, a, b gradients are [NV, B, T, H, K]: the shares lie r.numel() apart
+    # (the whole call's, whichever slice of sequences a launch takes).
+    _launch(
+        kern.chunk_bwd_kernel, grid, P,
+        (*(P.tokens(x) for x in (r, w, k, v, a, b, do)), P.rows(dht, v), P.chunks(states, n_chunks),
+         P.chunks(mats, n_chunks), P.bounds(offsets, v), P.bounds(cu_seqlens, v),
+         P.chunks(seg_ds, _cdiv(T, seg_len or 1), v), P.bounds(seg_offsets, v), P.tokens(u, v),
+         *(P.tokens(g, dim=1 if NV > 1 and g is not dv else 0) for g in (dr, dw, dk, dv, da, db)),
+         P.rows(dh0 if h0 is not None else None, v), float(scale), T, 0 if NV == 1 else r.numel(), seg_chunks),
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
         STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None, SPLIT_V=NV > 1,
         SEGMENTS=SEG_MODES["walk" if segmented else "none"], HAS_U=u is not None,
@@ -726,10 +837,18 @@ def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: K
     o = torch.empty_like(v)
     state_dtype = h0.dtype if h0 is not None else torch.float32          # a 16-bit state stays 16-bit
     ht = torch.empty(N, H, K, V, dtype=state_dtype, device=k.device) if store_final else v
-    run = _recurrent_launch(k.is_cuda, N, H, K, V, w_form, h0 is not None, store_final,
-                            cu_seqlens is not None, cfg)
-    run((r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, cu_seqlens if cu_seqlens is not None else v),
-        (float(scale), T))
+    shape = (H, K, V, w_form, h0 is not None, store_final, cu_seqlens is not None, cfg)
+    if N * H <= GRID_YZ_MAX:                # decode's common case: no slicing on the host's path
+        _recurrent_launch(k.is_cuda, N, *shape)(
+            (r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, cu_seqlens if cu_seqlens is not None else v),
+            (float(scale), T))
+        return o, (ht if store_final else None)
+    P = _Pairs(N, H, cu_seqlens is not None)
+    args = (*(P.tokens(x) for x in (r, w, k, v, a, b, o)), P.rows(h0, v), P.rows(ht if store_final else None, v),
+            P.bounds(cu_seqlens, v))
+    for n0, n1 in P.slices():
+        _recurrent_launch(k.is_cuda, n1 - n0, *shape)(
+            tuple(x.cut(n0, n1) if isinstance(x, _Cut) else x for x in args), (float(scale), T))
     return o, (ht if store_final else None)
 
 
