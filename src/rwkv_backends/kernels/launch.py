@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 
 import torch
 import triton
@@ -54,6 +55,17 @@ def _pow2(n: int, lo: int = 16) -> int:
 def _launch_options(cfg: KernelConfig) -> dict:
     # The interpreter takes no launch options; on hardware they go to the vendor's launcher.
     return {} if interpreter_enabled() else cfg.launch_options()
+
+
+# Triton's interpreter patches module-wide state (triton.language's functions, the builder's grid
+# index) for the length of a launch, so two threads' interpreted launches corrupt each other. They
+# take turns; compiled launches take no lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _interpreted():
+    """The lock an interpreted launch holds; nothing for a compiled one."""
+    return _INTERPRETER_LOCK if interpreter_enabled() else contextlib.nullcontext()
 
 
 # CUDA caps a grid's y and z sizes at 65535 (x at 2^31 - 1). Every kernel takes its (sequence, head)
@@ -127,7 +139,8 @@ def _launch(kernel, grid, pairs: _Pairs, args, **kw):
             sub = [x.x if isinstance(x, _Cut) else x for x in args]
         else:
             sub = [x.cut(n0, n1) if isinstance(x, _Cut) else x for x in args]
-        kernel[(grid[0], (n1 - n0) * pairs.H, *grid[2:])](*sub, **kw)
+        with _interpreted():
+            kernel[(grid[0], (n1 - n0) * pairs.H, *grid[2:])](*sub, **kw)
 
 
 def _dot_precision(cfg: KernelConfig, dtype: torch.dtype) -> str:
@@ -795,7 +808,8 @@ class CachedLaunch:
     def __call__(self, tensors: tuple, scalars: tuple):
         args = tensors + scalars
         if not (self.cacheable and triton.__version__.startswith(FAST_LAUNCH_TRITON)):
-            self.kernel[self.grid](*args, **self.constexprs, **self.options)
+            with _interpreted():
+                self.kernel[self.grid](*args, **self.constexprs, **self.options)
             return
         device = torch.cuda.current_device()      # Triton launches on the current device
         key = (device, tuple([t.dtype for t in tensors]), tuple([t.data_ptr() % 16 == 0 for t in tensors]),
