@@ -32,7 +32,7 @@ def main(argv=None) -> int:
 
     from ..device import detect, interpreter_enabled, versions
     from .cases import full_cases, quick_cases
-    from .runner import SCHEMA, junit_xml, run_case
+    from .runner import SCHEMA, ReferenceMismatch, ensure_reference, junit_xml, run_case
 
     backend = "pytorch" if args.backend == "cpu" else args.backend
     if args.simulate or args.backend == "cpu":
@@ -41,13 +41,22 @@ def main(argv=None) -> int:
         from ..device import default_device
         device = default_device()
     info = detect(device)
+    has_float64 = info.has_float64 or device.type == "cpu"
+    try:
+        ensure_reference(device if has_float64 else torch.device("cpu"), fresh=True)
+    except ReferenceMismatch as exc:
+        print(f"refusing to run: {exc}", file=sys.stderr, flush=True)
+        if args.report:
+            with open(args.report, "w") as f:
+                json.dump({"schema": SCHEMA, "backend": args.backend, "refused": str(exc),
+                           "summary": {"passed": 0, "failed": 0, "skipped": 0}, "cases": []}, f, indent=1)
+        return 2
     base_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     cases = quick_cases() if args.quick else full_cases()
     cases = [c for c in cases if args.filter in c.id]
     results = []
     for case in cases:
-        res = run_case(case, backend=backend, device=device, base_seed=base_seed,
-                       has_float64=info.has_float64 or device.type == "cpu")
+        res = run_case(case, backend=backend, device=device, base_seed=base_seed, has_float64=has_float64)
         results.append(res)
         worst = max(res["errors"].values(), default=float("nan"))
         print(f"{res['status']:>7}  {res['id']:<70} {res.get('variant', '-'):<17} worst={worst:.2e} "

@@ -12,9 +12,24 @@ from ..api import explain, wkv7
 from ..reference import wkv7_reference
 from ..registry import NoBackendError
 from .cases import TOLERANCES, Case, make_inputs, relative_error
+from .golden import ReferenceMismatch, check_reference  # noqa: F401  (ReferenceMismatch: the runner's error)
 
 SCHEMA = "rwkv-backends-conformance/1"
 GRAD_NAMES = ("r", "w", "k", "v", "a", "b", "state")
+
+# Devices whose float64 reference reproduced the golden cases in this process.
+_REFERENCE_CHECKED: set = set()
+
+
+def ensure_reference(ref_device, fresh=False) -> None:
+    """Every case is judged by the float64 reference: it must reproduce the golden cases first (SPEC
+    §2, golden.check_reference), once per process and device (every time with `fresh`). Raises
+    ReferenceMismatch otherwise."""
+    key = str(ref_device)
+    if fresh or key not in _REFERENCE_CHECKED:
+        _REFERENCE_CHECKED.discard(key)
+        check_reference(ref_device)
+        _REFERENCE_CHECKED.add(key)
 
 
 def _reference(x: dict, case: Case, ref_device):
@@ -150,6 +165,7 @@ CHECKS = {
 def run_case(case: Case, *, backend, device, base_seed: int, has_float64: bool = True) -> dict:
     seed = case.seed(base_seed)
     ref_device = torch.device(device) if has_float64 else torch.device("cpu")
+    ensure_reference(ref_device)          # raises: no case runs against a reference that is off
     result = {"id": case.id, "kind": case.kind, "dtype": case.dtype, "regime": case.regime,
               "shape": {"B": case.B, "T": case.T, "H": case.H, "K": case.K, "V": case.V},
               "w_form": case.w_form, "seed": seed, "errors": {}, "tolerances": {}}
