@@ -92,3 +92,52 @@ def test_compiled_graph_has_no_break():
     x = _x()
     explanation = torch._dynamo.explain(lambda *t: rb.wkv7(*t)[0].sum())(*(x[n] for n in NAMES), x["state"])
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def _varlen_x(seed):
+    """Packed sequences (an empty one among them) with an initial state per sequence."""
+    return make_inputs(Case("backward", "float32", "realistic", 1, 37, 2, 16, 16, seqlens=(12, 0, 25)), seed, "cpu")
+
+
+def _zero_state_gradient(grads):
+    return [*grads[:6], torch.zeros_like(grads[6]), *grads[7:]]
+
+
+@pytest.mark.parametrize("fault", [False, True])
+def test_compile_varlen_with_state_gives_the_state_gradient(monkeypatch, fault):
+    """torch.compile's path (the torch.library op and its backward op) for packed sequences with an
+    initial state: the state's gradient is the reference's; a backward op that zeroes it fails."""
+    from rwkv_backends import ops
+    if fault:
+        real = ops.wkv7_backward_op
+        monkeypatch.setattr(ops, "wkv7_backward_op", lambda *args: _zero_state_gradient(real(*args)))
+    torch._dynamo.reset()
+    x = _varlen_x(6)
+    if fault:
+        with pytest.raises(AssertionError):
+            _compiled_matches_reference(x, True, cu_seqlens=x["cu_seqlens"])
+    else:
+        _compiled_matches_reference(x, True, cu_seqlens=x["cu_seqlens"])
+
+
+@pytest.mark.skipif(HAS_GPU or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run")
+@pytest.mark.parametrize("variant, fault", [(None, False), ("triton.chunk", False), ("triton.chunk", True)])
+def test_compile_varlen_with_state_through_the_triton_plan(simulate, monkeypatch, variant, fault):
+    """The Triton variants' backward as the op runs it (the training forward again, then the
+    backward) for packed sequences with an initial state; a variant backward whose state gradient
+    is zeroed fails."""
+    from rwkv_backends.backends import triton as triton_backend
+    simulate("nvidia:sm90")
+    if variant:
+        monkeypatch.setenv("RWKV_BACKENDS_BACKEND", variant)
+    if fault:
+        real = triton_backend._TrainedVariant.backward
+        monkeypatch.setattr(triton_backend._TrainedVariant, "backward",
+                            lambda self, *a, **kw: _zero_state_gradient(real(self, *a, **kw)))
+    torch._dynamo.reset()
+    x = _varlen_x(7)
+    if fault:
+        with pytest.raises(AssertionError):
+            _compiled_matches_reference(x, True, cu_seqlens=x["cu_seqlens"])
+    else:
+        _compiled_matches_reference(x, True, cu_seqlens=x["cu_seqlens"])
