@@ -30,7 +30,8 @@ AMD_MAX_VGPRS = {"gfx942": 512, "gfx90a": 512}     # VGPRs and AGPRs together on
 
 def planned_jobs(info, dtype: str = "bfloat16") -> list:
     """[(kernel, KernelConfig, head size)] the tables plan on `info` for `dtype` inputs, the walks
-    at their builds' chunk sizes (as the variants launch them). Known issues other than
+    at their builds' chunk sizes (as the variants launch them), as compiled (run with TRITON_INTERPRET
+    unset: the interpreter's known issues would narrow them). Known issues other than
     gluon-experimental narrow the configs; Gluon stays where its kernel takes the launch."""
     import torch
 
