@@ -236,3 +236,131 @@ def test_gradients_reach_a_16_bit_state():
     o_ref, s_ref = wkv7_reference(*(x[n].double() for n in NAMES), ref)
     (o_ref.sum() + s_ref.sum()).backward()
     assert state.grad.dtype == torch.bfloat16 and relative_error(state.grad, ref.grad) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Calls without tokens, meta tensors, and errors under torch.compile
+
+def _leaves(x, use_state=True):
+    leaves = [x[n].clone().requires_grad_(True) for n in NAMES]
+    return leaves, (x["state"].clone().requires_grad_(True) if use_state else None)
+
+
+@pytest.mark.parametrize("profile", [None, "nvidia:sm90"])
+@pytest.mark.parametrize("use_state", [True, False])
+@pytest.mark.parametrize("B, T", [(0, 20), (2, 0), (0, 0)])
+def test_a_call_without_tokens_returns_empty_outputs_and_the_state(simulate, B, T, use_state, profile):
+    """B = 0 or T = 0, as torch ops do: o is empty [B, T, H, V], the final state is the initial one
+    (zeros without one), and gradients are zeros, dstate passing through to the state."""
+    if profile is not None:
+        simulate(profile)
+    x = _x(B=B, T=T, H=3, K=16, V=8, dtype="bfloat16", seed=11)
+    leaves, st = _leaves(x, use_state)
+    o, s = rb.wkv7(*leaves, st)
+    assert o.shape == (B, T, 3, 8) and o.dtype == torch.bfloat16
+    assert s.shape == (B, 3, 16, 8) and s.dtype == torch.float32
+    if use_state:
+        assert torch.equal(s, st) and (B == 0 or s.data_ptr() != st.data_ptr())
+    else:
+        assert not s.any()
+    if use_state or o.requires_grad:
+        dstate = torch.randn_like(s)
+        (o.float().sum() + (s * dstate).sum()).backward()
+        if use_state:
+            assert torch.equal(st.grad, dstate)
+        assert all(g.grad is None or (g.grad.shape == g.shape and not g.grad.any()) for g in leaves)
+    assert rb.wkv7(*leaves, st, output_final_state=False)[1] is None
+
+
+def test_packed_sequences_without_tokens_keep_their_states():
+    x = _x(B=1, T=0, seed=12)
+    init = torch.randn(3, 2, 16, 16)
+    o, s = _call(x, state=init, cu_seqlens=torch.tensor([0, 0, 0, 0]))
+    assert o.shape == (1, 0, 2, 16) and torch.equal(s, init)
+    _, s = _call(x, state=None, cu_seqlens=torch.tensor([0, 0, 0, 0]))
+    assert s.shape == (3, 2, 16, 16) and not s.any()
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_meta_tensors_infer_shapes_forward_and_backward(varlen):
+    x = _x(B=1 if varlen else 2, T=24, H=2, K=16, V=8, dtype="float16", seed=13)
+    N = 3 if varlen else x["k"].shape[0]
+    meta = {n: x[n].to("meta").requires_grad_(True) for n in NAMES}
+    st = torch.randn(N, 2, 16, 8).to("meta").requires_grad_(True)
+    cu = torch.tensor([0, 5, 5, 24], device="meta") if varlen else None
+    o, s = rb.wkv7(*(meta[n] for n in NAMES), st, cu_seqlens=cu)
+    assert o.is_meta and o.shape == x["v"].shape and o.dtype == torch.float16
+    assert s.is_meta and s.shape == (N, 2, 16, 8) and s.dtype == torch.float32
+    (o.float().sum() + s.sum()).backward()
+    assert all(meta[n].grad.shape == meta[n].shape for n in NAMES) and st.grad.shape == st.shape
+    with pytest.raises(ValueError, match="state: expected shape"):
+        rb.wkv7(*(meta[n] for n in NAMES), st[:, :1], cu_seqlens=cu)
+    with pytest.raises(ValueError, match="k: .*meta"):
+        rb.explain(*(meta[n] for n in NAMES), st, cu_seqlens=cu)
+
+
+# Bad arguments as test_bad_input_names_the_argument / test_bad_options_name_the_argument have them.
+COMPILE_CASES = [
+    (lambda x: x.update(r=x["r"][0]), {}, ValueError, "r: expected a 4-D tensor"),
+    (lambda x: x.update(a=x["a"][:, :-1]), {}, ValueError, "a: expected shape"),
+    (lambda x: x.update(b=x["b"].double()), {}, TypeError, "b: expected dtype"),
+    (lambda x: x.update(state=x["state"][:, :1]), {}, ValueError, "state: expected shape"),
+    (lambda x: x.update(state=x["state"].double()), {}, TypeError, "state: expected dtype"),
+    (lambda x: x.update(r=x["r"].tolist()), {}, TypeError, "r: expected a torch.Tensor"),
+    (None, dict(w_form="exp"), ValueError, "w_form: expected one of"),
+    (None, dict(scale="1"), TypeError, "scale: expected a finite"),
+    (None, dict(scale=True), TypeError, "scale: expected a finite"),
+    (None, dict(backend="cuda-magic"), ValueError, "backend: unknown backend"),
+    (None, dict(output_final_state=1), TypeError, "output_final_state: expected a bool"),
+]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-call", "after-a-good-call"])
+@pytest.mark.parametrize("mutate, kw, exc, match", COMPILE_CASES)
+def test_compiled_call_raises_what_eager_raises(mutate, kw, exc, match, warm):
+    """torch.compile(fullgraph=True) raises the eager error, not torch._dynamo.exc.Unsupported:
+    on a first compile (static shapes) and on a recompile after a good call (dynamic shapes)."""
+    torch._dynamo.reset()
+    opts = {}
+
+    def f(r, w, k, v, a, b, state):
+        o, s = rb.wkv7(r, w, k, v, a, b, state, **opts)
+        return o.float().sum() + (s.sum() if s is not None else 0)
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    if warm:
+        good = _x(B=3, T=7, seed=15)
+        compiled(*(good[n] for n in NAMES), good["state"])
+    opts.update(kw)
+    x = _x(seed=14)
+    if mutate is not None:
+        mutate(x)
+    with pytest.raises(exc, match=match) as eager:
+        f(*(x[n] for n in NAMES), x["state"])
+    with pytest.raises(exc, match=match) as traced:
+        compiled(*(x[n] for n in NAMES), x["state"])
+    assert str(traced.value) == str(eager.value)
+
+
+def test_compiled_call_without_tokens():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *args: rb.wkv7(*args), backend="eager", fullgraph=True)
+    x = _x(B=0, seed=16)
+    o, s = compiled(*(x[n] for n in NAMES), x["state"])
+    assert o.shape == (0, 20, 2, 16) and s.shape == (0, 2, 16, 16)
+
+
+@pytest.mark.parametrize("kw, exc", [(dict(state_slice=True), ValueError), (dict(scale=True), TypeError)])
+def test_compiled_call_raises_when_its_outputs_go_unused(kw, exc):
+    """The graph keeps a refused call: it raises as eager does, even when nothing reads its outputs."""
+    torch._dynamo.reset()
+    kw = dict(kw)
+    x = _x(seed=17)
+    state = x["state"][:, :1] if kw.pop("state_slice", False) else x["state"]
+
+    def f(r, w, k, v, a, b, state):
+        rb.wkv7(r, w, k, v, a, b, state, **kw)
+        return r * 2
+
+    with pytest.raises(exc):
+        torch.compile(f, backend="eager", fullgraph=True)(*(x[n] for n in NAMES), state)

@@ -8,7 +8,7 @@ import torch
 
 from . import registry
 from .device import SIMULATE_ENV, detect, interpreter_enabled
-from .problem import call_key, validate
+from .problem import argument_error, call_key, validate
 
 # A call's problem and plan follow from its metadata (call_key), the backend asked for, the
 # environment variables that steer planning (simulation, backend, Gluon, the interpreter), and the
@@ -33,14 +33,50 @@ def _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state
             return planned
     problem = validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
                        output_final_state=output_final_state)
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend: expected a backend name (str) or None, got {type(backend).__name__}")
+    _check_backend(backend)
+    if k.is_meta:
+        raise ValueError("k: expected tensors on a device to plan for, got meta tensors "
+                         "(wkv7 takes them for shape inference; explain needs the real device)")
     planned = problem, registry.plan(problem, detect(k.device), backend)
     if key is not None:
         if len(_PLANNED) >= _PLANNED_MAX:
             _PLANNED.clear()
         _PLANNED[key] = planned
     return planned
+
+
+def _check_backend(backend):
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name (str) or None, got {type(backend).__name__}")
+
+
+def _traced_checks_pass(r, w, k, v, a, b, state, w_form, scale, cu_seqlens) -> bool:
+    """validate() under torch.compile: dynamo traces it, guarding on what it reads."""
+    try:
+        validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
+                 output_final_state=True)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class _NoTokens(torch.autograd.Function):
+    """wkv7 of a call without tokens (B = 0 or T = 0): an empty o, and the initial state (zeros
+    without one) as the final state. Gradients: zeros, and dstate for the state."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, state, N):
+        ctx.has_state = state is not None
+        ctx.save_for_backward(r, w, k, v, a, b)        # empty tensors
+        o = v.new_zeros(v.shape)
+        if state is not None:
+            return o, state.clone()
+        return o, k.new_zeros(N, k.shape[2], k.shape[3], v.shape[3], dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, do, dstate):
+        zeros = [torch.zeros_like(x) for x in ctx.saved_tensors]
+        return (*zeros, dstate if ctx.has_state else None, None)
 
 
 def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=None,
@@ -51,12 +87,33 @@ def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=No
     float16 opts into a 16-bit decode state). Returns (o [B, T, H, V] in v's dtype, state_out
     [N, H, K, V] in the state's dtype, float32 without a state; or None).
     Differentiable with respect to r, w, k, v, a, b and state.
+
+    A call without tokens (B = 0 or T = 0) returns an empty o and the initial state (zeros without
+    one). Meta tensors give outputs of the right shapes and dtypes, forward and backward, without
+    computing. A bad argument raises a ValueError or TypeError naming it, under torch.compile too.
     """
     if torch.compiler.is_compiling():
-        # One custom-op node for torch.compile, forward and backward (ops.py). Shapes and dtypes
-        # are checked here at trace time; the op re-plans on real tensors.
+        # One custom-op node for torch.compile, forward and backward (ops.py). Nothing raises
+        # while dynamo traces (that would surface as a dynamo error): a call the checks refuse
+        # becomes a node that raises eager's error when the graph runs.
+        from .ops import wkv7_argument_error, wkv7_op, wkv7_rejected
+        error = argument_error(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
+                               output_final_state=output_final_state, backend=backend)
+        if error is not None:
+            like = next((x for x in (v, k, r, w, a, b) if isinstance(x, torch.Tensor)), torch.empty(0))
+            o_like = v.detach() if isinstance(v, torch.Tensor) else like.new_empty(0)
+            state_like = state.detach() if isinstance(state, torch.Tensor) else like.new_empty(0, dtype=torch.float32)
+            return wkv7_argument_error(o_like, state_like, error[0].__name__, error[1])
+        if not _traced_checks_pass(r, w, k, v, a, b, state, w_form, scale, cu_seqlens):
+            args = [x.detach() if x is not None else None for x in (r, w, k, v, a, b, state, cu_seqlens)]
+            return wkv7_rejected(*args, w_form, float(scale), backend)
+        o, state_out = wkv7_op(r, w, k, v, a, b, state, cu_seqlens, w_form, float(scale), backend)
+        return o, (state_out if output_final_state else None)
+    if isinstance(k, torch.Tensor) and k.is_meta:
+        # Shape inference: the op's fake implementation gives the outputs, forward and backward.
         validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
                  output_final_state=output_final_state)
+        _check_backend(backend)
         from .ops import wkv7_op
         o, state_out = wkv7_op(r, w, k, v, a, b, state, cu_seqlens, w_form, float(scale), backend)
         return o, (state_out if output_final_state else None)
@@ -68,6 +125,9 @@ def eager_wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seql
                output_final_state=True, backend=None):
     """wkv7 without the torch.compile detour: validate, dispatch (cached), run."""
     problem, plan = _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
+    if problem.B == 0 or problem.T == 0:
+        o, state_out = _NoTokens.apply(r, w, k, v, a, b, state, problem.N)
+        return o, (state_out if output_final_state else None)
     o, state_out = plan.variant.run(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
     if o.dtype != v.dtype:
         o = o.to(v.dtype)

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .reference import W_FORMS
 
@@ -58,16 +59,36 @@ class Problem:
         return " ".join(parts) + f" ({self.problem_class})"
 
 
-def _check_tensor(name, x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+def argument_error(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final_state, backend=None):
+    """What validate() rejects without looking at any tensor, as (exception class, message), or
+    None. The messages are constants of the call, so a torch.compile trace can carry them into
+    the graph (ops.py); validate() raises the same ones."""
+    named = {"r": r, "w": w, "k": k, "v": v, "a": a, "b": b}
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            return TypeError, f"{name}: expected a torch.Tensor, got {type(x).__name__}"
+    for name, x in (("state", state), ("cu_seqlens", cu_seqlens)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            return TypeError, f"{name}: expected a torch.Tensor or None, got {type(x).__name__}"
+    if not isinstance(w_form, str) or w_form not in W_FORMS:
+        shown = repr(w_form) if isinstance(w_form, (str, int, float, type(None))) else type(w_form).__name__
+        return ValueError, f"w_form: expected one of {', '.join(repr(f) for f in W_FORMS)}, got {shown}"
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
+        shown = repr(scale) if isinstance(scale, (str, int, float, type(None))) else type(scale).__name__
+        return TypeError, f"scale: expected a finite Python number, got {shown}"
+    if not isinstance(output_final_state, bool):
+        return TypeError, f"output_final_state: expected a bool, got {type(output_final_state).__name__}"
+    if backend is not None and not isinstance(backend, str):
+        return TypeError, f"backend: expected a backend name (str) or None, got {type(backend).__name__}"
+    return None
 
 
-def _values_unreadable(device: torch.device) -> bool:
-    """True while torch.compile traces (fake tensors) or a CUDA graph is being captured: then the
-    host may not read tensor values, and only shapes and dtypes are checked."""
-    if torch.compiler.is_compiling():
+def _values_unreadable(x: torch.Tensor) -> bool:
+    """True while torch.compile traces (fake tensors), for meta tensors, or while a CUDA graph is
+    being captured: then the host may not read tensor values, and only shapes and dtypes are checked."""
+    if torch.compiler.is_compiling() or x.is_meta or is_fake(x):
         return True
+    device = x.device
     if device.type != "cuda":
         return False
     try:
@@ -94,9 +115,11 @@ def call_key(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final
 
 def validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final_state) -> Problem:
     """The full check of SPEC §1: the Problem, or an exception that names the argument."""
+    error = argument_error(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
+                           output_final_state=output_final_state)
+    if error is not None:
+        raise error[0](error[1])
     named = {"r": r, "w": w, "k": k, "v": v, "a": a, "b": b}
-    for name, x in named.items():
-        _check_tensor(name, x)
     for name, x in named.items():
         if x.dim() != 4:
             want = "[B, T, H, V]" if name == "v" else "[B, T, H, K]"
@@ -127,19 +150,11 @@ def validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final
         if x.device != device:
             raise ValueError(f"{name}: expected a tensor on {device} (the device of k), got one on {x.device}")
 
-    if w_form not in W_FORMS:
-        raise ValueError(f"w_form: expected one of {', '.join(repr(f) for f in W_FORMS)}, got {w_form!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
-        raise TypeError(f"scale: expected a finite Python number, got {scale!r}")
-    if not isinstance(output_final_state, bool):
-        raise TypeError(f"output_final_state: expected a bool, got {type(output_final_state).__name__}")
-
     N = B
     if cu_seqlens is not None:
         N = _validate_cu_seqlens(cu_seqlens, B, T, device)
 
     if state is not None:
-        _check_tensor("state", state)
         if tuple(state.shape) != (N, H, K, V):
             raise ValueError(f"state: expected shape [N, H, K, V] = {(N, H, K, V)}, got {tuple(state.shape)}")
         if state.dtype not in STATE_DTYPES:
@@ -159,7 +174,6 @@ def validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final
 
 
 def _validate_cu_seqlens(cu_seqlens, B, T, device) -> int:
-    _check_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens: expected a 1-D tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -168,7 +182,7 @@ def _validate_cu_seqlens(cu_seqlens, B, T, device) -> int:
         raise ValueError(f"cu_seqlens: expected a tensor on {device} (the device of k), got one on {cu_seqlens.device}")
     if B != 1:
         raise ValueError(f"cu_seqlens: packed sequences need B == 1, got B={B}")
-    if not _values_unreadable(device):
+    if not _values_unreadable(cu_seqlens):
         vals = cu_seqlens.tolist()
         if vals[0] != 0:
             raise ValueError(f"cu_seqlens: expected it to start at 0, got {vals[0]}")
