@@ -364,3 +364,86 @@ def test_compiled_call_raises_when_its_outputs_go_unused(kw, exc):
 
     with pytest.raises(exc):
         torch.compile(f, backend="eager", fullgraph=True)(*(x[n] for n in NAMES), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout mistakes: warnings where shapes or values make one likely, and hints in the errors
+
+def _layout_warnings(call):
+    """The wkv7 warnings `call()` gives, every one of them (not once per call site)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "wkv7:" in str(w.message)]
+
+
+def _raw_w(shape, seed):
+    """RWKV-LM's w: -softplus(-(w0 + lora)) - 0.5, its decay exp(-exp(w))."""
+    g = torch.Generator().manual_seed(seed)
+    w0 = -7 + 9 * torch.rand(shape, generator=g)
+    return -torch.nn.functional.softplus(-w0) - 0.5
+
+
+def test_inputs_laid_out_b_h_t_k_warn():
+    x = _x(B=1, T=160, H=2, K=8, V=8, seed=21)        # [B, T, H, K] with T = 160 > 128
+    heads_first = {n: x[n].transpose(1, 2) for n in NAMES}
+    messages = _layout_warnings(lambda: rb.wkv7(*(heads_first[n] for n in NAMES)))
+    assert len(messages) == 1 and "[B, H, T, K]" in messages[0] and "transpose(1, 2)" in messages[0]
+    # the right layout, decode (T = 1 reads the same either way) and a prompt shorter than H: quiet
+    assert not _layout_warnings(lambda: rb.wkv7(*(x[n] for n in NAMES)))
+    step = _x(B=2, T=1, H=160, K=8, V=8, seed=22)
+    assert not _layout_warnings(lambda: rb.wkv7(*(step[n] for n in NAMES)))
+    short = _x(B=1, T=5, H=32, K=8, V=8, seed=23)
+    assert not _layout_warnings(lambda: rb.wkv7(*(short[n] for n in NAMES)))
+
+
+def test_inputs_laid_out_b_h_t_k_with_a_state_name_the_layout_in_the_error():
+    x = _x(B=2, T=12, H=3, K=8, V=8, seed=24)
+    heads_first = [x[n].transpose(1, 2) for n in NAMES]
+    with pytest.raises(ValueError, match=r"state: expected shape .*look like \[B, H, T, K\].*transpose\(1, 2\)"):
+        rb.wkv7(*heads_first, x["state"])
+
+
+def test_a_state_in_rwkv_lm_layout_names_the_transpose_in_the_error():
+    x = _x(B=2, T=12, H=3, K=16, V=8, seed=25)
+    with pytest.raises(ValueError, match=r"state: expected shape .*\[N, H, V, K\].*transpose\(-1, -2\)"):
+        _call(x, state=x["state"].transpose(-1, -2).contiguous())
+
+
+def test_rwkv_lm_raw_w_read_as_log_decay_warns():
+    x = _x(B=2, T=20, H=2, K=16, V=16, seed=26)
+    x["w"] = _raw_w(x["w"].shape, seed=27)
+    messages = _layout_warnings(lambda: _call(x))
+    assert len(messages) == 1 and "w_form='raw'" in messages[0]
+    assert not _layout_warnings(lambda: _call(x, w_form="raw"))
+
+
+def test_log_decay_above_zero_warns():
+    x = _x(B=2, T=20, H=2, K=16, V=16, seed=28)
+    x["w"] = x["w"] + 0.7                                  # some channels above 0
+    messages = _layout_warnings(lambda: _call(x))
+    assert len(messages) == 1 and "> 0" in messages[0] and "w_form='clampw'" in messages[0]
+
+
+@pytest.mark.parametrize("regime", ["realistic", "strong", "unit", "strong everywhere", "no decay"])
+def test_valid_log_decays_do_not_warn(regime):
+    x = make_inputs(Case("forward", "float32", "strong" if regime == "strong everywhere" else
+                         "realistic" if regime == "no decay" else regime, 2, 20, 2, 16, 16), 29, "cpu")
+    if regime == "strong everywhere":
+        x["w"] = -10 - 20 * torch.rand_like(x["w"])
+    if regime == "no decay":
+        x["w"] = torch.where(torch.rand_like(x["w"]) < 0.5, -torch.inf, 0.0)
+    assert not _layout_warnings(lambda: _call(x))
+
+
+def test_a_warning_shows_once_per_call_site():
+    import warnings
+    x = _x(B=2, T=20, H=2, K=16, V=16, seed=30)
+    x["w"] = _raw_w(x["w"].shape, seed=31)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            _call(x)
+    shown = [w for w in caught if "wkv7:" in str(w.message)]
+    assert len(shown) == 1 and shown[0].filename == __file__      # attributed to the caller

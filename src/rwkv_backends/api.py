@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 import torch
 
 from . import registry
 from .device import SIMULATE_ENV, detect, interpreter_enabled
-from .problem import argument_error, call_key, validate
+from .problem import _values_unreadable, argument_error, call_key, validate
+
+# Layout mistakes that shapes or values make likely (warnings, listed in wkv7's docstring). The
+# texts are constant, so Python shows each once per call site.
+LIKELY_MAX_HEADS = 128   # RWKV-7 models have up to 80 heads; a longer dim 2 is more likely the time axis
+RAW_W_MAX = (-5.0, -0.5)  # RWKV-LM's raw w is -softplus(.) - 0.5: at most -0.5, its largest about -0.5 to -3
+WARN_HEADS_FIRST = (
+    "wkv7: r, w, k, v, a, b look like [B, H, T, K] (no state, dim 1 shorter than dim 2, and dim 2 longer "
+    f"than {LIKELY_MAX_HEADS} heads): wkv7 takes [B, T, H, K]; if they are [B, H, T, K], pass "
+    "x.transpose(1, 2) for each")
+WARN_RAW_AS_LOG = (
+    "wkv7: w looks like RWKV-LM's raw w (every value <= -0.5, the largest above -5), which w_form='log' "
+    "reads as the log-decay (decay exp(w)); if it is raw w (decay exp(-exp(w))), pass w_form='raw'")
+WARN_ABOVE_ZERO = (
+    "wkv7: w has values > 0, which w_form='log' reads as a decay exp(w) > 1 that grows the state "
+    "(outside the contract); for RWKV-LM's raw w pass w_form='raw', for the w of its clampw kernels "
+    "w_form='clampw'")
 
 # A call's problem and plan follow from its metadata (call_key), the backend asked for, the
 # environment variables that steer planning (simulation, backend, Gluon, the interpreter), and the
@@ -43,6 +61,28 @@ def _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state
             _PLANNED.clear()
         _PLANNED[key] = planned
     return planned
+
+
+def _warn(message):
+    """warnings.warn, attributed to the first caller outside rwkv_backends."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "rwkv_backends":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _warn_likely_mistakes(problem, w):
+    """Warnings for layouts that shapes (any device) or values (CPU tensors only, where reading
+    them costs no device sync) make likely; they never refuse the call."""
+    if (not problem.has_state and not problem.varlen and 1 < problem.T < problem.H
+            and problem.H > LIKELY_MAX_HEADS):
+        _warn(WARN_HEADS_FIRST)
+    if problem.w_form == "log" and problem.device_type == "cpu" and w.numel() and not _values_unreadable(w):
+        top = float(w.detach().max())
+        if top > 0:
+            _warn(WARN_ABOVE_ZERO)
+        elif RAW_W_MAX[0] <= top <= RAW_W_MAX[1]:
+            _warn(WARN_RAW_AS_LOG)
 
 
 def _check_backend(backend):
@@ -91,6 +131,16 @@ def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=No
     A call without tokens (B = 0 or T = 0) returns an empty o and the initial state (zeros without
     one). Meta tensors give outputs of the right shapes and dtypes, forward and backward, without
     computing. A bad argument raises a ValueError or TypeError naming it, under torch.compile too.
+
+    Likely layout mistakes warn (UserWarning, once per call site and kind) and still run:
+    - inputs that look like [B, H, T, K]: no state, 1 < T < H and H > 128 (T = 1 reads the same
+      either way; with a state, the state's shape error says so);
+    - RWKV-LM's raw w passed in the log form: every value <= -0.5 and the largest in [-5, -0.5]
+      (pass w_form="raw");
+    - w > 0 in the log form, a decay above 1 (outside the contract).
+    The two checks on w read its values, and run on CPU tensors only (no device sync elsewhere).
+    RWKV-LM's [N, H, V, K] state is refused by its shape when K != V, with the transpose named in
+    the error; when K == V its values cannot tell it from [N, H, K, V], so transpose it yourself.
     """
     if torch.compiler.is_compiling():
         # One custom-op node for torch.compile, forward and backward (ops.py). Nothing raises
@@ -111,9 +161,10 @@ def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=No
         return o, (state_out if output_final_state else None)
     if isinstance(k, torch.Tensor) and k.is_meta:
         # Shape inference: the op's fake implementation gives the outputs, forward and backward.
-        validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
-                 output_final_state=output_final_state)
+        problem = validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
+                           output_final_state=output_final_state)
         _check_backend(backend)
+        _warn_likely_mistakes(problem, w)
         from .ops import wkv7_op
         o, state_out = wkv7_op(r, w, k, v, a, b, state, cu_seqlens, w_form, float(scale), backend)
         return o, (state_out if output_final_state else None)
@@ -125,6 +176,7 @@ def eager_wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seql
                output_final_state=True, backend=None):
     """wkv7 without the torch.compile detour: validate, dispatch (cached), run."""
     problem, plan = _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
+    _warn_likely_mistakes(problem, w)
     if problem.B == 0 or problem.T == 0:
         o, state_out = _NoTokens.apply(r, w, k, v, a, b, state, problem.N)
         return o, (state_out if output_final_state else None)

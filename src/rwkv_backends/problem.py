@@ -156,7 +156,8 @@ def validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final
 
     if state is not None:
         if tuple(state.shape) != (N, H, K, V):
-            raise ValueError(f"state: expected shape [N, H, K, V] = {(N, H, K, V)}, got {tuple(state.shape)}")
+            hint = _state_layout_hint(tuple(state.shape), N, T, H, K, V)
+            raise ValueError(f"state: expected shape [N, H, K, V] = {(N, H, K, V)}, got {tuple(state.shape)}{hint}")
         if state.dtype not in STATE_DTYPES:
             raise TypeError(f"state: expected dtype float32 (or bfloat16/float16 for a 16-bit decode state), "
                             f"got {state.dtype}")
@@ -171,6 +172,17 @@ def validate(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output_final
         output_final_state=output_final_state, needs_grad=needs_grad,
         state_dtype=state.dtype if state is not None else torch.float32,
     )
+
+
+def _state_layout_hint(shape, N, T, H, K, V) -> str:
+    """Why a state of this shape is refused, where the shape tells a known layout mistake."""
+    if shape == (N, H, V, K):
+        return ("; that is RWKV-LM's [N, H, V, K] layout: pass state.transpose(-1, -2) "
+                "(and transpose state_out back for RWKV-LM)")
+    if shape == (N, T, K, V):
+        return ("; r, w, k, v, a, b look like [B, H, T, K] (their dim 1 is the state's head count): "
+                "wkv7 takes [B, T, H, K], so pass x.transpose(1, 2) for each")
+    return ""
 
 
 def _validate_cu_seqlens(cu_seqlens, B, T, device) -> int:
