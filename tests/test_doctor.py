@@ -118,3 +118,28 @@ def test_self_test_fails_on_a_wrong_gradient():
     c = checks(report)
     assert c["self-test"]["status"] == "ok"
     assert c["self-test backward"]["status"] == "fail" and "dw" in c["self-test backward"]["detail"]
+
+
+def test_a_planner_that_raises_is_a_failed_check():
+    broken = ("import rwkv_backends.registry as reg\n"
+              "def plan(*args, **kwargs):\n"
+              "    raise RuntimeError('planner broke')\n"
+              "reg.plan = plan\n")
+    rc, report = run_doctor(code=broken)
+    assert rc == 1 and not report["ok"]
+    c = checks(report)
+    assert c["plan"]["status"] == "fail" and "planner broke" in c["plan"]["detail"]
+    assert all("planner broke" in p["error"] for p in report["plan"].values())
+    assert c["self-test"]["status"] == "fail"
+
+
+def test_the_report_prints_when_collecting_it_raises():
+    broken = ("import rwkv_backends.doctor as d\n"
+              "def collect(*args, **kwargs):\n"
+              "    raise RuntimeError('collector broke')\n"
+              "d.collect = collect\n")
+    rc, report = run_doctor(code=broken)
+    assert rc == 1 and not report["ok"]
+    (bad,) = failed(report)
+    assert "collector broke" in bad["detail"]
+    assert {"schema", "python", "packages", "device", "backend", "plan", "known_issues", "checks", "ok"} <= set(report)

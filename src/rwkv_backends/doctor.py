@@ -154,6 +154,7 @@ def _collect(simulate, triton_version_as, probe, settings) -> dict:
 
     plans = {}
     chosen = None
+    crashed = []
     for cls, kw in PLAN_PROBLEMS.items():
         problem = _problem("cpu" if info.vendor == "cpu" else info.device_type, **kw)
         try:
@@ -166,6 +167,12 @@ def _collect(simulate, triton_version_as, probe, settings) -> dict:
             chosen = chosen or p.variant.backend
         except ValueError as exc:          # NoBackendError, or a backend setting that names nothing
             plans[cls] = {"error": str(exc)}
+        except Exception as exc:
+            plans[cls] = {"error": f"{type(exc).__name__}: {exc}"}
+            crashed.append(cls)
+    if crashed:
+        checks.append(_check("plan", "fail", f"planning raised for {', '.join(crashed)}: "
+                                             f"{plans[crashed[0]]['error']}"))
     if probe:
         checks.append(_guarded("compile probe", _compile_probe, info, tv, plans))
     blocked = next((c for c in settings if c["name"] == "backend setting"), None)
@@ -363,6 +370,18 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _fallback_report(exc) -> dict:
+    """The report when collecting it raised: what is known without planning, and a failed check."""
+    from .device import versions
+    v = versions()
+    return {"schema": SCHEMA, "python": v["python"], "packages": v,
+            "device": {"vendor": None, "name": None, "arch": None, "warp_size": None, "device_type": None,
+                       "triton_backend": None, "simulated": None},
+            "backend": None, "tables": None, "plan": {}, "known_issues": [],
+            "checks": [_check("doctor", "fail", f"collecting the report raised {type(exc).__name__}: {exc}")],
+            "ok": False}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwkv_backends.doctor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -381,7 +400,10 @@ def main(argv=None) -> int:
             for name, info in sorted(profiles.items()):
                 print(f"{name:<18}{info.name}  (arch {info.arch}, warp {info.warp_size})")
         return 0
-    report = collect(simulate=args.simulate, triton_version_as=args.triton_version, probe=not args.no_probe)
+    try:
+        report = collect(simulate=args.simulate, triton_version_as=args.triton_version, probe=not args.no_probe)
+    except Exception as exc:
+        report = _fallback_report(exc)
     print(json.dumps(report, indent=1, default=str) if args.json else render(report))
     return 0 if report["ok"] else 1
 
