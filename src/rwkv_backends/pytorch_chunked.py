@@ -3,7 +3,7 @@
 Serves CPU tensors and any device without Triton. Float32 throughout, whatever the input dtype.
 
 Within a chunk of C steps with start state S (K x V), G = inclusive cumulative log-decay,
-G⁻ = G - L (exclusive). With all exponents <= 0 on the lower triangle:
+G⁻ = exclusive (G⁻_t = G_{t-1}). With all exponents <= 0 on the lower triangle:
 
     A_ab[t,s] = Σ_k a_t b_s exp(G⁻_t - G_s)   (s < t)      A_ak: the same with k_s
     A_rb[t,s] = Σ_k r_t b_s exp(G_t  - G_s)   (s <= t)     A_rk: the same with k_s
@@ -17,7 +17,8 @@ products per chunk as the only sequential work; everything else is batched over 
 The products exp(P_t - Q_s) are never formed by dividing by a cumulative decay that can underflow:
 rows carry exp(G_t) <= 1 and columns exp(-G_s), which is bounded because a chunk takes this form
 only while its decay range is at most SAFE_RANGE; a chunk with stronger decay makes the call use
-the exact pairwise form, exp(P_t - Q_s) formed per pair.
+the exact pairwise form, where each pair's exponent is the sum of L over the pair's own span (never
+a difference of cumulative sums, which loses |G| * eps and is NaN once L = -inf).
 
 Backward (`ChunkedWKV7.backward`) runs the adjoint scan across chunks (dS_c = γ dS_{c+1} +
 Wᵀ B̃ dS_{c+1} + Pᵀ dO_c), then `chunk_local_grads` computes every chunk's input gradients at once
@@ -70,24 +71,48 @@ def _intra_factored(a_hat, r_hat, b_f, k_f):
             (r_hat @ b_f.transpose(1, 2)).tril_(), (r_hat @ k_f.transpose(1, 2)).tril_())
 
 
-def _pair_decays(G, Gm):
-    """E[z,t,s,k] = e^{Gm_t - G_s} for s < t and F = e^{G_t - G_s} for s <= t, zero elsewhere:
-    the exact path's [Z, C, C, K] per-pair decays (never a quotient of cumulative decays)."""
-    C = G.shape[1]
-    strict = torch.ones(C, C, dtype=torch.bool, device=G.device).tril(-1)
-    incl = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
-    neg_inf = torch.tensor(float("-inf"), device=G.device, dtype=G.dtype)
-    E = torch.exp(torch.where(strict[..., None], Gm[:, :, None, :] - G[:, None, :, :], neg_inf))
-    F = torch.exp(torch.where(incl[..., None], G[:, :, None, :] - G[:, None, :, :], neg_inf))
+def _log_decay_sums(L):
+    """G (inclusive cumulative log-decay), Gm (exclusive: Gm_t = G_{t-1}, Gm_0 = 0) and R (the decay
+    still to come in the chunk: the sum of L_u over u > t), along dim 1. Each is summed from its own
+    terms: a difference such as G - L or G_C - G loses |G| * eps (|G| reaches hundreds under strong
+    decay) and is NaN where L = -inf."""
+    G = L.cumsum(dim=1)
+    Gm = torch.zeros_like(G)
+    Gm[:, 1:] = G[:, :-1]
+    return G, Gm, _after_sum(L)
+
+
+def _pair_decays(L):
+    """F[z,t,s,k] = exp(sum of L_j over s < j <= t) for s <= t (1 at s = t) and E[z,t,s,k] = F[z,t-1,s,k]
+    for s < t (1 at s = t-1), zero elsewhere: the exact path's [Z, C, C, K] per-pair decays. Each
+    exponent is summed over the pair's own span, so it is exact for neighbours, holds no rounding
+    of far-away steps, and is -inf (decay 0) rather than NaN across a step with L = -inf."""
+    C = L.shape[1]
+    later = torch.ones(C, C, dtype=torch.bool, device=L.device).tril(-1)[..., None]     # t > s
+    F = torch.where(later, L[:, :, None, :], 0.0).cumsum_(1)
+    F = F.masked_fill_(later.transpose(0, 1), float("-inf")).exp_()                     # zero where t < s
+    E = torch.zeros_like(F)
+    E[:, 1:] = F[:, :-1]
     return E, F
 
 
-def _intra_exact(r, G, Gm, k, a, b):
-    """The same four matrices with every exp(P_t - Q_s) formed pairwise: [Z, C, C, K] work."""
-    E, F = _pair_decays(G, Gm)
+def _intra_exact(r, L, k, a, b):
+    """The same four matrices with every decay formed pairwise: [Z, C, C, K] work."""
+    E, F = _pair_decays(L)
     aE, rF = a[:, :, None, :] * E, r[:, :, None, :] * F
     return (torch.einsum("ztsk,zsk->zts", aE, b), torch.einsum("ztsk,zsk->zts", aE, k),
             torch.einsum("ztsk,zsk->zts", rF, b), torch.einsum("ztsk,zsk->zts", rF, k))
+
+
+def _spanned_sum(X):
+    """y_j = sum of X[z,t,s,k] over s < j <= t, for X [Z, C, C, K] zero where s >= t: what the pairs
+    whose span (s, t] holds step j contribute to dL_j. Only those pairs enter (overwrites X)."""
+    C = X.shape[1]
+    later = torch.ones(C, C, dtype=torch.bool, device=X.device).tril(-1)[..., None]     # t > s
+    inner = X.cumsum_(2).masked_fill_(~later, 0.0).sum(1)        # [Z, C, K]: j - 1 in place of s
+    y = torch.zeros_like(inner)
+    y[:, 1:] = inner[:, :-1]
+    return y
 
 
 def chunk_maps(r, L, k, v, a, b, scale, owned=False):
@@ -95,12 +120,12 @@ def chunk_maps(r, L, k, v, a, b, scale, owned=False):
     U = W S + U0,  S' = gamma * S + Btᵀ U + Nt,  O = P S + Q. `owned`: r, k, a, b are the
     caller's scratch copies and may be overwritten (fewer 8 MB allocations, which on a CPU cost
     page faults as much as arithmetic)."""
-    G = L.cumsum(dim=1)
+    G, Gm, R = _log_decay_sums(L)
     Glast = G[:, -1:, :]
     gamma = torch.exp(Glast)                                                          # [Z, 1, K]
     factored = _factorable(Glast)
     inplace = owned and factored                     # the exact path needs the raw vectors
-    e_Gm = (G - L).exp_()
+    e_Gm = Gm.exp_()
     e_G = torch.exp(G)
     a_hat = a.mul_(e_Gm) if inplace else a * e_Gm    # a_t exp(G⁻_t) <= |a_t|
     r_hat = r.mul_(e_G) if inplace else r * e_G      # r_t exp(G_t)  <= |r_t|
@@ -115,8 +140,8 @@ def chunk_maps(r, L, k, v, a, b, scale, owned=False):
     else:
         # Strong decay: form every exp(P_t - Q_s) pairwise. Rare (real RWKV-7 layers keep
         # L > -0.61, a range under 40 for 64 steps), so it is done for all chunks alike.
-        A_ab, A_ak, A_rb, A_rk = _intra_exact(r, G, G - L, k, a, b)
-        tail = torch.exp(Glast - G)
+        A_ab, A_ak, A_rb, A_rk = _intra_exact(r, L, k, a, b)
+        tail = R.exp_()
         Bt = b * tail
         Nt = (k * tail).transpose(1, 2) @ v
     T = _unit_lower_inverse(A_ab)
@@ -180,13 +205,12 @@ def chunk_local_grads(r, L, k, v, a, b, S, dS, dO, scale):
     its end state (both [Z, K, V]) and dO [Z, C, V]: the same formulas as the Triton backward,
     written out by hand (no autograd), batched over every chunk at once.
     Returns dr, dL, dk, dv, da, db."""
-    G = L.cumsum(dim=1)
-    Gm = G - L
+    G, Gm, R = _log_decay_sums(L)
     Glast = G[:, -1:, :]
     gamma = torch.exp(Glast)
     e_G, e_Gm = torch.exp(G), torch.exp(Gm)
     a_hat, r_hat = a * e_Gm, r * e_G
-    tail = torch.exp(Glast - G)
+    tail = torch.exp(R)                                          # e^{G_C - G_t}
     b_t, k_t = b * tail, k * tail
     safe = _factorable(Glast)
     if safe:
@@ -194,7 +218,11 @@ def chunk_local_grads(r, L, k, v, a, b, S, dS, dO, scale):
         b_f, k_f = b * e_neg, k * e_neg
         A_ab, A_ak, A_rb, A_rk = _intra_factored(a_hat, r_hat, b_f, k_f)
     else:
-        A_ab, A_ak, A_rb, A_rk = _intra_exact(r, G, Gm, k, a, b)
+        E, F = _pair_decays(L)
+        aE, rF = a[:, :, None, :] * E, r[:, :, None, :] * F
+        A_ab, A_ak = torch.einsum("ztsk,zsk->zts", aE, b), torch.einsum("ztsk,zsk->zts", aE, k)
+        A_rb, A_rk = torch.einsum("ztsk,zsk->zts", rF, b), torch.einsum("ztsk,zsk->zts", rF, k)
+        del aE, rF
     T = _unit_lower_inverse(A_ab)
     U = T @ torch.baddbmm(A_ak @ v, a_hat, S)
     dOs = dO * scale
@@ -210,7 +238,23 @@ def chunk_local_grads(r, L, k, v, a, b, S, dS, dO, scale):
     d_bt = U @ dS.transpose(1, 2)
     d_kt = v @ dS.transpose(1, 2)
     d_gamma = (dS * S).sum(-1)                                                     # [Z, K]
-    # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
+    # Unit pairs: the a-read at t sees b_{t-1} and k_{t-1}, and o_t sees b_t and k_t, with decay
+    # e^0 whatever L is. Their gradients go to a, r, b, k alone. Kept in the decayed products they
+    # reach dL as a term and its opposite, which cancel only to rounding noise of size |a b|: all
+    # of dL once every channel decays strongly (there the true dL carries a factor e^{L} << 1).
+    u_ab = dA_ab.diagonal(-1, 1, 2)[..., None]                                       # [Z, C-1, 1]
+    u_ak = dA_ak.diagonal(-1, 1, 2)[..., None]
+    u_rb = dA_rb.diagonal(0, 1, 2)[..., None]                                        # [Z, C, 1]
+    u_rk = dA_rk.diagonal(0, 1, 2)[..., None]
+    da_unit = torch.zeros_like(a)
+    da_unit[:, 1:] = u_ab * b[:, :-1] + u_ak * k[:, :-1]
+    dr_unit = u_rb * b + u_rk * k
+    db_unit, dk_unit = u_rb * r, u_rk * r
+    db_unit[:, :-1] += u_ab * a[:, 1:]
+    dk_unit[:, :-1] += u_ak * a[:, 1:]
+    dA_ab, dA_ak = dA_ab.tril(-2), dA_ak.tril(-2)
+    dA_rb, dA_rk = dA_rb.tril(-1), dA_rk.tril(-1)
+    # The decayed pairs back to a, r, b, k and the cumulative decays.
     if safe:
         d_ahat = d_ahat + dA_ab @ b_f + dA_ak @ k_f
         d_rhat = d_rhat + dA_rb @ b_f + dA_rk @ k_f
@@ -218,38 +262,37 @@ def chunk_local_grads(r, L, k, v, a, b, S, dS, dO, scale):
         d_kf = dA_ak.transpose(1, 2) @ a_hat + dA_rk.transpose(1, 2) @ r_hat
         db, dk = d_bf * e_neg, d_kf * e_neg
         dG = -(d_bf * b_f + d_kf * k_f)
-        dGm = torch.zeros_like(G)
         da_pair = dr_pair = 0.0
+        dL_pairs = 0.0
     else:
-        E, F = _pair_decays(G, Gm)
-        # The s = t pairs of A_rb, A_rk carry e^0 = 1, which no decay moves: they are left out of
-        # F and added back to dr, db, dk alone. Kept in, they enter dG at row t and column t and
-        # cancel only to rounding noise, which strong decay and raw w (dw = dL * L) magnify.
-        F.diagonal(dim1=1, dim2=2).zero_()
-        rb_tt = dA_rb.diagonal(dim1=1, dim2=2)[..., None]                         # [Z, C, 1]
-        rk_tt = dA_rk.diagonal(dim1=1, dim2=2)[..., None]
-        da_pair = torch.einsum("zts,zsk,ztsk->ztk", dA_ab, b, E) + torch.einsum("zts,zsk,ztsk->ztk", dA_ak, k, E)
-        dr_pair = torch.einsum("zts,zsk,ztsk->ztk", dA_rb, b, F) + torch.einsum("zts,zsk,ztsk->ztk", dA_rk, k, F)
+        # Y[t, s] is the pair's gradient with respect to a_t (E) or r_t (F), per channel. A pair's
+        # decay spans (s, t] for F and (s, t-1] for E; its term a_t Y or r_t Y belongs to dL_j for
+        # exactly the j in that span, and is added there alone (no term and its opposite).
+        Y_E = (dA_ab[..., None] * b[:, None] + dA_ak[..., None] * k[:, None]).mul_(E)
+        Y_F = (dA_rb[..., None] * b[:, None] + dA_rk[..., None] * k[:, None]).mul_(F)
+        da_pair, dr_pair = Y_E.sum(2), Y_F.sum(2)
         db = torch.einsum("zts,ztk,ztsk->zsk", dA_ab, a, E) + torch.einsum("zts,ztk,ztsk->zsk", dA_rb, r, F)
         dk = torch.einsum("zts,ztk,ztsk->zsk", dA_ak, a, E) + torch.einsum("zts,ztk,ztsk->zsk", dA_rk, r, F)
-        dGm = a * da_pair
-        dG = r * dr_pair - (b * db + k * dk)
-        dr_pair = dr_pair + rb_tt * b + rk_tt * k
-        db = db + rb_tt * r
-        dk = dk + rk_tt * r
+        del E, F
+        X = Y_F.mul_(r[:, :, None, :])
+        X[:, :-1] += Y_E[:, 1:].mul_(a[:, 1:, None, :])          # E's span ends one step earlier
+        del Y_E
+        dL_pairs = _spanned_sum(X)
+        dG = torch.zeros_like(G)
     # Direct terms: Â = a e^{Gm}, R̂ = r e^{G}, B̃ = b e^{G_C - G}, K̃ = k e^{G_C - G}, γ = e^{G_C}.
-    da = d_ahat * e_Gm + da_pair
-    dr = d_rhat * e_G + dr_pair
-    dGm = dGm + d_ahat * a_hat
+    da = d_ahat * e_Gm + da_pair + da_unit
+    dr = d_rhat * e_G + dr_pair + dr_unit
+    dGm = d_ahat * a_hat
     dG = dG + d_rhat * r_hat
-    db = db + d_bt * tail
-    dk = dk + d_kt * tail
+    db = db + d_bt * tail + db_unit
+    dk = dk + d_kt * tail + dk_unit
     # L_t enters G_u for u >= t, Gm_u for u > t, and γ = e^{G_C} for every t. The tail decay
     # e^{G_C - G_u} depends on L_t for t > u only, so its terms reach dL_t as a sum over u < t. Each
     # sum is formed as such: written as a total minus a partial sum, the two cancel to rounding
     # noise where decay is strong, and raw w (dw = dL * L, |L| up to 30) magnifies that noise.
     tail_terms = d_bt * b_t + d_kt * k_t
-    dL = _reverse_cumsum(dG) + _after_sum(dGm) + _before_sum(tail_terms) + (d_gamma * gamma[:, 0, :])[:, None, :]
+    dL = (_reverse_cumsum(dG) + _after_sum(dGm) + _before_sum(tail_terms)
+          + (d_gamma * gamma[:, 0, :])[:, None, :] + dL_pairs)
     return dr, dL, dk, dv, da, db
 
 

@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..pytorch_chunked import DEFAULT_CHUNK, run_chunked, run_chunked_backward
 from ..reference import dlog_decay_dw, log_decay
 from ..registry import Variant, register
+
+
+def _dw(dL, w, L, w_form):
+    """dw = dL * dL/dw. Where L = -inf (raw w past float32's exp range, about 88.7) the decay is
+    exactly 0 and dL, which carries the factor e^L, is 0: dw is 0, the limit of L e^L, not 0 * inf."""
+    dw = dL * dlog_decay_dw(w, L, w_form)
+    return dw.masked_fill_(L == float("-inf"), 0.0) if w_form == "raw" else dw
+
+
+class _LogDecay(torch.autograd.Function):
+    """L = log_decay(w) with _dw as its backward (autograd's own through -exp(w) gives NaN at L = -inf)."""
+
+    @staticmethod
+    def forward(ctx, w, w_form):
+        L = log_decay(w, w_form)
+        ctx.save_for_backward(w, L)
+        ctx.w_form = w_form
+        return L
+
+    @staticmethod
+    def backward(ctx, dL):
+        w, L = ctx.saved_tensors
+        return _dw(dL, w, L, ctx.w_form), None
 
 
 class PyTorchChunk(Variant):
@@ -17,7 +42,7 @@ class PyTorchChunk(Variant):
         return []
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        L = log_decay(w.float(), problem.w_form)
+        L = _LogDecay.apply(w.float(), problem.w_form)
         state = state.float() if state is not None else None
         return run_chunked(r, L, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens, chunk=DEFAULT_CHUNK)
 
@@ -28,7 +53,7 @@ class PyTorchChunk(Variant):
         dr, dL, dk, dv, da, db, dst = run_chunked_backward(
             r, L, k, v, a, b, state32, do, dstate.float(), scale=problem.scale, cu_seqlens=cu_seqlens,
             chunk=DEFAULT_CHUNK)
-        dw = dL.float() * dlog_decay_dw(w32, L, problem.w_form)
+        dw = _dw(dL.float(), w32, L, problem.w_form)
         grads = [g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), (r, w, k, v, a, b))]
         return (*grads, dst.to(state.dtype) if state is not None else None)
 
