@@ -23,6 +23,9 @@ a difference of cumulative sums, which loses |G| * eps and is NaN once L = -inf)
 Backward (`ChunkedWKV7.backward`) runs the adjoint scan across chunks (dS_c = γ dS_{c+1} +
 Wᵀ B̃ dS_{c+1} + Pᵀ dO_c), then `chunk_local_grads` computes every chunk's input gradients at once
 from its start state and end-state gradient, by hand-derived formulas (no autograd inside).
+
+Packed sequences (cu_seqlens) run as a few padded batches, one per length class (`_Packing`), so
+padding stays below the tokens' own count whatever the mix of lengths.
 """
 
 from __future__ import annotations
@@ -360,59 +363,136 @@ class ChunkedWKV7(torch.autograd.Function):
         return (*chunked_backward(r, L, k, v, a, b, starts, dO, dS_final, scale, chunk), None, None)
 
 
+class _LengthClass:
+    """The sequences of one length class: their ids [n], their tokens' positions in the packed
+    stream and the same tokens' slots in the padded [n * Tp] layout, and the chunk size."""
+
+    def __init__(self, ids, tokens, slots, n, Tp, chunk):
+        self.ids, self.tokens, self.slots, self.n, self.Tp, self.chunk = ids, tokens, slots, n, Tp, chunk
+
+
 class _Packing:
-    """Packed sequences (cu_seqlens) as a zero-padded batch [N, Tmax]: padding steps carry L = 0
-    and zero vectors, which leave a state unchanged."""
+    """Packed sequences (cu_seqlens) as one padded batch per length class: the sequences of length
+    in (2^(j-1), 2^j] form class j, padded at their ends to the class's longest (a multiple of its
+    chunk, at most min(chunk, 2^j)). Each class pads to under twice its tokens, so one long sequence
+    among many short ones costs about what it costs alone, not N x Tmax. Padding is written as zeros
+    (L = 0 and zero vectors leave a state unchanged), never computed from another sequence's values:
+    an Inf or NaN stays in its own sequence. Empty sequences belong to no class."""
 
-    def __init__(self, cu_seqlens, device):
-        offsets = cu_seqlens.tolist()
+    def __init__(self, cu_seqlens, device, chunk):
+        offsets = [int(x) for x in cu_seqlens.tolist()]
         lens = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
-        self.N, self.Tmax = len(lens), max(lens, default=0)
-        pos = torch.arange(self.Tmax, device=device)
-        first = torch.tensor(offsets[:-1], device=device)
-        self.valid = pos[None, :] < torch.tensor(lens, device=device)[:, None]          # [N, Tmax]
-        self.src = torch.where(self.valid, first[:, None] + pos[None, :], torch.zeros_like(pos)[None, :])
+        self.N = len(lens)
+        by_class = {}
+        for n, length in enumerate(lens):
+            if length > 0:
+                by_class.setdefault((length - 1).bit_length(), []).append(n)
+        self.classes = []
+        for j in sorted(by_class):
+            ids = by_class[j]
+            c = min(chunk, 1 << j)
+            Tp = -(-max(lens[n] for n in ids) // c) * c
+            pos = torch.arange(Tp, device=device)
+            valid = pos[None, :] < torch.tensor([lens[n] for n in ids], device=device)[:, None]
+            tokens = (torch.tensor([offsets[n] for n in ids], device=device)[:, None] + pos[None, :])[valid]
+            slots = (torch.arange(len(ids), device=device)[:, None] * Tp + pos[None, :])[valid]
+            self.classes.append(_LengthClass(torch.tensor(ids, device=device), tokens, slots, len(ids), Tp, c))
 
-    def gather(self, x):
-        """[1, T, H, D] -> [N, Tmax, H, D] float32, zeros past each sequence's end."""
-        return x[0].float()[self.src] * self.valid[:, :, None, None]
+    @staticmethod
+    def gather(g, x):
+        """[1, T, H, D] -> [n, Tp, H, D] in the compute dtype: class g's sequences, zeros past each end."""
+        H, D = x.shape[2], x.shape[3]
+        out = torch.zeros(g.n * g.Tp, H, D, dtype=_compute_dtype(x), device=x.device)
+        out.index_copy_(0, g.slots, x[0].index_select(0, g.tokens).to(out.dtype))
+        return out.view(g.n, g.Tp, H, D)
 
-    def scatter(self, y):
-        """[N, Tmax, H, D] -> [1, T, H, D], dropping the padding (each token appears once)."""
-        return y[self.valid].unsqueeze(0)
+    @staticmethod
+    def scatter(g, y, out):
+        """Class g's [n, Tp, H, D] into its tokens' rows of out [T, H, D] (the padding is dropped)."""
+        out.index_copy_(0, g.tokens, y.reshape(g.n * g.Tp, *y.shape[2:]).index_select(0, g.slots))
+
+
+def packed_forward(pack, r, L, k, v, a, b, state, scale):
+    """o [1, T, H, V], the final states [N, H, K, V] and, per length class, the chunk start states."""
+    T, H = k.shape[1], k.shape[2]
+    dt = _compute_dtype(k)
+    o = torch.zeros(T, H, v.shape[-1], dtype=dt, device=k.device)
+    final = state.to(dt).clone()                     # an empty sequence keeps its initial state
+    starts = []
+    for g in pack.classes:
+        ins = [pack.gather(g, x) for x in (r, L, k, v, a, b)]
+        o_g, final_g, starts_g = chunked_forward(*ins, state.index_select(0, g.ids).to(dt), scale, g.chunk)
+        pack.scatter(g, o_g, o)
+        final.index_copy_(0, g.ids, final_g.to(dt))
+        starts.append(starts_g)
+    return o.unsqueeze(0), final, starts
+
+
+def packed_backward(pack, r, L, k, v, a, b, starts, dO, dS_final, scale):
+    """Gradients (dr, dL, dk, dv, da, db, dstate) from packed_forward's start states; dO or
+    dS_final may be None (zero)."""
+    T, H, K, V = k.shape[1], k.shape[2], k.shape[3], v.shape[-1]
+    dt = _compute_dtype(k)
+    ins_all = (r, L, k, v, a, b)
+    grads = [torch.zeros(T, H, x.shape[-1], dtype=dt, device=k.device) for x in ins_all]
+    dstate = (torch.zeros(pack.N, H, K, V, dtype=dt, device=k.device) if dS_final is None
+              else dS_final.to(dt).clone())          # an empty sequence passes its gradient through
+    for g, starts_g in zip(pack.classes, starts):
+        ins = [pack.gather(g, x) for x in ins_all]
+        d_o = None if dO is None else pack.gather(g, dO)
+        dS = None if dS_final is None else dS_final.index_select(0, g.ids).to(dt)
+        grads_g = chunked_backward(*ins, starts_g, d_o, dS, scale, g.chunk)
+        for acc, gr in zip(grads, grads_g[:6]):
+            pack.scatter(g, gr, acc)
+        dstate.index_copy_(0, g.ids, grads_g[6])
+    return (*(gr.unsqueeze(0).to(x.dtype) for gr, x in zip(grads, ins_all)), dstate)
+
+
+class PackedWKV7(torch.autograd.Function):
+    """packed_forward / packed_backward as an autograd Function (B = 1, sequences by cu_seqlens)."""
+
+    @staticmethod
+    def forward(ctx, r, L, k, v, a, b, state, scale, pack):
+        o, final, starts = packed_forward(pack, r, L, k, v, a, b, state, scale)
+        ctx.save_for_backward(r, L, k, v, a, b)
+        ctx.starts = starts                          # intermediates, one tensor per length class
+        ctx.meta = (scale, pack)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, dO, dS_final):
+        scale, pack = ctx.meta
+        return (*packed_backward(pack, *ctx.saved_tensors, ctx.starts, dO, dS_final, scale), None, None)
 
 
 def run_chunked(r, L, k, v, a, b, state, *, scale, cu_seqlens, chunk=DEFAULT_CHUNK):
     """o [B, T, H, V] float32 and the final state [N, H, K, V] float32. L is the log-decay."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    pack = _Packing(cu_seqlens, k.device) if cu_seqlens is not None else None
+    pack = _Packing(cu_seqlens, k.device, chunk) if cu_seqlens is not None else None
     N = pack.N if pack else B
     if state is None:
         state = torch.zeros(N, H, K, V, dtype=torch.float32, device=k.device)
-    if T == 0 or (pack and pack.Tmax == 0):
+    if T == 0 or (pack and not pack.classes):
         return v.new_zeros(B, T, H, V, dtype=torch.float32), state.float().clone()
     if pack is None:
         return ChunkedWKV7.apply(r, L, k, v, a, b, state, scale, chunk)
-    o_pad, s_out = ChunkedWKV7.apply(*(pack.gather(x) for x in (r, L, k, v, a, b)), state, scale, chunk)
-    return pack.scatter(o_pad), s_out
+    return PackedWKV7.apply(r, L, k, v, a, b, state, scale, pack)
 
 
 def run_chunked_backward(r, L, k, v, a, b, state, do, dstate, *, scale, cu_seqlens, chunk=DEFAULT_CHUNK):
     """Gradients (dr, dL, dk, dv, da, db, dstate) without autograd: the forward runs again for its
-    chunk start states, then chunked_backward. What a custom op's backward calls."""
+    chunk start states, then the backward. What a custom op's backward calls."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    pack = _Packing(cu_seqlens, k.device) if cu_seqlens is not None else None
+    pack = _Packing(cu_seqlens, k.device, chunk) if cu_seqlens is not None else None
     N = pack.N if pack else B
     st = state if state is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=k.device)
-    if T == 0 or (pack and pack.Tmax == 0):
+    if T == 0 or (pack and not pack.classes):
         zeros = [torch.zeros_like(x) for x in (r, L, k, v, a, b)]
         return (*zeros, dstate.clone() if dstate is not None else torch.zeros_like(st))
-    ins = (r, L, k, v, a, b) if pack is None else tuple(pack.gather(x) for x in (r, L, k, v, a, b))
-    d_o = do if pack is None else pack.gather(do)
-    _, _, starts = chunked_forward(*ins, st, scale, chunk)
-    grads = chunked_backward(*ins, starts, d_o, dstate, scale, chunk)
-    if pack is not None:
-        grads = [pack.scatter(g).to(x.dtype) for g, x in zip(grads[:6], (r, L, k, v, a, b))] + [grads[6]]
-    return tuple(grads)
+    if pack is None:
+        _, _, starts = chunked_forward(r, L, k, v, a, b, st, scale, chunk)
+        return tuple(chunked_backward(r, L, k, v, a, b, starts, do, dstate, scale, chunk))
+    _, _, starts = packed_forward(pack, r, L, k, v, a, b, st, scale)
+    return tuple(packed_backward(pack, r, L, k, v, a, b, starts, do, dstate, scale))
