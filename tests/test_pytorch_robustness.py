@@ -1,5 +1,5 @@
-"""The PyTorch backend at the edges of its inputs: non-finite values in packed sequences, packed
-batches of very uneven lengths, decay exactly 0 and strong decay on every channel.
+"""The PyTorch backend at the edges of its inputs: non-finite values in packed sequences, autocast
+regions, packed batches of very uneven lengths, decay exactly 0 and strong decay on every channel.
 Every check is against the float64 reference on fresh random inputs (SPEC §2)."""
 
 import math
@@ -96,6 +96,28 @@ def test_packed_non_finite_values_stay_in_their_sequence(poison):
     _assert_matches_reference(got, ref, F32_FWD, F32_BWD)
     # The poisoned sequences themselves are non-finite, as in the reference.
     assert not torch.isfinite(o[:, offsets[0]:offsets[1]]).all()
+
+
+# --- autocast ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_autocast_region_computes_as_outside(dtype, packed):
+    """Inside torch.autocast(cpu, bfloat16) the op computes as outside it: float32 arithmetic, o in
+    v's dtype, the accuracy of the input dtype, forward and backward."""
+    lens = (37, 0, 5, 20)
+    x, state, do, dstate = _inputs(sum(lens), N=len(lens) if packed else 1, seed=5, dtype=dtype)
+    kw = {"cu_seqlens": _cu(lens)} if packed else {}
+    outside = _run(x, state, do, dstate, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = _run(x, state, do, dstate, **kw)
+    assert inside[0].dtype == dtype and inside[1].dtype == torch.float32
+    assert all(g.dtype == x[n].dtype for g, n in zip(inside[2], NAMES))
+    for a, b in zip((inside[0], inside[1], *inside[2]), (outside[0], outside[1], *outside[2])):
+        assert torch.equal(a, b)
+    fwd_tol, bwd_tol = TOLERANCES["float32" if dtype == torch.float32 else "bfloat16"]
+    _assert_matches_reference(inside, _reference(x, state, do, dstate, **kw), fwd_tol, bwd_tol)
 
 
 # --- packed sequences of uneven lengths ----------------------------------------------------------

@@ -26,9 +26,13 @@ from its start state and end-state gradient, by hand-derived formulas (no autogr
 
 Packed sequences (cu_seqlens) run as a few padded batches, one per length class (`_Packing`), so
 padding stays below the tokens' own count whatever the mix of lengths.
+
+Autocast is off inside: the products run in float32 (float64 for gradcheck) in any autocast region.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -72,6 +76,14 @@ def _intra_factored(a_hat, r_hat, b_f, k_f):
     e^{-G}: each row x column product is a true in-chunk decay <= 1."""
     return ((a_hat @ b_f.transpose(1, 2)).tril_(-1), (a_hat @ k_f.transpose(1, 2)).tril_(-1),
             (r_hat @ b_f.transpose(1, 2)).tril_(), (r_hat @ k_f.transpose(1, 2)).tril_())
+
+
+def _float32_math(device):
+    """Autocast off for the op's own arithmetic: its products stay in the compute dtype and the
+    scan's in-place float32 state writes see float32 operands."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _log_decay_sums(L):
@@ -351,7 +363,8 @@ class ChunkedWKV7(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, L, k, v, a, b, state, scale, chunk):
-        o, final, starts = chunked_forward(r, L, k, v, a, b, state, scale, chunk)
+        with _float32_math(k.device):
+            o, final, starts = chunked_forward(r, L, k, v, a, b, state, scale, chunk)
         ctx.save_for_backward(r, L, k, v, a, b, starts)
         ctx.meta = (scale, chunk)
         return o, final
@@ -360,7 +373,9 @@ class ChunkedWKV7(torch.autograd.Function):
     def backward(ctx, dO, dS_final):
         r, L, k, v, a, b, starts = ctx.saved_tensors
         scale, chunk = ctx.meta
-        return (*chunked_backward(r, L, k, v, a, b, starts, dO, dS_final, scale, chunk), None, None)
+        with _float32_math(k.device):
+            grads = chunked_backward(r, L, k, v, a, b, starts, dO, dS_final, scale, chunk)
+        return (*grads, None, None)
 
 
 class _LengthClass:
@@ -453,7 +468,8 @@ class PackedWKV7(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, L, k, v, a, b, state, scale, pack):
-        o, final, starts = packed_forward(pack, r, L, k, v, a, b, state, scale)
+        with _float32_math(k.device):
+            o, final, starts = packed_forward(pack, r, L, k, v, a, b, state, scale)
         ctx.save_for_backward(r, L, k, v, a, b)
         ctx.starts = starts                          # intermediates, one tensor per length class
         ctx.meta = (scale, pack)
@@ -462,7 +478,10 @@ class PackedWKV7(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dO, dS_final):
         scale, pack = ctx.meta
-        return (*packed_backward(pack, *ctx.saved_tensors, ctx.starts, dO, dS_final, scale), None, None)
+        k = ctx.saved_tensors[2]
+        with _float32_math(k.device):
+            grads = packed_backward(pack, *ctx.saved_tensors, ctx.starts, dO, dS_final, scale)
+        return (*grads, None, None)
 
 
 def run_chunked(r, L, k, v, a, b, state, *, scale, cu_seqlens, chunk=DEFAULT_CHUNK):
@@ -491,8 +510,9 @@ def run_chunked_backward(r, L, k, v, a, b, state, do, dstate, *, scale, cu_seqle
     if T == 0 or (pack and not pack.classes):
         zeros = [torch.zeros_like(x) for x in (r, L, k, v, a, b)]
         return (*zeros, dstate.clone() if dstate is not None else torch.zeros_like(st))
-    if pack is None:
-        _, _, starts = chunked_forward(r, L, k, v, a, b, st, scale, chunk)
-        return tuple(chunked_backward(r, L, k, v, a, b, starts, do, dstate, scale, chunk))
-    _, _, starts = packed_forward(pack, r, L, k, v, a, b, st, scale)
-    return tuple(packed_backward(pack, r, L, k, v, a, b, starts, do, dstate, scale))
+    with _float32_math(k.device):
+        if pack is None:
+            _, _, starts = chunked_forward(r, L, k, v, a, b, st, scale, chunk)
+            return tuple(chunked_backward(r, L, k, v, a, b, starts, do, dstate, scale, chunk))
+        _, _, starts = packed_forward(pack, r, L, k, v, a, b, st, scale)
+        return tuple(packed_backward(pack, r, L, k, v, a, b, starts, do, dstate, scale))
