@@ -6,6 +6,8 @@
 # Steps, each under its own time limit so that one slow step cannot eat the others:
 #   gpu-tests    pytest's GPU tests: compat adapters and patch_fla against the peers, the CUDA-graph
 #                decode replay, saved memory (tests marked `gpu`; the full matrix is the next step)
+#   gluon-tests  the GPU tests of the Gluon kernels, few-step training and chunk 64 (a new Triton release's first check)
+#   conformance-planned  the full conformance tier, as planned only
 #   conformance  the full conformance tier on the Triton backend as planned, then forced to the one-pass
 #                triton.chunk variant (JSON and JUnit reports)
 #   bench        bench_wkv7.py with the peers on the issue's shapes (BENCH_ONLY="a,b" for some)
@@ -39,6 +41,8 @@ fi
 # wind_rwkv's chunked CUDA kernel builds with nvcc on the card (one head size per process).
 [ -d .peers/wind_rwkv ] && NAMES+=(wind)
 PEERS=(--peer-path /tmp/peer-fla --peer-path /tmp/peer-rwkvfla --peer-path "$PWD/.peers")
+# BENCH_PEERS="wind" times only those peers (fla-core's first calls autotune for minutes per shape).
+[ -n "${BENCH_PEERS:-}" ] && NAMES=(${BENCH_PEERS//,/ })
 [ ${#NAMES[@]} -gt 0 ] && PEERS+=(--peers "$(IFS=,; echo "${NAMES[*]}")")
 export PYTHONPATH="src:tests:/tmp/peer-fla:/tmp/peer-rwkvfla${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -47,6 +51,10 @@ for step in "$@"; do
     echo "=== $step (t=$(( $(date +%s) - T0 ))s)"
     case $step in
         gpu-tests)   timeout 420 python3 -m pytest -q -rs -m gpu -k "not full_matrix" -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests ;;
+        gluon-tests) timeout 420 python3 -m pytest -q -rs -m gpu -k "gluon or chunk64 or few_steps" -p no:cacheprovider \
+                         --junitxml="$OUT/gpu-tests-gluon.xml" tests ;;
+        conformance-planned) timeout 300 python3 -m rwkv_backends.conformance --backend triton \
+                         --report "$OUT/conformance-full.json" --junit "$OUT/conformance-full.xml" | tail -n 3 ;;
         conformance) timeout 300 python3 -m rwkv_backends.conformance --backend triton \
                          --report "$OUT/conformance-full.json" --junit "$OUT/conformance-full.xml" | tail -n 3
                      # small cases plan the two-pass variant: check the one-pass kernels as well
@@ -75,5 +83,5 @@ for step in "$@"; do
     esac
 done
 echo "=== done (t=$(( $(date +%s) - T0 ))s)"
-( cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.ptx' -o -name '*.ttir' -o -name '*.ttgir' -o -name '*.llir' \
+[ -n "${KEEP_CACHE:-1}" ] && [ "${KEEP_CACHE:-1}" != 0 ] && ( cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.ptx' -o -name '*.ttir' -o -name '*.ttgir' -o -name '*.llir' \
     -o -name '*.source' \) -delete && tar -cJf "$OUT/tc.tar.xz" . )
