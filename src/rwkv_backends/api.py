@@ -10,11 +10,11 @@ import torch
 
 from . import registry
 from .device import SIMULATE_ENV, detect, interpreter_enabled
-from .problem import _values_unreadable, argument_error, call_key, validate
+from .problem import argument_error, call_key, validate, values_unreadable
 
 # Layout mistakes that shapes or values make likely (warnings, listed in wkv7's docstring). The
 # texts are constant, so Python shows each once per call site.
-LIKELY_MAX_HEADS = 128   # RWKV-7 models have up to 80 heads; a longer dim 2 is more likely the time axis
+LIKELY_MAX_HEADS = 128   # RWKV-7 models have tens of heads: a longer dim 2 is more likely the time axis
 RAW_W_MAX = (-5.0, -0.5)  # RWKV-LM's raw w is -softplus(.) - 0.5: at most -0.5, its largest about -0.5 to -3
 WARN_HEADS_FIRST = (
     "wkv7: r, w, k, v, a, b look like [B, H, T, K] (no state, dim 1 shorter than dim 2, and dim 2 longer "
@@ -77,7 +77,7 @@ def _warn_likely_mistakes(problem, w):
     if (not problem.has_state and not problem.varlen and 1 < problem.T < problem.H
             and problem.H > LIKELY_MAX_HEADS):
         _warn(WARN_HEADS_FIRST)
-    if problem.w_form == "log" and problem.device_type == "cpu" and w.numel() and not _values_unreadable(w):
+    if problem.w_form == "log" and problem.device_type == "cpu" and w.numel() and not values_unreadable(w):
         top = float(w.detach().max())
         if top > 0:
             _warn(WARN_ABOVE_ZERO)

@@ -83,7 +83,7 @@ def argument_error(r, w, k, v, a, b, state, *, w_form, scale, cu_seqlens, output
     return None
 
 
-def _values_unreadable(x: torch.Tensor) -> bool:
+def values_unreadable(x: torch.Tensor) -> bool:
     """True while torch.compile traces (fake tensors), for meta tensors, or while a CUDA graph is
     being captured: then the host may not read tensor values, and only shapes and dtypes are checked."""
     if torch.compiler.is_compiling() or x.is_meta or is_fake(x):
@@ -194,7 +194,7 @@ def _validate_cu_seqlens(cu_seqlens, B, T, device) -> int:
         raise ValueError(f"cu_seqlens: expected a tensor on {device} (the device of k), got one on {cu_seqlens.device}")
     if B != 1:
         raise ValueError(f"cu_seqlens: packed sequences need B == 1, got B={B}")
-    if not _values_unreadable(cu_seqlens):
+    if not values_unreadable(cu_seqlens):
         vals = cu_seqlens.tolist()
         if vals[0] != 0:
             raise ValueError(f"cu_seqlens: expected it to start at 0, got {vals[0]}")
