@@ -67,7 +67,8 @@ def test_limits_are_checked_per_target():
     assert _limits_broken(sm90, {"shared_bytes": 0, "registers": 200, "stack_bytes": 4096, "gluon": True})
     assert not _limits_broken(sm90, {"shared_bytes": 0, "registers": 200, "stack_bytes": 4096, "gluon": False})
     assert _limits_broken(gfx942, {"shared_bytes": 70000, "vgprs": 128, "agprs": 0})
-    assert _limits_broken(gfx942, {"shared_bytes": 0, "vgprs": 400, "agprs": 200})
+    assert not _limits_broken(gfx942, {"shared_bytes": 0, "vgprs": 512, "agprs": 256})   # unified total
+    assert _limits_broken(dev.profile("amd:gfx1100"), {"shared_bytes": 0, "vgprs": 300, "agprs": 0})
 
 
 def test_amd_configs_compile_without_rocm():

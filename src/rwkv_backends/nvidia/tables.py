@@ -8,12 +8,14 @@ from ..config import KernelConfig as C
 
 _DEFAULT = {
     "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
-    "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
+    # Head 128's gradient kernels at a V block of 64 ask 112,640 B of shared memory, more than the
+    # 101,376 B of Ada and consumer Blackwell parts (compile_check): 32 fits every sm80+ part.
+    "chunk_bwd": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=32, num_warps=4)},
     "chunk_prep": {"64": C(chunk_size=16, block_k=32, num_warps=2), "128": C(chunk_size=16, block_k=32, num_warps=2)},
     "chunk_fwd_loaded": {"64": C(block_v=16, num_warps=4), "128": C(block_v=32, num_warps=4)},
     "chunk_transition": {"64": C(chunk_size=32, block_k=32, num_warps=2), "128": C(chunk_size=16, block_k=32, num_warps=4)},
     "chunk_fwd_transition": {"64": C(block_v=16, num_warps=2), "128": C(block_v=64, num_warps=4)},
-    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=32, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
+    "chunk_bwd_split": {"64": C(chunk_size=16, block_v=32, num_warps=4), "128": C(chunk_size=16, block_v=32, num_warps=4)},
     "chunk_recompute": {"64": C(chunk_size=16, block_v=64, num_warps=4), "128": C(chunk_size=16, block_v=64, num_warps=4)},
     "chunk_states": {"64": C(block_v=64, num_warps=4), "128": C(block_v=64, num_warps=4)},
     "recurrent_fwd": {"64": C(block_v=16, num_warps=2), "128": C(block_v=32, num_warps=4)},
@@ -139,5 +141,6 @@ PROVENANCE = {
             "kernels at K = V = 128 from hand-run experiments on that H100 (NOTES changes 58-66); every "
             "Gluon kernel ran on that H100 (the K = 64 gradient kernel also on an H200), their T = 1 "
             "fallback to Triton too",
-    "default": "untuned starting point, not measured",
+    "default": "untuned starting point, not measured on a card; head 128's gradient kernels sized by "
+               "compile_check to fit 101,376 B of shared memory",
 }
