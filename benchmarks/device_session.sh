@@ -6,7 +6,8 @@
 # Steps, each under its own time limit so that one slow step cannot eat the others:
 #   gpu-tests    pytest's GPU tests: compat adapters and patch_fla against the peers, the CUDA-graph
 #                decode replay, saved memory (tests marked `gpu`; the full matrix is the next step)
-#   gluon-tests  the GPU tests of the Gluon kernels, few-step training and chunk 64 (a new Triton release's first check)
+#   gluon-tests  the GPU tests of the Gluon kernels, few-step training and chunk 64 (a new Triton release's first
+#                check; GPU_TESTS_K="..." picks others)
 #   conformance-planned  the full conformance tier, as planned only
 #   conformance  the full conformance tier on the Triton backend as planned, then forced to the one-pass
 #                triton.chunk variant (JSON and JUnit reports)
@@ -51,7 +52,7 @@ for step in "$@"; do
     echo "=== $step (t=$(( $(date +%s) - T0 ))s)"
     case $step in
         gpu-tests)   timeout 420 python3 -m pytest -q -rs -m gpu -k "not full_matrix" -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests ;;
-        gluon-tests) timeout 420 python3 -m pytest -q -rs -m gpu -k "gluon or chunk64 or few_steps" -p no:cacheprovider \
+        gluon-tests) timeout 420 python3 -m pytest -q -rs -m gpu -k "${GPU_TESTS_K:-gluon or chunk64 or few_steps}" -p no:cacheprovider \
                          --junitxml="$OUT/gpu-tests-gluon.xml" tests ;;
         conformance-planned) timeout 300 python3 -m rwkv_backends.conformance --backend triton \
                          --report "$OUT/conformance-full.json" --junit "$OUT/conformance-full.xml" | tail -n 3 ;;
