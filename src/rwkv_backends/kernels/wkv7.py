@@ -26,6 +26,10 @@ import triton.language as tl
 
 SAFE_RANGE = tl.constexpr(60.0)
 CLAMPW_BOUND = tl.constexpr(0.6065306597126334)   # exp(-0.5); jit globals must be constexpr
+# The kernels take L below L_FLOOR as L_FLOOR: decay 0 (L = -inf, or raw w past exp's float32
+# range) would make G_t - G_s = -inf - -inf = NaN. A decay of e^-40 = 4e-18 is lost in float32
+# next to any term it is added to; dw is rescaled for it in _dlog_decay.
+L_FLOOR = tl.constexpr(-40.0)
 
 
 @triton.jit
@@ -55,25 +59,30 @@ def _pair_dot(x, y, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _log_decay(w, W_FORM: tl.constexpr):
-    """L from w: 0 = log (L = w), 1 = raw (L = -exp(w)), 2 = clampw (L = -e^-0.5 sigmoid(w))."""
+    """L from w: 0 = log (L = w), 1 = raw (L = -exp(w)), 2 = clampw (L = -e^-0.5 sigmoid(w)); no
+    lower than L_FLOOR (clampw's L never is). A NaN stays NaN."""
     if W_FORM == 1:
         L = -tl.exp(w)
+        L = tl.where(L < L_FLOOR, L_FLOOR, L)
     elif W_FORM == 2:
         L = -CLAMPW_BOUND / (1.0 + tl.exp(-w))
     else:
-        L = w
+        L = tl.where(w < L_FLOOR, L_FLOOR, w)
     return L
 
 
 @triton.jit
 def _dlog_decay(dL, w, L, W_FORM: tl.constexpr):
-    """dw from dL, for the forms of _log_decay."""
+    """dw from dL, the gradient of the kernels' L (_log_decay's, floored). dL_t = e^{L_t} <h_{t-1},
+    dh_t> with neither factor depending on L_t, so below the floor the true gradient is dL times
+    e^{L_true - L_FLOOR}: 0 for L_true = -inf."""
     if W_FORM == 1:
-        dw = dL * L
+        x = tl.exp(w)                                   # -L_true
+        dw = dL * tl.where(x > -L_FLOOR, -tl.exp(w - x - L_FLOOR), -x)
     elif W_FORM == 2:
         dw = dL * L * (1.0 - 1.0 / (1.0 + tl.exp(-w)))
     else:
-        dw = dL
+        dw = tl.where(w < L_FLOOR, dL * tl.exp(w - L_FLOOR), dL)
     return dw
 
 
