@@ -42,6 +42,15 @@ SAFE_RANGE = 60.0
 DEFAULT_CHUNK = 32
 # Sequences of at most this many tokens run step by step (step_forward), longer ones by chunks.
 SHORT_MAX = 16
+# Rows (tokens x sequences x heads) per segment of a long forward (see chunked_forward): 2048 rows
+# keep a segment's [rows, 64] float32 maps at 512 KB each, inside a 2 MB L2.
+SEGMENT_ROWS = 2048
+
+
+def chunk_for(T):
+    """The chunk size for T tokens: 16 below 64 tokens (less padding, the C x C work still small),
+    DEFAULT_CHUNK above (measured on one CPU thread; benchmarks/NOTES.md)."""
+    return 16 if T < 64 else DEFAULT_CHUNK
 
 
 def _unit_lower_inverse(N):
@@ -88,15 +97,15 @@ def _float32_math(device):
     return contextlib.nullcontext()
 
 
-def _log_decay_sums(L):
+def _log_decay_sums(L, after=True):
     """G (inclusive cumulative log-decay), Gm (exclusive: Gm_t = G_{t-1}, Gm_0 = 0) and R (the decay
-    still to come in the chunk: the sum of L_u over u > t), along dim 1. Each is summed from its own
-    terms: a difference such as G - L or G_C - G loses |G| * eps (|G| reaches hundreds under strong
-    decay) and is NaN where L = -inf."""
+    still to come in the chunk: the sum of L_u over u > t; None without `after`), along dim 1. Each
+    is summed from its own terms: a difference such as G - L or G_C - G loses |G| * eps (|G| reaches
+    hundreds under strong decay) and is NaN where L = -inf."""
     G = L.cumsum(dim=1)
     Gm = torch.zeros_like(G)
     Gm[:, 1:] = G[:, :-1]
-    return G, Gm, _after_sum(L)
+    return G, Gm, (_after_sum(L) if after else None)
 
 
 def _pair_decays(L):
@@ -143,7 +152,7 @@ def chunk_maps(r, L, k, v, a, b, scale, owned=False):
     U = W S + U0,  S' = gamma * S + Btᵀ U + Nt,  O = P S + Q. `owned`: r, k, a, b are the
     caller's scratch copies and may be overwritten (fewer 8 MB allocations, which on a CPU cost
     page faults as much as arithmetic)."""
-    G, Gm, R = _log_decay_sums(L)
+    G, Gm, _ = _log_decay_sums(L, after=False)
     Glast = G[:, -1:, :]
     gamma = torch.exp(Glast)                                                          # [Z, 1, K]
     factored = _factorable(Glast)
@@ -164,7 +173,7 @@ def chunk_maps(r, L, k, v, a, b, scale, owned=False):
         # Strong decay: form every exp(P_t - Q_s) pairwise. Rare (real RWKV-7 layers keep
         # L > -0.61, a range under 40 for 64 steps), so it is done for all chunks alike.
         A_ab, A_ak, A_rb, A_rk = _intra_exact(r, L, k, a, b)
-        tail = R.exp_()
+        tail = _after_sum(L).exp_()
         Bt = b * tail
         Nt = (k * tail).transpose(1, 2) @ v
     T = _unit_lower_inverse(A_ab)
@@ -322,23 +331,41 @@ def chunk_local_grads(r, L, k, v, a, b, S, dS, dO, scale):
     return dr, dL, dk, dv, da, db
 
 
-def chunked_forward(r, L, k, v, a, b, state, scale, chunk):
+def chunk_transitions(W, U0, Bt, Nt, gamma):
+    """Each chunk as one affine map of its start state: S' = M S + N with M = diag(gamma) + Btᵀ W
+    [Z, K, K] and N = Btᵀ U0 + Nt [Z, K, V], formed for all chunks at once, so that the sequential
+    scan is one product per chunk (forward M S, backward Mᵀ dS)."""
+    Btt = Bt.transpose(1, 2)
+    M = torch.bmm(Btt, W)
+    M.diagonal(dim1=1, dim2=2).add_(gamma[..., 0])
+    return M, torch.baddbmm(Nt, Btt, U0)
+
+
+def chunked_forward(r, L, k, v, a, b, state, scale, chunk, segment=None):
     """Equal-length sequences [B, T, H, *], state [B, H, K, V]. Returns o, the final state and every
-    chunk's start state ([n, B*H, K, V], what the backward needs)."""
+    chunk's start state ([n, B*H, K, V], what the backward needs). The time axis runs in segments of
+    `segment` tokens (a multiple of chunk; default SEGMENT_ROWS / (B*H)), so that a segment's chunk maps
+    stay in cache between the ATen calls that form them."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     n = max(1, -(-T // chunk))
-    maps = chunk_maps(*(_to_chunks(x, chunk, fresh=True) for x in (r, L, k, v, a, b)), scale, owned=True)
-    W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
-    # Each chunk's state is written in place into its slot: no per-step allocation or copy.
-    states = torch.empty(n + 1, B * H, K, V, dtype=W.dtype, device=k.device)
+    seg = max(1, (segment or SEGMENT_ROWS // (B * H)) // chunk) * chunk
+    o = torch.empty(B, T, H, V, dtype=_compute_dtype(k), device=k.device)
+    states = torch.empty(n + 1, B * H, K, V, dtype=o.dtype, device=k.device)
     states[0] = state.reshape(B * H, K, V)
-    for c in range(n):
-        U = torch.baddbmm(U0[c], W[c], states[c])
-        torch.baddbmm(Nt[c], Bt[c].transpose(1, 2), U, out=states[c + 1]).addcmul_(gamma[c], states[c])
-    starts = states[:n]
-    O = torch.baddbmm(Q.reshape(-1, chunk, V), P.reshape(-1, chunk, K), starts.reshape(-1, K, V))
-    return _from_chunks(O, B, H, T), states[n].clone().view(B, H, K, V), starts
+    slots = states.unbind(0)
+    for t0 in range(0, max(T, 1), seg):
+        t1 = min(T, t0 + seg)
+        part = [x[:, t0:t1] for x in (r, L, k, v, a, b)]
+        ns, c0 = max(1, -(-(t1 - t0) // chunk)), t0 // chunk
+        W, U0, Bt, Nt, gamma, P, Q = chunk_maps(*(_to_chunks(x, chunk, fresh=True) for x in part), scale, owned=True)
+        M, N = (x.view(ns, B * H, *x.shape[1:]) for x in chunk_transitions(W, U0, Bt, Nt, gamma))
+        del W, U0, Bt, Nt
+        for c in range(ns):
+            torch.baddbmm(N[c], M[c], slots[c0 + c], out=slots[c0 + c + 1])
+        O = torch.baddbmm(Q, P, states[c0:c0 + ns].reshape(-1, K, V))
+        o[:, t0:t1] = _from_chunks(O, B, H, t1 - t0)
+    return o, states[n].clone().view(B, H, K, V), states[:n]
 
 
 def chunked_backward(r, L, k, v, a, b, starts, dO, dS_final, scale, chunk):
@@ -348,21 +375,23 @@ def chunked_backward(r, L, k, v, a, b, starts, dO, dS_final, scale, chunk):
     V = v.shape[-1]
     n = starts.shape[0]
     chunks = [_to_chunks(x, chunk) for x in (r, L, k, v, a, b)]
-    maps = chunk_maps(*chunks, scale)
-    W, U0, Bt, Nt, gamma, P, Q = (x.view(n, B * H, *x.shape[1:]) for x in maps)
+    W, U0, Bt, Nt, gamma, P, Q = chunk_maps(*chunks, scale)
+    M, _ = chunk_transitions(W, U0, Bt, Nt, gamma)
+    M = M.view(n, B * H, K, K)
     if dO is None:
         dO = torch.zeros(B, T, H, V, dtype=W.dtype, device=k.device)
     dQ = _to_chunks(dO, chunk)                                           # [Z, C, V]
-    dO_c = dQ.view(n, B * H, chunk, V)
-    # Adjoint scan: dS_c = gamma dS_{c+1} + Wᵀ (Bt dS_{c+1}) + Pᵀ dO_c.
-    g = (torch.zeros(B * H, K, V, dtype=W.dtype, device=k.device) if dS_final is None
-         else dS_final.reshape(B * H, K, V).to(W.dtype))
+    PdO = torch.bmm(P.transpose(1, 2), dQ).view(n, B * H, K, V)
+    # Adjoint scan: dS_c = Mᵀ dS_{c+1} + Pᵀ dO_c, each written into its slot of d_next.
     d_next = torch.empty_like(starts)                                    # dS_{c+1} for every chunk
-    for c in range(n - 1, -1, -1):
-        d_next[c] = g
-        dU = Bt[c] @ g
-        g = (W[c].transpose(1, 2) @ dU).addcmul_(gamma[c], g)
-        g = g.baddbmm_(P[c].transpose(1, 2), dO_c[c])
+    if dS_final is None:
+        d_next[n - 1].zero_()
+    else:
+        d_next[n - 1] = dS_final.reshape(B * H, K, V)
+    slots = d_next.unbind(0)
+    for c in range(n - 1, 0, -1):
+        torch.baddbmm(PdO[c], M[c].transpose(1, 2), slots[c], out=slots[c - 1])
+    g = torch.baddbmm(PdO[0], M[0].transpose(1, 2), slots[0])
     grads = chunk_local_grads(*chunks, starts.view(-1, K, V), d_next.view(-1, K, V), dQ, scale)
     grads = [_from_chunks(gr, B, H, T).to(x.dtype) for gr, x in zip(grads, (r, L, k, v, a, b))]
     return (*grads, g.view(B, H, K, V))
@@ -655,10 +684,11 @@ class StepWKV7(torch.autograd.Function):
         return (*grads, None)
 
 
-def run_chunked(r, L, k, v, a, b, state, *, scale, cu_seqlens, chunk=DEFAULT_CHUNK):
+def run_chunked(r, L, k, v, a, b, state, *, scale, cu_seqlens, chunk=None):
     """o [B, T, H, V] float32 and the final state [N, H, K, V] float32. L is the log-decay."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    chunk = chunk or (DEFAULT_CHUNK if cu_seqlens is not None else chunk_for(T))
     pack = _Packing(cu_seqlens, k.device, chunk) if cu_seqlens is not None else None
     N = pack.N if pack else B
     if state is None:
@@ -672,11 +702,12 @@ def run_chunked(r, L, k, v, a, b, state, *, scale, cu_seqlens, chunk=DEFAULT_CHU
     return PackedWKV7.apply(r, L, k, v, a, b, state, scale, pack)
 
 
-def run_chunked_backward(r, L, k, v, a, b, state, do, dstate, *, scale, cu_seqlens, chunk=DEFAULT_CHUNK):
+def run_chunked_backward(r, L, k, v, a, b, state, do, dstate, *, scale, cu_seqlens, chunk=None):
     """Gradients (dr, dL, dk, dv, da, db, dstate) without autograd: the forward runs again for its
     chunk start states, then the backward. What a custom op's backward calls."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    chunk = chunk or (DEFAULT_CHUNK if cu_seqlens is not None else chunk_for(T))
     pack = _Packing(cu_seqlens, k.device, chunk) if cu_seqlens is not None else None
     N = pack.N if pack else B
     st = state if state is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=k.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pytorch_chunked import (DEFAULT_CHUNK, SHORT_MAX, _float32_math, run_chunked, run_chunked_backward,
+from ..pytorch_chunked import (SHORT_MAX, _float32_math, run_chunked, run_chunked_backward,
                                step_decode, step_forward)
 from ..reference import dlog_decay_dw, log_decay
 from ..registry import Variant, register
@@ -71,7 +71,7 @@ class PyTorchChunk(Variant):
             return self._run_short(path, r, L, k, v, a, b, state, problem.scale)
         L = _LogDecay.apply(w.float(), problem.w_form)
         state = state.float() if state is not None else None
-        return run_chunked(r, L, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens, chunk=DEFAULT_CHUNK)
+        return run_chunked(r, L, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens)
 
     @staticmethod
     def _run_short(path, r, L, k, v, a, b, state, scale):
@@ -85,8 +85,7 @@ class PyTorchChunk(Variant):
         L = log_decay(w32, problem.w_form)
         state32 = state.float() if state is not None else None
         dr, dL, dk, dv, da, db, dst = run_chunked_backward(
-            r, L, k, v, a, b, state32, do, dstate.float(), scale=problem.scale, cu_seqlens=cu_seqlens,
-            chunk=DEFAULT_CHUNK)
+            r, L, k, v, a, b, state32, do, dstate.float(), scale=problem.scale, cu_seqlens=cu_seqlens)
         dw = _dw(dL.float(), w32, L, problem.w_form)
         grads = [g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, da, db), (r, w, k, v, a, b))]
         return (*grads, dst.to(state.dtype) if state is not None else None)
