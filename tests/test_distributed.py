@@ -49,6 +49,8 @@ CASES = {
                                         dfinal="same"),
     "packed_all_empty": dict(H=2, K=4, V=4, seqlens=[0, 0], split={2: [0, 0], 4: [0, 0, 0, 0]}, state=True),
     "wide_heads_two_summary_calls": dict(B=1, H=1, K=72, V=64, split={2: [4, 5], 4: [2, 3, 0, 4]}, state=True),
+    "in_place_on_outputs": dict(B=2, H=2, K=8, V=6, split={2: [4, 16], 4: [0, 4, 0, 16]}, state=True,
+                                in_place=True),
     "two_layers": dict(B=1, H=2, K=8, V=8, seqlens=[6, 10, 5], split={2: [8, 13], 4: [3, 8, 0, 10]},
                        state=True, layers=2),
 }
@@ -111,6 +113,8 @@ def _model(op, x, state, cu, case, leaves):
         o, s = op(leaves["r"], leaves["w"], leaves["k"], v, leaves["a"], leaves["b"], state,
                   w_form=case.get("w_form", "log"), cu_seqlens=cu,
                   output_final_state=case.get("output_final_state", True))
+        if case.get("in_place"):           # as on the local op's o
+            o.mul_(2.0)
         finals.append(s)
         v = o
     return v, finals

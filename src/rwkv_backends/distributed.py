@@ -105,20 +105,21 @@ class _AllGather(torch.autograd.Function):
         return out.to(ctx.device), None, None
 
 
-class _Tie(torch.autograd.Function):
-    """Passes tensors through unchanged, with the gathered buffer as an input: a backward through
-    any of them reaches the all-gather's backward, so every rank joins its reduce-scatter."""
+class _Joined(torch.autograd.Function):
+    """A copy of x with the gathered buffer as an input: a backward through it reaches the
+    all-gather's backward, so this rank joins the reduce-scatter. For an o computed before the
+    all-gather (a slice that starts no carried sequence, which makes no summary call)."""
 
     @staticmethod
-    def forward(ctx, gathered, *tensors):
+    def forward(ctx, gathered, x):
         ctx.gathered_shape, ctx.gathered_dtype = gathered.shape, gathered.dtype
         ctx.gathered_device = gathered.device
-        return tuple(x.view_as(x) for x in tensors)
+        return x.clone()
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, grad):
         zero = torch.zeros(ctx.gathered_shape, dtype=ctx.gathered_dtype, device=ctx.gathered_device)
-        return (zero, *grads)
+        return zero, grad
 
 
 def _all_gather_flat(out, src, group):
@@ -341,12 +342,9 @@ def wkv7(r, w, k, v, a, b, state=None, *, group=None, w_form="log", scale=1.0, c
     if o is None:                                  # an empty slice
         o, _ = local(0, 0, None, final=False)
 
+    if gathered is not None and head is None:
+        o = _Joined.apply(gathered, o)             # o_head and state_out depend on it already
     state_out = fold.finals(bounds) if output_final_state else None
-    if gathered is not None:
-        if state_out is not None:
-            o, state_out = _Tie.apply(gathered, o, state_out)
-        else:
-            (o,) = _Tie.apply(gathered, o)
     return o, state_out
 
 
