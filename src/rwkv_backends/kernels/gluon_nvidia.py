@@ -274,10 +274,19 @@ if GLUON_IMPORT_ERROR is None:
         return G, Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, safe
 
     @gluon.jit
+    def _empty_span_pairs(dA, LAG: gl.constexpr, rows, cols):
+        """kernels/wkv7.py _empty_span_pairs: the pairs s = t - LAG of dA (decay e^0), their values at
+        row t and at row s, [BT, 1]."""
+        on = gl.where(rows == cols + LAG, dA, 0.0)
+        at_s = gl.sum(gl.where(rows == cols, gl.sum(on, 0)[None, :], 0.0), 1)[:, None]
+        return gl.sum(on, 1)[:, None], at_s
+
+    @gluon.jit
     def _pair_matrix_grads(sm_dz, sm_do, sm_u, sm_v, sm_da, BT: gl.constexpr, MMA: gl.constexpr):
         """The gradients of the four in-chunk matrices (dA_ab = dZ Uᵀ, dA_ak = dZ Vᵀ strictly lower;
-        dA_rb = dO Uᵀ, dA_rk = dO Vᵀ lower; bf16 operands from shared memory), also stored in sm_da,
-        and dZ, dO as A operands."""
+        dA_rb = dO Uᵀ, dA_rk = dO Vᵀ lower; bf16 operands from shared memory), and dZ, dO as A
+        operands. sm_da takes them without their pairs of decay e^0 (_empty_span_pairs), which
+        _input_grads takes apart."""
         A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
         rows = gl.arange(0, BT, layout=gl.SliceLayout(1, MMA))[:, None]
@@ -291,21 +300,25 @@ if GLUON_IMPORT_ERROR is None:
         dA_ak = gl.where(rows > cols, mma_v2(dz_a, vt_b, z_tt), 0.0)
         dA_rb = gl.where(rows >= cols, mma_v2(do_a, ut_b, z_tt), 0.0)
         dA_rk = gl.where(rows >= cols, mma_v2(do_a, vt_b, z_tt), 0.0)
-        sm_da.index(0).store(dA_ab)
-        sm_da.index(1).store(dA_ak)
-        sm_da.index(2).store(dA_rb)
-        sm_da.index(3).store(dA_rk)
+        sm_da.index(0).store(gl.where(rows > cols + 1, dA_ab, 0.0))
+        sm_da.index(1).store(gl.where(rows > cols + 1, dA_ak, 0.0))
+        sm_da.index(2).store(gl.where(rows > cols, dA_rb, 0.0))
+        sm_da.index(3).store(gl.where(rows > cols, dA_rk, 0.0))
         return dz_a, do_a, dA_ab, dA_ak, dA_rb, dA_rk
 
     @gluon.jit
     def _input_grads(safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c,
                      L, G, Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, sm_da, sm_bf, sm_kf, sm_ah32,
-                     sm_rh32, sm_tri, sm_dl, W_FORM: gl.constexpr, BT: gl.constexpr, MMA: gl.constexpr):
+                     sm_rh32, sm_tri, sm_dl, raw_a, raw_b, raw_k, sm_shift, m, has_next, W_FORM: gl.constexpr,
+                     BT: gl.constexpr, MMA: gl.constexpr):
         """A chunk's gradients of r, w, k, a, b (the gradient kernels' common end): the four in-chunk
-        matrices' gradients (dA_*, also in sm_da) back to a, r, b, k and the cumulative decays, then the
-        direct terms and L's suffix sums. d_ahat, d_rhat, d_bt, d_kt: the gradients of Â, R̂, B̃, K̃
+        matrices' gradients (dA_*, in sm_da without their e^0 pairs) back to a, r, b, k and the
+        cumulative decays, then the e^0 pairs and the direct terms and L's suffix sums (as
+        kernels/wkv7.py chunk_bwd_kernel). d_ahat, d_rhat, d_bt, d_kt: the gradients of Â, R̂, B̃, K̃
         through the state products; d_gamma: of γ. sm_bf, sm_kf, sm_ah32, sm_rh32 hold b_f, k_f, Â, R̂
-        (float32), sm_tri the 0/1 triangles; sm_dl is scratch. [BT, N] tiles in MMA."""
+        (float32), sm_tri the 0/1 triangles; sm_dl is scratch. [BT, N] tiles in MMA (rows in the
+        sequence: m). raw_a, raw_b, raw_k hold the chunk's a, b, k as loaded, sm_shift the 0/1 matrix
+        [t, t - 1] in their dtype; has_next: [BT, 1], the row has a next token in the chunk."""
         A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
         B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
         rows = gl.arange(0, BT, layout=gl.SliceLayout(1, MMA))[:, None]
@@ -332,23 +345,21 @@ if GLUON_IMPORT_ERROR is None:
             da_pair = z_tk
             dr_pair = z_tk
         else:
-            # The exact per-pair path (kernels/wkv7.py explains the s = t terms kept apart).
+            # The exact per-pair path.
             db_c = z_tk
             dk_c = z_tk
             dG = z_tk
             dGm = z_tk
             da_pair = z_tk
             dr_pair = z_tk
-            rb_tt = gl.sum(gl.where(rows == cols, dA_rb, 0.0), 1)[:, None]
-            rk_tt = gl.sum(gl.where(rows == cols, dA_rk, 0.0), 1)[:, None]
             for s in range(BT):
                 at_s = rows == s
                 G_s = gl.sum(gl.where(at_s, G, 0.0), 0)
                 b_s = gl.sum(gl.where(at_s, b_c, 0.0), 0)
                 k_s = gl.sum(gl.where(at_s, k_c, 0.0), 0)
-                E = gl.exp(gl.where(rows > s, Gm - G_s[None, :], float("-inf")))
-                F = gl.exp(gl.where(rows >= s, G - G_s[None, :], float("-inf")))
-                F = gl.where(rows > s, F, 0.0)
+                # Without the pairs of decay e^0 (t = s + 1 in E, t = s in F), taken apart below.
+                E = gl.exp(gl.where(rows > s + 1, Gm - G_s[None, :], float("-inf")))
+                F = gl.exp(gl.where(rows > s, G - G_s[None, :], float("-inf")))
                 col_s = cols == s
                 g_ab = gl.sum(gl.where(col_s, dA_ab, 0.0), 1)[:, None]
                 g_ak = gl.sum(gl.where(col_s, dA_ak, 0.0), 1)[:, None]
@@ -365,16 +376,30 @@ if GLUON_IMPORT_ERROR is None:
                 dG = gl.where(at_s, dG - (b_s * db_s + k_s * dk_s)[None, :], dG)
             dGm += a_c * da_pair
             dG += r_c * dr_pair
-            dr_pair += rb_tt * b_c + rk_tt * k_c
-            db_c += rb_tt * r_c
-            dk_c += rk_tt * r_c
+        # The e^0 pairs; the partners one token back (b, k) and on (a) as products of the inputs
+        # with the 0/1 shift (exact), masked to rows in the sequence.
+        ab_t, ab_s = _empty_span_pairs(dA_ab, 1, rows, cols)
+        ak_t, ak_s = _empty_span_pairs(dA_ak, 1, rows, cols)
+        rb_tt, _ = _empty_span_pairs(dA_rb, 0, rows, cols)
+        rk_tt, _ = _empty_span_pairs(dA_rk, 0, rows, cols)
+        A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        shift_a = sm_shift.load(A16)
+        b_prev = gl.where(m, mma_v2(shift_a, raw_b.load(B16), z_tk), 0.0)
+        k_prev = gl.where(m, mma_v2(shift_a, raw_k.load(B16), z_tk), 0.0)
+        a_next = gl.where(m & has_next, mma_v2(sm_shift.permute((1, 0)).load(A16), raw_a.load(B16), z_tk), 0.0)
+        dr_pair += rb_tt * b_c + rk_tt * k_c
+        da_pair += ab_t * b_prev + ak_t * k_prev
+        db_c += rb_tt * r_c + ab_s * a_next
+        dk_c += rk_tt * r_c + ak_s * a_next
         da_c = d_ahat * gl.exp(Gm) + da_pair
         dr_c = d_rhat * gl.exp(G) + dr_pair
         dGm += d_ahat * a_hat
         dG += d_rhat * r_hat
         db_c += d_bt * tail
         dk_c += d_kt * tail
-        tail_terms = d_bt * b_t + d_kt * k_t
+        # The last token's tail spans no L: out of dL (Â's first row is, by the strict triangle).
+        tail_terms = gl.where(has_next, d_bt * b_t + d_kt * k_t, 0.0)
         dG -= tail_terms
         dG_last = gl.sum(tail_terms, 0) + d_gamma * gamma
 
@@ -452,8 +477,10 @@ if GLUON_IMPORT_ERROR is None:
         sm_tri = gl.allocate_shared_memory(gl.float32, [2, BT, BT], SHARED32)       # [t, s]: s <= t, s < t
         sm_l = gl.allocate_shared_memory(gl.float32, [2, BT, K], SHARED32)          # L's tf32 head, remainder
         sm_dl = gl.allocate_shared_memory(gl.float32, [4, BT, K], SHARED32)         # dG's and dGm's
+        sm_shift = gl.allocate_shared_memory(r.dtype.element_ty, [BT, BT], SHARED16)  # [t, t - 1]
         sm_tri.index(0).store(gl.where(rows >= cols, 1.0, 0.0) + z_tt)
         sm_tri.index(1).store(gl.where(rows > cols, 1.0, 0.0) + z_tt)
+        sm_shift.store((gl.where(rows == cols + 1, 1.0, 0.0) + z_tt).to(r.dtype.element_ty))
 
         dS = gl.zeros([K, V], gl.float32, MMA)      # the gradient of the current chunk's end state
         if HAS_DHT:
@@ -533,7 +560,8 @@ if GLUON_IMPORT_ERROR is None:
             dr_c, dw_c, dk_c, da_c, db_c = _input_grads(
                 safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c, L, G,
                 Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, sm_da, sm_bf, sm_kf, sm_ah32, sm_rh32,
-                sm_tri, sm_dl, W_FORM, BT, MMA)
+                sm_tri, sm_dl, raw16.index(st * 7 + 3), raw16.index(st * 7 + 4), raw16.index(st * 7 + 2), sm_shift, m_t,
+                (rows < BT - 1) & (o_t[:, None] + 1 < eos), W_FORM, BT, MMA)
             gl.store(dr + p, dr_c.to(dr.dtype.element_ty), mask=m_t)
             gl.store(dw + p, dw_c.to(dw.dtype.element_ty), mask=m_t)
             gl.store(dk + p, dk_c.to(dk.dtype.element_ty), mask=m_t)
@@ -637,8 +665,10 @@ if GLUON_IMPORT_ERROR is None:
         # L's tf32 head and remainder at the top of a chunk, dG's and dGm's at its end (shared memory is
         # what limits this kernel: 219 KB of the H100's 227).
         sm_scan = gl.allocate_shared_memory(gl.float32, [4, BT, BK], SHARED32)
+        sm_shift = gl.allocate_shared_memory(r.dtype.element_ty, [BT, BT], SHARED16)  # [t, t - 1]
         sm_tri.index(0).store(gl.where(rows >= cols, 1.0, 0.0) + z_tt)
         sm_tri.index(1).store(gl.where(rows > cols, 1.0, 0.0) + z_tt)
+        sm_shift.store((gl.where(rows == cols + 1, 1.0, 0.0) + z_tt).to(r.dtype.element_ty))
 
         # The gradient of the segment's end state, from the sweep.
         dS = gl.load(seg_ds + ((s0 + i_seg) * H + i_h) * K * V + s_tile, mask=(s_tile >= 0) & (n_walk > 0),
@@ -698,7 +728,8 @@ if GLUON_IMPORT_ERROR is None:
             dr_c, dw_c, dk_c, da_c, db_c = _input_grads(
                 safe, dA_ab, dA_ak, dA_rb, dA_rk, d_ahat, d_rhat, d_bt, d_kt, d_gamma, r_c, w_c, k_c, a_c, b_c, L, G,
                 Gm, a_hat, r_hat, tail, gamma, b_t, k_t, e_neg, b_f, k_f, sm_da, sm_bf, sm_kf, sm_ah32, sm_rh32,
-                sm_tri, sm_scan, W_FORM, BT, MMA)
+                sm_tri, sm_scan, raw_k.index(st * 5 + 3), raw_k.index(st * 5 + 4), raw_k.index(st * 5 + 2), sm_shift,
+                m_k, (rows < BT - 1) & (o_t[:, None] + 1 < eos), W_FORM, BT, MMA)
             gl.store(dr + p, dr_c.to(dr.dtype.element_ty), mask=m_k)
             gl.store(dw + p, dw_c.to(dw.dtype.element_ty), mask=m_k)
             gl.store(dk + p, dk_c.to(dk.dtype.element_ty), mask=m_k)

@@ -239,13 +239,19 @@ def _col(x, s, BT: tl.constexpr):
 
 
 @triton.jit
-def _pair_terms(G, Gm, b_c, k_c, s, BT: tl.constexpr):
+def _pair_terms(G, Gm, b_c, k_c, s, BT: tl.constexpr, EMPTY_SPANS: tl.constexpr):
     """For column s of the exact (strong-decay) path: b_s, k_s and the per-pair decays
-    E[t] = e^{Gm_t - G_s} (t > s) and F[t] = e^{G_t - G_s} (t >= s), zero elsewhere."""
+    E[t] = e^{Gm_t - G_s} (t > s) and F[t] = e^{G_t - G_s} (t >= s), zero elsewhere. Without
+    EMPTY_SPANS the pairs whose decay spans no L, E[s + 1] and F[s], are 0 as well: the backward
+    takes them apart (_empty_span_pairs)."""
     rows = tl.arange(0, BT)[:, None]
     G_s = _row(G, s, BT)
-    E = tl.exp(tl.where(rows > s, Gm - G_s[None, :], float("-inf")))
-    F = tl.exp(tl.where(rows >= s, G - G_s[None, :], float("-inf")))
+    if EMPTY_SPANS:
+        E = tl.exp(tl.where(rows > s, Gm - G_s[None, :], float("-inf")))
+        F = tl.exp(tl.where(rows >= s, G - G_s[None, :], float("-inf")))
+    else:
+        E = tl.exp(tl.where(rows > s + 1, Gm - G_s[None, :], float("-inf")))
+        F = tl.exp(tl.where(rows > s, G - G_s[None, :], float("-inf")))
     return _row(b_c, s, BT), _row(k_c, s, BT), E, F
 
 
@@ -268,7 +274,7 @@ def _intra(r_c, k_c, a_c, b_c, G, Gm, a_hat, r_hat, safe, BT: tl.constexpr, DOT_
         A_rb = tl.zeros([BT, BT], dtype=tl.float32)
         A_rk = tl.zeros([BT, BT], dtype=tl.float32)
         for s in range(BT):                      # a runtime loop: unrolled, it dominates compile time
-            b_s, k_s, E, F = _pair_terms(G, Gm, b_c, k_c, s, BT)
+            b_s, k_s, E, F = _pair_terms(G, Gm, b_c, k_c, s, BT, True)
             aE = a_c * E
             rF = r_c * F
             at_s = cols == s
@@ -667,6 +673,23 @@ def _grad_start_state(r_hat, a_hat, G_last, dO, dS, dZ, DOT_PRECISION: tl.conste
         + _dot(tl.trans(a_hat), dZ, DOT_PRECISION)
 
 
+@triton.jit
+def _empty_span_pairs(dA, LAG: tl.constexpr, BT: tl.constexpr):
+    """The pairs (s + LAG, s) of an in-chunk matrix's gradient dA, whose decay is e^0 ((t, t) of
+    A_rb, A_rk: e^{G_t - G_t}; (t, t - 1) of A_ab, A_ak: e^{Gm_t - G_{t-1}}), at row s as [BT, 1].
+    Such a pair moves no L, but in dL it would enter once at each end and cancel only to the
+    float32 rounding of its O(1) size, far above dL itself when every decay in the chunk is small
+    (dL_t carries e^{L_t}): the backward takes these pairs to a, r, b, k alone."""
+    rows = tl.arange(0, BT)[:, None]
+    cols = tl.arange(0, BT)[None, :]
+    on = tl.where(rows == cols + LAG, dA, 0.0)
+    if LAG == 0:
+        at_s = tl.sum(on, axis=1)[:, None]
+    else:                                   # column sums, moved onto the rows by the diagonal
+        at_s = tl.sum(tl.where(rows == cols, tl.sum(on, axis=0)[None, :], 0.0), axis=1)[:, None]
+    return at_s
+
+
 # ---------------------------------------------------------------------------------------------
 # Chunked backward: one program per (V block, sequence, head) walks its chunks last to first,
 # carrying its columns of the state gradient on chip; chunk start states come from the forward
@@ -745,17 +768,22 @@ def chunk_bwd_kernel(
         d_gamma = tl.sum(dS * S, axis=1)
         dS_prev = _grad_start_state(r_hat, a_hat, G_last, dO, dS, dZ, DOT_PRECISION)
 
-        # The four in-chunk matrices back to a, r, b, k and the cumulative decays.
+        # The four in-chunk matrices back to a, r, b, k and the cumulative decays, their pairs of
+        # decay e^0 (_empty_span_pairs) left out here and taken apart after.
         if safe:
             e_neg = tl.exp(-G)
             b_f = b_c * e_neg
             k_f = k_c * e_neg
-            d_ahat += _pair_dot(dA_ab, b_f, DOT_PRECISION) + _pair_dot(dA_ak, k_f, DOT_PRECISION)
-            d_rhat += _pair_dot(dA_rb, b_f, DOT_PRECISION) + _pair_dot(dA_rk, k_f, DOT_PRECISION)
-            d_bf = _pair_dot(tl.trans(dA_ab), a_hat, DOT_PRECISION) \
-                + _pair_dot(tl.trans(dA_rb), r_hat, DOT_PRECISION)
-            d_kf = _pair_dot(tl.trans(dA_ak), a_hat, DOT_PRECISION) \
-                + _pair_dot(tl.trans(dA_rk), r_hat, DOT_PRECISION)
+            dA_ab_x = tl.where(rows > cols + 1, dA_ab, 0.0)
+            dA_ak_x = tl.where(rows > cols + 1, dA_ak, 0.0)
+            dA_rb_x = tl.where(rows > cols, dA_rb, 0.0)
+            dA_rk_x = tl.where(rows > cols, dA_rk, 0.0)
+            d_ahat += _pair_dot(dA_ab_x, b_f, DOT_PRECISION) + _pair_dot(dA_ak_x, k_f, DOT_PRECISION)
+            d_rhat += _pair_dot(dA_rb_x, b_f, DOT_PRECISION) + _pair_dot(dA_rk_x, k_f, DOT_PRECISION)
+            d_bf = _pair_dot(tl.trans(dA_ab_x), a_hat, DOT_PRECISION) \
+                + _pair_dot(tl.trans(dA_rb_x), r_hat, DOT_PRECISION)
+            d_kf = _pair_dot(tl.trans(dA_ak_x), a_hat, DOT_PRECISION) \
+                + _pair_dot(tl.trans(dA_rk_x), r_hat, DOT_PRECISION)
             db_c = d_bf * e_neg
             dk_c = d_kf * e_neg
             dG = -(d_bf * b_f + d_kf * k_f)
@@ -769,15 +797,8 @@ def chunk_bwd_kernel(
             dGm = tl.zeros([BT, BK], dtype=tl.float32)
             da_pair = tl.zeros([BT, BK], dtype=tl.float32)
             dr_pair = tl.zeros([BT, BK], dtype=tl.float32)
-            # The s = t pairs of A_rb, A_rk carry e^0 = 1, which no decay moves: they are left out
-            # of F here and added to dr, db, dk after the loop. Kept in, they enter dG at row t and
-            # at column t and cancel only to rounding noise, which strong decay and raw w
-            # (dw = dL * L, |L| up to 30) magnify past float32's gradient ceiling.
-            rb_tt = tl.sum(tl.where(rows == cols, dA_rb, 0.0), axis=1)[:, None]
-            rk_tt = tl.sum(tl.where(rows == cols, dA_rk, 0.0), axis=1)[:, None]
             for s in range(BT):                      # a runtime loop: unrolled, it dominates compile time
-                b_s, k_s, E, F = _pair_terms(G, Gm, b_c, k_c, s, BT)
-                F = tl.where(rows > s, F, 0.0)
+                b_s, k_s, E, F = _pair_terms(G, Gm, b_c, k_c, s, BT, False)
                 g_ab = _col(dA_ab, s, BT)[:, None]
                 g_ak = _col(dA_ak, s, BT)[:, None]
                 g_rb = _col(dA_rb, s, BT)[:, None]
@@ -795,9 +816,19 @@ def chunk_bwd_kernel(
             # e^{Gm_t - G_s} and e^{G_t - G_s}: the row exponents take x_t ⊙ (their share of dx_t).
             dGm += a_c * da_pair
             dG += r_c * dr_pair
-            dr_pair += rb_tt * b_c + rk_tt * k_c
-            db_c += rb_tt * r_c
-            dk_c += rk_tt * r_c
+        # The e^0 pairs: (t, t) of A_rb, A_rk and (t, t - 1) of A_ab, A_ak. The latter join rows
+        # t and t - 1: one-row shifts within the chunk, as products with a 0/1 matrix (exact for a,
+        # in the inputs' precision; da's terms round to tf32 where the dots take 16-bit inputs).
+        ab_s = _empty_span_pairs(dA_ab, 1, BT)
+        ak_s = _empty_span_pairs(dA_ak, 1, BT)
+        rb_tt = _empty_span_pairs(dA_rb, 0, BT)
+        rk_tt = _empty_span_pairs(dA_rk, 0, BT)
+        shift = (rows == cols + 1).to(tl.float32)                        # [t, t - 1]
+        a_next = _pair_dot(tl.trans(shift), a_c, DOT_PRECISION)
+        dr_pair += rb_tt * b_c + rk_tt * k_c
+        da_pair += _pair_dot(shift, ab_s * b_c + ak_s * k_c, DOT_PRECISION)
+        db_c += rb_tt * r_c + ab_s * a_next
+        dk_c += rk_tt * r_c + ak_s * a_next
         # Direct terms: Â = a e^{Gm}, R̂ = r e^{G}, B̃ = b e^{G_C - G}, K̃ = k e^{G_C - G}, γ = e^{G_C}.
         da_c = d_ahat * tl.exp(Gm) + da_pair
         dr_c = d_rhat * tl.exp(G) + dr_pair
@@ -805,12 +836,15 @@ def chunk_bwd_kernel(
         dG += d_rhat * r_hat
         db_c += d_bt * tail
         dk_c += d_kt * tail
-        tail_terms = d_bt * b_t + d_kt * k_t
+        # The last token's tail e^{G_C - G_t} spans no L either (rows past eos carry zeros), nor
+        # does Â's first row e^{Gm_0}: both stay out of dL.
+        tail_terms = tl.where((rows < BT - 1) & (tok0 + rows + 1 < eos), d_bt * b_t + d_kt * k_t, 0.0)
         dG -= tail_terms
         dG_last = tl.sum(tail_terms, axis=0) + d_gamma * gamma
-        # L enters G (inclusive), Gm (exclusive) and G_last (all rows): reverse cumulative sums.
-        dL = (tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG) \
-            + (tl.sum(dGm, axis=0)[None, :] - tl.cumsum(dGm, axis=0)) + dG_last[None, :]
+        dGm = tl.where(rows > 0, dGm, 0.0)
+        # L_t enters G_s (s >= t), Gm_s (s > t) and G_last: suffix sums, each term entered at its
+        # end of a span (a difference of totals would cancel to the rounding of the largest).
+        dL = tl.cumsum(dG + dGm, axis=0, reverse=True) - dGm + dG_last[None, :]
         dw_c = _dlog_decay(dL, w_c, L, W_FORM)
         tl.store(dr + part + p_k, dr_c.to(dr.dtype.element_ty), mask=m_k)
         tl.store(dw + part + p_k, dw_c.to(dw.dtype.element_ty), mask=m_k)
