@@ -4,6 +4,9 @@ Every case has a stable id; its inputs are drawn fresh from a seed that the repo
 look like a real RWKV-7 layer's (a = -kk, b = kk * lr with kk unit-norm per head) with the decay
 regime of the case:
     realistic  L in (-0.6065, 0)        strong  L down to -30        unit  L = 0 on half the channels
+    strong_all L in [-30, -10] on every channel (dL_t carries e^{L_t}: tiny gradients of w)
+    zero       L = -inf (decay exactly 0) on a quarter of the channels and on one token in eight
+               elsewhere, realistic otherwise; raw w is 500 there (exp overflows float32, not float64)
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # SPEC §2 ceilings: (outputs and state, gradients).
 TOLERANCES = {"float32": (2e-5, 1e-4), "bfloat16": (1e-2, 2e-2), "float16": (5e-3, 1e-2)}
 
-REGIMES = ("realistic", "strong", "unit")
+REGIMES = ("realistic", "strong", "unit")            # every dtype, forward and backward
+EXTREME_REGIMES = ("strong_all", "zero")             # a few cases each
 KINDS = ("forward", "backward", "chain", "decode_chain", "varlen", "determinism", "noncontiguous")
 
 
@@ -84,6 +88,12 @@ def make_inputs(case: Case, seed: int, device) -> dict:
     elif case.regime == "unit":
         L = -0.6065 * u
         L[..., : K // 2] = 0.0
+    elif case.regime == "strong_all":
+        L = -10.0 - 20.0 * u
+    elif case.regime == "zero":
+        L = -0.6065 * u
+        L[..., : max(1, K // 4)] = -math.inf
+        L[torch.rand(B, T, H, K, generator=g) < 0.125] = -math.inf
     else:
         L = -0.6065 * u
     w = _w_from_log_decay(L, case.w_form)
@@ -110,8 +120,8 @@ def make_inputs(case: Case, seed: int, device) -> dict:
 def _w_from_log_decay(L: torch.Tensor, w_form: str) -> torch.Tensor:
     if w_form == "log":
         return L
-    if w_form == "raw":                       # L = -exp(w)
-        return torch.log(torch.clamp(-L, min=1e-30))
+    if w_form == "raw":                       # L = -exp(w); L = -inf as w = 500
+        return torch.clamp(torch.log(torch.clamp(-L, min=1e-30)), max=500.0)
     if w_form == "clampw":                    # L = -e^-0.5 sigmoid(w): invert within its range
         frac = torch.clamp(-L / math.exp(-0.5), 1e-6, 1 - 1e-6)
         return torch.log(frac / (1 - frac))
@@ -135,6 +145,12 @@ def quick_cases() -> list:
         Case("forward", "bfloat16", "realistic", 1, 30, 1, 32, 32, w_form="clampw"),
         Case("backward", "float32", "strong", 1, 18, 1, 32, 16, w_form="raw"),
         Case("backward", "float32", "realistic", 1, 17, 1, 16, 16, w_form="clampw", has_state=False),
+        Case("forward", "float32", "strong_all", 2, 37, 2, 16, 24),
+        Case("backward", "float32", "strong_all", 1, 21, 2, 16, 16),
+        Case("backward", "bfloat16", "strong_all", 1, 21, 2, 16, 16, w_form="raw"),
+        Case("forward", "bfloat16", "zero", 2, 37, 2, 16, 24),
+        Case("backward", "float32", "zero", 1, 21, 2, 16, 16),
+        Case("backward", "bfloat16", "zero", 1, 21, 2, 16, 16, w_form="raw"),
         Case("chain", "float32", "realistic", 1, 40, 2, 16, 16, split=23),
         Case("decode_chain", "float32", "realistic", 2, 6, 2, 16, 32),
         Case("varlen", "float32", "realistic", 1, 45, 2, 16, 16, seqlens=(17, 0, 28)),
@@ -159,6 +175,11 @@ def full_cases() -> list:
         Case("backward", "float32", "strong", 1, 200, 2, 128, 96),
         Case("forward", "float32", "realistic", 1, 301, 3, 48, 80, has_state=False),
         Case("backward", "float32", "unit", 1, 129, 2, 32, 16, w_form="raw"),
+        Case("backward", "float32", "strong_all", 2, 300, 4, 64, 64),
+        Case("backward", "bfloat16", "strong_all", 1, 257, 2, 128, 128, w_form="raw"),
+        Case("forward", "float32", "zero", 2, 512, 4, 64, 64, w_form="raw"),
+        Case("backward", "bfloat16", "zero", 2, 300, 4, 64, 64),
+        Case("backward", "float32", "zero", 1, 129, 2, 128, 128),
         Case("backward", "bfloat16", "realistic", 2, 260, 2, 64, 64, w_form="clampw", scale=0.125),
         Case("forward", "float16", "strong", 2, 333, 2, 64, 64, w_form="raw"),
         Case("chain", "bfloat16", "realistic", 2, 1000, 4, 64, 64, split=389),
