@@ -286,11 +286,12 @@ def wkv7(r, w, k, v, a, b, state=None, *, group=None, w_form="log", scale=1.0, c
     width = -(-width // row_size) * row_size       # whole P rows, so the gathered buffer views as rows
     needs_grad = bool(meta["needs_grad"])
 
-    def local(lo, hi, st, cu=None, final=True, values=None, out_scale=scale):
-        x = [t[:, lo:hi] for t in (r, w, k)]
+    def local(lo, hi, st, cu=None, final=True, values=None):
+        """rwkv_backends.wkv7 on local tokens [lo, hi) (values replaces v there when given)."""
         vv = v[:, lo:hi] if values is None else values
-        return _local_wkv7(*x, vv, a[:, lo:hi], b[:, lo:hi], st, w_form=w_form, scale=out_scale,
-                           cu_seqlens=cu, output_final_state=final, backend=backend)
+        return _local_wkv7(r[:, lo:hi], w[:, lo:hi], k[:, lo:hi], vv, a[:, lo:hi], b[:, lo:hi], st,
+                           w_form=w_form, scale=scale, cu_seqlens=cu, output_final_state=final,
+                           backend=backend)
 
     pieces = plans[rank]
     head = pieces[0] if pieces and pieces[0].carried else None
