@@ -52,6 +52,14 @@ def test_short_path_matches_the_reference(B, T, regime, w_form):
     _compare(x, x["state"], {"w_form": w_form, "scale": 0.7})
 
 
+@pytest.mark.parametrize("B, T", [(3, 5), (2, 1)])
+def test_short_path_with_one_head(B, T):
+    """One head with B > 1: the step path's per-step views stay valid when H = 1 folds into B."""
+    case = Case("backward", "float32", "realistic", B, T, 1, 16, 8)
+    x = make_inputs(case, 5, "cpu")
+    _compare(x, x["state"], {})
+
+
 @pytest.mark.parametrize("T", [1, 4])
 def test_short_path_without_state_and_without_final_state(T):
     x = make_inputs(Case("backward", "float32", "realistic", 2, T, 2, 16, 8), 3, "cpu")

@@ -603,7 +603,7 @@ def step_forward(r, L, k, v, a, b, state, scale, keep=False):
             sa = torch.bmm(as_[t], h, out=sas[t])
             h = torch.mul(h, d[t], out=slots[t])
             h.baddbmm_(bs[t], sa).baddbmm_(ks[t], vs[t])
-        o = torch.bmm(r_.view(T * Z, 1, K), states[1:].view(T * Z, K, V))
+        o = torch.bmm(r_.reshape(T * Z, 1, K), states[1:].view(T * Z, K, V))
         final, saved = h.clone(), (states, sa_all)
     else:
         o = torch.empty(T, Z, 1, V, dtype=dt, device=k.device)
