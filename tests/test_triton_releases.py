@@ -80,3 +80,16 @@ def test_amd_configs_compile_without_rocm():
                                                 arch="gfx942", warp_size=64, backend="hip")
     assert rc == 0, stderr[-2000:]
     assert results[0]["vgprs"] > 0 and "vgpr_spills" in results[0]
+
+
+def test_a_card_checks_a_new_release_with_gluon_forced_on(monkeypatch):
+    """RWKV_BACKENDS_GLUON=check lifts gluon-experimental's release test inside the supported range only."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sm90 = dev.profile("nvidia:sm90")
+    unchecked = next(f"{lo}.{hi}.0" for lo, hi in [(3, 7), (3, 8), (3, 9)] if (lo, hi) not in known_issues.GLUON_CHECKED_TRITON)
+    assert "gluon-experimental" in {i.id for i in known_issues.active(sm90, unchecked)}
+    monkeypatch.setenv("RWKV_BACKENDS_GLUON", "check")
+    assert "gluon-experimental" not in {i.id for i in known_issues.active(sm90, unchecked)}
+    assert "gluon-experimental" in {i.id for i in known_issues.active(sm90, "3.10.0")}
+    assert "gluon-experimental" in {i.id for i in known_issues.active(dev.profile("nvidia:sm89").__class__(
+        **{**sm90.as_dict(), "arch": "sm75", "triton_target_arch": 75}), unchecked)}

@@ -9,6 +9,7 @@ triggers are avoided up front; combinations nobody has seen are probed by the do
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -71,14 +72,22 @@ def _release_words(tv: tuple) -> str:
     return ".".join(map(str, tv)) if tv else "none"
 
 
+# RWKV_BACKENDS_GLUON=check runs the Gluon kernels on a Triton release outside GLUON_CHECKED_TRITON:
+# how a card checks a new release before the release joins the list.
+GLUON_CHECK_ENV, GLUON_CHECK_VALUE = "RWKV_BACKENDS_GLUON", "check"
+
+
 def _gluon_unchecked(d: DeviceInfo, tv: tuple) -> bool:
     """NVIDIA devices where the Gluon kernels have not been checked: before sm80 (they issue
-    mma.sync and cp.async), other Triton releases, and the interpreter (which cannot run Gluon).
-    Other vendors have no Gluon kernel at all (TritonChunk.fit_configs keeps it off there)."""
+    mma.sync and cp.async), other Triton releases (unless RWKV_BACKENDS_GLUON=check), and the
+    interpreter (which cannot run Gluon). Other vendors have no Gluon kernel at all
+    (TritonChunk.fit_configs keeps it off there)."""
     if d.vendor != "nvidia":
         return False
     sm = re.match(r"sm(\d+)", d.arch or "")
-    return interpreter_enabled() or sm is None or int(sm.group(1)) < 80 or not tv or tv[:2] not in GLUON_CHECKED_TRITON
+    checking = os.environ.get(GLUON_CHECK_ENV) == GLUON_CHECK_VALUE and supported_triton(tv)
+    return (interpreter_enabled() or sm is None or int(sm.group(1)) < 80 or not tv
+            or (tv[:2] not in GLUON_CHECKED_TRITON and not checking))
 
 
 def _no_gluon(kernel: str, cfg: KernelConfig) -> KernelConfig:
