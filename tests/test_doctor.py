@@ -94,6 +94,19 @@ def test_unparsable_triton_version_is_a_failed_check():
     assert "--triton-version" in bad["detail"] and "'three'" in bad["detail"] and "X.Y.Z" in bad["detail"]
 
 
+@pytest.mark.parametrize("tv, supported", [("3.5.1", False), ("3.8.0", True), ("3.10.0", False)])
+def test_the_triton_release_is_held_to_the_supported_range(tv, supported):
+    """Outside the range the doctor names the release and what is off, and still reports."""
+    rc, report = run_doctor("--triton-version", tv, env={"RWKV_BACKENDS_SIMULATE": "nvidia:sm90"})
+    check = checks(report)["triton"]
+    assert check["status"] == ("ok" if supported else "warn"), check
+    assert "3.6 to 3.9" in check["detail"]
+    if not supported:
+        assert tv in check["detail"] and "Gluon kernels are off" in check["detail"]
+    active = {i["id"] for i in report["known_issues"] if i["active"]}
+    assert ("triton-release-unsupported" in active) == (not supported)
+
+
 def test_self_test_runs_the_backward():
     rc, report = run_doctor()
     assert rc == 0, failed(report)

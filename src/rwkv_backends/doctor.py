@@ -123,8 +123,7 @@ def _collect(simulate, triton_version_as, probe, settings) -> dict:
         checks.append(_check("triton", "warn", "Triton is not installed: only the PyTorch backend is available "
                                                "(pip install triton on Linux x86-64/aarch64)"))
     else:
-        checks.append(_check("triton", "ok", f"Triton {triton_version()} imports"
-                                             + (f"; planning as Triton {tv}" if triton_version_as else "")))
+        checks.append(_triton_release_check(triton_version(), tv if triton_version_as else None))
     target = triton_target()
     if simulate:
         checks.append(_check("triton driver", "ok", f"simulated {simulate}: no driver needed for planning"
@@ -209,6 +208,24 @@ def _cache_check():
         return _check("triton cache", "ok", f"{cache} is writable")
     except OSError as exc:
         return _check("triton cache", "fail", f"{cache} is not writable ({exc}); set TRITON_CACHE_DIR to a writable folder")
+
+
+def _triton_release_check(installed: str, planned_as: str | None) -> dict:
+    """The installed (or planned-as) Triton release against the supported range, and what runs there."""
+    from .device import parse_version
+    from .known_issues import GLUON_CHECKED_TRITON, SUPPORTED_TRITON, supported_triton
+    words = lambda v: ".".join(map(str, v))                       # noqa: E731
+    tv = parse_version(planned_as or installed)
+    head = f"Triton {installed} imports" + (f"; planning as Triton {planned_as}" if planned_as else "")
+    span = f"{words(SUPPORTED_TRITON[0])} to {words(SUPPORTED_TRITON[1])}"
+    gluon = ", ".join(words(v) for v in GLUON_CHECKED_TRITON)
+    if not supported_triton(tv):
+        return _check("triton", "warn", f"{head}: {words(tv[:3])} is outside the supported range {span} (the "
+                                        "releases torch 2.11 to 2.15 pin); the Triton kernels run unverified there and "
+                                        "the Gluon kernels are off (known issue triton-release-unsupported); install a "
+                                        "torch that pins a supported Triton")
+    note = "" if tv[:2] in GLUON_CHECKED_TRITON else f"; the Gluon kernels are off on it (checked on a card with {gluon})"
+    return _check("triton", "ok", f"{head} (supported: {span}){note}")
 
 
 def _compile_probe(info, tv, plans):
