@@ -447,3 +447,10 @@ def test_a_warning_shows_once_per_call_site():
             _call(x)
     shown = [w for w in caught if "wkv7:" in str(w.message)]
     assert len(shown) == 1 and shown[0].filename == __file__      # attributed to the caller
+
+
+def test_subpackages_are_attributes():
+    import rwkv_backends as rb
+    assert callable(rb.distributed.wkv7) and callable(rb.compat.patch_fla)
+    with pytest.raises(AttributeError):
+        rb.no_such_thing

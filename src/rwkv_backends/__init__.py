@@ -1,4 +1,4 @@
-"""rwkv_backends: RWKV-7's WKV7 operator on every accelerator (SPEC: shared/SPEC.md).
+"""rwkv_backends: RWKV-7's WKV7 operator on every accelerator (the contract: docs/contract.md).
 
     o, state = rwkv_backends.wkv7(r, w, k, v, a, b, state)
     rwkv_backends.explain(r, w, k, v, a, b, state)   # which kernel, which config, and why
@@ -16,4 +16,13 @@ from .api import explain, wkv7  # noqa: E402
 from .reference import wkv7_reference  # noqa: E402
 from .registry import NoBackendError  # noqa: E402
 
-__all__ = ["wkv7", "explain", "wkv7_reference", "NoBackendError", "__version__"]
+__all__ = ["wkv7", "explain", "wkv7_reference", "NoBackendError", "compat", "distributed", "__version__"]
+
+
+def __getattr__(name):
+    # The drop-ins and context parallelism load on first use: `rwkv_backends.compat.patch_fla()` and
+    # `rwkv_backends.distributed.wkv7(...)` work without importing them first.
+    if name in ("compat", "distributed"):
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
