@@ -8,7 +8,7 @@ import pytest
 
 from _support import REPO
 
-EXAMPLES = ["demo.py", "train_time_mix.py", "generate.py"]
+EXAMPLES = ["demo.py", "train_time_mix.py", "generate.py", "context_parallel.py"]
 
 
 @pytest.mark.parametrize("script", EXAMPLES)
