@@ -219,8 +219,8 @@ def host_us_interleaved(fns: dict, rounds=7, calls=500) -> dict:
 def host_bound_row(x, peers) -> dict:
     """B1 decode: the GPU work is a few microseconds, so a call costs what its host path costs.
     do_bench cannot see that: it clears L2 with a kernel before every call, and a host path shorter
-    than that kernel hides behind it (session 15 measured ours at 5.4 us that way, against 30 us of
-    wall time per eager call). So this row is the wall time per back-to-back eager call, in
+    than that kernel hides behind it (on an H100 do_bench gives ours 5.4 us, against 30 us of wall
+    time per eager call). So this row is the wall time per back-to-back eager call, in
     interleaved rounds (host_us_interleaved), the way a decode loop runs."""
     fns, row = {}, {}
     for label, make_fn in [("ours", ours)] + [(n, PEERS[n]) for n in peers]:
