@@ -214,7 +214,7 @@ def _triton_release_check(installed: str, planned_as: str | None) -> dict:
     """The installed (or planned-as) Triton release against the supported range, and what runs there."""
     from .device import parse_version
     from .known_issues import GLUON_CHECKED_TRITON, SUPPORTED_TRITON, supported_triton
-    words = lambda v: ".".join(map(str, v))                       # noqa: E731
+    from .known_issues import _release_words as words
     tv = parse_version(planned_as or installed)
     head = f"Triton {installed} imports" + (f"; planning as Triton {planned_as}" if planned_as else "")
     span = f"{words(SUPPORTED_TRITON[0])} to {words(SUPPORTED_TRITON[1])}"

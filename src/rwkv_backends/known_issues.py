@@ -72,9 +72,10 @@ def _release_words(tv: tuple) -> str:
     return ".".join(map(str, tv)) if tv else "none"
 
 
-# RWKV_BACKENDS_GLUON=check runs the Gluon kernels on a Triton release outside GLUON_CHECKED_TRITON:
-# how a card checks a new release before the release joins the list.
-GLUON_CHECK_ENV, GLUON_CHECK_VALUE = "RWKV_BACKENDS_GLUON", "check"
+# The setting of the Gluon kernels: "0" keeps them off (backends/triton.py); "check" runs them on a
+# supported Triton release outside GLUON_CHECKED_TRITON, how a card checks a new release before the
+# release joins the list.
+GLUON_ENV, GLUON_CHECK_VALUE = "RWKV_BACKENDS_GLUON", "check"
 
 
 def _gluon_unchecked(d: DeviceInfo, tv: tuple) -> bool:
@@ -85,7 +86,7 @@ def _gluon_unchecked(d: DeviceInfo, tv: tuple) -> bool:
     if d.vendor != "nvidia":
         return False
     sm = re.match(r"sm(\d+)", d.arch or "")
-    checking = os.environ.get(GLUON_CHECK_ENV) == GLUON_CHECK_VALUE and supported_triton(tv)
+    checking = os.environ.get(GLUON_ENV) == GLUON_CHECK_VALUE and supported_triton(tv)
     return (interpreter_enabled() or sm is None or int(sm.group(1)) < 80 or not tv
             or (tv[:2] not in GLUON_CHECKED_TRITON and not checking))
 

@@ -21,7 +21,7 @@ from .tuning import lookup
 BACKEND_ENV = "RWKV_BACKENDS_BACKEND"
 # "0" keeps the Gluon kernels off (the tables' `gluon` configs run their Triton kernels instead):
 # for comparing the two, or for a Triton build whose Gluon misbehaves before a known issue says so.
-GLUON_ENV = "RWKV_BACKENDS_GLUON"
+GLUON_ENV = known_issues.GLUON_ENV
 
 _VARIANTS: dict = {}
 _generation = 0            # bumped by register(): callers that cache plans key on it
