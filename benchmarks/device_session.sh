@@ -11,6 +11,8 @@
 #   conformance-planned  the full conformance tier, as planned only
 #   conformance  the full conformance tier on the Triton backend as planned, then forced to the one-pass
 #                triton.chunk variant (JSON and JUnit reports)
+#   context-parallel  distributed.wkv7 over 2 and 4 processes sharing the GPU: the test against one
+#                process and float64, then bench_context_parallel.py (the summary pass's overhead)
 #   bench        bench_wkv7.py with the peers on the shapes (BENCH_ONLY="a,b" for some)
 #   plot         bench_wkv7.py --plot over T
 #   tune         the tune tool, one run per kernel group (tune-*.json; paste the entries into
@@ -61,6 +63,9 @@ for step in "$@"; do
                      # small cases plan the two-pass variant: check the one-pass kernels as well
                      timeout 300 python3 -m rwkv_backends.conformance --backend triton.chunk \
                          --report "$OUT/conformance-onepass.json" --junit "$OUT/conformance-onepass.xml" | tail -n 3 ;;
+        context-parallel) timeout 300 python3 -m pytest -q -rs -m gpu -k several_processes_on_one_gpu -p no:cacheprovider \
+                         --junitxml="$OUT/gpu-tests-context-parallel.xml" tests/test_distributed.py
+                     timeout 300 python3 benchmarks/bench_context_parallel.py --out "$OUT/bench-context-parallel.json" | tail -n 9 ;;
         bench)       # BENCH_ONLY="long_T16384,head128" runs those shapes only; head 128 runs in a process of its
                      # own, where wind_rwkv builds for that head size
                      timeout 420 python3 benchmarks/bench_wkv7.py "${PEERS[@]}" --only "${BENCH_ONLY:-train_H32,train_H64,prefill_H32,prefill_H64,long_T16384,decode_B256}" \

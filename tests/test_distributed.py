@@ -58,6 +58,16 @@ CASES = {
 FAULT_CASE = "fault_fold_drops_rank_0"
 CASES[FAULT_CASE] = dict(CASES["packed_crossing"], fault="drop_rank_0")
 
+# Several processes on one GPU (gloo moves the summaries through the host), the Triton backend: the
+# CPU cases that cross ranks, plus head size 64 over hundreds of tokens, where the kernels chunk.
+GPU_CASES = {
+    "heads64_batch": dict(B=2, H=4, K=64, V=64, split={2: [300, 212], 4: [128, 0, 200, 184]}, state=True),
+    "heads64_packed": dict(H=4, K=64, V=64, seqlens=[70, 333, 0, 100, 9], split={2: [256, 256],
+                           4: [64, 200, 0, 248]}, state=True, w_form="raw"),
+}
+GPU_NAMES = ("batch_unequal_raw", "packed_crossing", "packed_empty_ranks", "two_layers", FAULT_CASE,
+             *GPU_CASES)
+
 # Bad arguments on one rank: every rank raises, naming the argument.
 ERROR_CASES = ("lengths_do_not_sum", "k_differs_on_last_rank", "bad_state_on_last_rank",
                "cu_seqlens_differ", "needs_grad_differs")
@@ -120,8 +130,16 @@ def _model(op, x, state, cu, case, leaves):
     return v, finals
 
 
-def _run_case(name, case, rank, world, dist, distributed, wkv7, reference):
-    x = _inputs(case)
+def _to(x, device):
+    if isinstance(x, dict):
+        return {n: _to(t, device) for n, t in x.items()}
+    if isinstance(x, list):
+        return [_to(t, device) for t in x]
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def _run_case(name, case, rank, world, dist, distributed, wkv7, reference, device="cpu", backend="pytorch"):
+    x = _to(_inputs(case), device)
     lengths = case["split"][world]
     start = sum(lengths[:rank])
     end = start + lengths[rank]
@@ -140,7 +158,7 @@ def _run_case(name, case, rank, world, dist, distributed, wkv7, reference):
     # Single process: the whole sequence, final-state gradients summed over ranks.
     full = {n: x[n].clone().requires_grad_() for n in NAMES}
     st = x["state"].clone().requires_grad_() if x["state"] is not None else None
-    o_ref, f_ref = _model(lambda *a, **kw: wkv7(*a, **kw, backend="pytorch"), x, st, x["cu"], case, full)
+    o_ref, f_ref = _model(lambda *a, **kw: wkv7(*a, **kw, backend=backend), x, st, x["cu"], case, full)
     loss(o_ref, f_ref, x["do"], sum(dfinals)).backward()
     ref_grads = {n: _grad(full[n]) for n in NAMES}
     ref_dstate = _grad(st) if st is not None else None
@@ -157,14 +175,15 @@ def _run_case(name, case, rank, world, dist, distributed, wkv7, reference):
     # Distributed: this rank's slice.
     local = {n: x[n][:, start:end].clone().requires_grad_() for n in NAMES}
     st_d = x["state"].clone().requires_grad_() if x["state"] is not None else None
-    op = lambda *a, **kw: distributed.wkv7(*a, **kw, backend="pytorch")       # noqa: E731
+    op = lambda *a, **kw: distributed.wkv7(*a, **kw, backend=backend)         # noqa: E731
     o_d, f_d = _model(op, x, st_d, x["cu"], case, local)
     loss(o_d, f_d, x["do"][:, start:end], dfinals[rank]).backward()
     grads = {n: _grad(local[n]) for n in NAMES}
     dstate = None
     if st_d is not None:                      # None on ranks whose outputs do not use the state
-        dstate = _grad(st_d).clone()
+        dstate = _grad(st_d).cpu()
         dist.all_reduce(dstate)
+        dstate = dstate.to(device)
 
     err = {}
     # o: the gathered slices against the whole; every rank contributes its slice's squared error.
@@ -230,8 +249,10 @@ def _run_error_case(name, rank, world, distributed):
     return "raised nothing"
 
 
-def _worker(rank, world, port, out_dir, names=None):
+def _worker(rank, world, port, out_dir, names=None, device="cpu", backend="pytorch"):
     torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(0)
     import torch.distributed as dist
 
     import rwkv_backends
@@ -239,7 +260,7 @@ def _worker(rank, world, port, out_dir, names=None):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
     try:
-        for name, case in CASES.items():
+        for name, case in {**CASES, **GPU_CASES}.items():
             if names is not None and name not in names:
                 continue
             restore = None
@@ -255,7 +276,7 @@ def _worker(rank, world, port, out_dir, names=None):
                 distributed._Fold._p, distributed._Fold._m = p_without_rank_0, m_without_rank_0
             try:
                 results[name] = _run_case(name, case, rank, world, dist, distributed, rwkv_backends.wkv7,
-                                          rwkv_backends.wkv7_reference)
+                                          rwkv_backends.wkv7_reference, device, backend)
             except Exception:
                 results[name] = {"exception": traceback.format_exc()}
                 raise
@@ -294,9 +315,9 @@ def _results(world, names=None):
     return _RUNS[world]
 
 
-def _run(world, names):
+def _run(world, names, device="cpu", backend="pytorch"):
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir, names), nprocs=world,
+        ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir, names, device, backend), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + RUN_TIMEOUT_S
         try:
@@ -340,6 +361,24 @@ def test_bad_arguments_raise_on_every_rank(world, name):
     for rank, results in _results(world).items():
         message = results["error:" + name]
         assert message.startswith("ValueError: " + expected), (rank, message)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_several_processes_on_one_gpu(world):
+    """The Triton backend's distributed call on CUDA tensors, every rank on the same GPU, against the
+    same backend in one process and against float64; the dropped-rank fold must fail."""
+    results = _run(world, GPU_NAMES, device="cuda", backend="triton")[0]
+    for name in GPU_NAMES:
+        res = results[name]
+        assert "exception" not in res, res.get("exception")
+        if name == FAULT_CASE:
+            assert res["o"] > 1e-2 and res["state_out0"] > 1e-2, res
+            continue
+        for key, value in res.items():
+            tol = TOL_OUT if key.startswith(("o", "state_out")) else TOL_GRAD
+            assert value <= tol, f"{name} on {world} ranks: {key} error {value:.2e} > {tol:.0e} ({res})"
 
 
 def test_needs_an_initialized_process_group():
