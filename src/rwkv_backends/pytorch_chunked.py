@@ -32,19 +32,17 @@ Autocast is off inside: the products run in float32 (float64 for gradcheck) in a
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from .pytorch_segments import FORWARD_CHUNK, SAFE_RANGE, segmented_forward  # noqa: F401
+from .pytorch_steps import (StepWKV7, _batch_major, _compute_dtype, _float32_math, _time_major,  # noqa: F401
+                            step_backward, step_decode, step_forward)
 
 # Largest in-chunk decay range (in log units) that the factorised form takes: column factors
 # are at most exp(SAFE_RANGE) ~ 1e26, far from float32 overflow (3e38).
-SAFE_RANGE = 60.0
 DEFAULT_CHUNK = 32
 # Sequences of at most this many tokens run step by step (step_forward), longer ones by chunks.
 SHORT_MAX = 16
-# Rows (tokens x sequences x heads) per segment of a long forward (see chunked_forward): 2048 rows
-# keep a segment's [rows, 64] float32 maps at 512 KB each, inside a 2 MB L2.
-SEGMENT_ROWS = 2048
 
 
 def chunk_for(T):
@@ -87,14 +85,6 @@ def _intra_factored(a_hat, r_hat, b_f, k_f):
     e^{-G}: each row x column product is a true in-chunk decay <= 1."""
     return ((a_hat @ b_f.transpose(1, 2)).tril_(-1), (a_hat @ k_f.transpose(1, 2)).tril_(-1),
             (r_hat @ b_f.transpose(1, 2)).tril_(), (r_hat @ k_f.transpose(1, 2)).tril_())
-
-
-def _float32_math(device):
-    """Autocast off for the op's own arithmetic: its products stay in the compute dtype and the
-    scan's in-place float32 state writes see float32 operands."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _log_decay_sums(L, after=True):
@@ -200,11 +190,6 @@ def _to_chunks(x, C, fresh=False):
     if fresh and y.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
         y = y.clone()
     return y
-
-
-def _compute_dtype(x):
-    """Float32 for the op's dtypes; float64 stays float64 (gradcheck runs the backend in it)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _from_chunks(y, B, H, T):
@@ -341,31 +326,30 @@ def chunk_transitions(W, U0, Bt, Nt, gamma):
     return M, torch.baddbmm(Nt, Btt, U0)
 
 
-def chunked_forward(r, L, k, v, a, b, state, scale, chunk, segment=None):
-    """Equal-length sequences [B, T, H, *], state [B, H, K, V]. Returns o, the final state and every
-    chunk's start state ([n, B*H, K, V], what the backward needs). The time axis runs in segments of
-    `segment` tokens (a multiple of chunk; default SEGMENT_ROWS / (B*H)), so that a segment's chunk maps
-    stay in cache between the ATen calls that form them."""
+def chunked_forward(r, L, k, v, a, b, state, scale, chunk, keep=True):
+    """Equal-length sequences [B, T, H, *], state [B, H, K, V]. Returns o, the final state and, with
+    `keep`, every chunk's start state ([n, B*H, K, V], what the backward at this chunk size needs;
+    None without). The forward itself runs at FORWARD_CHUNK where chunk is a multiple of it (the
+    start states are every (chunk / FORWARD_CHUNK)-th of its own), in segments
+    (pytorch_segments.segmented_forward)."""
+    fc = FORWARD_CHUNK if chunk % FORWARD_CHUNK == 0 else chunk
+    return segmented_forward(r, L, k, v, a, b, state, scale, fc, keep_every=chunk // fc if keep else 0)
+
+
+def _chunked_forward_maps(r, L, k, v, a, b, state, scale, chunk):
+    """The forward as one batch of chunk maps and a K x K scan (no segments): the form the
+    backward's formulas follow, kept as the reference for segmented_forward in the tests."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     n = max(1, -(-T // chunk))
-    seg = max(1, (segment or SEGMENT_ROWS // (B * H)) // chunk) * chunk
-    o = torch.empty(B, T, H, V, dtype=_compute_dtype(k), device=k.device)
-    states = torch.empty(n + 1, B * H, K, V, dtype=o.dtype, device=k.device)
+    states = torch.empty(n + 1, B * H, K, V, dtype=_compute_dtype(k), device=k.device)
     states[0] = state.reshape(B * H, K, V)
-    slots = states.unbind(0)
-    for t0 in range(0, max(T, 1), seg):
-        t1 = min(T, t0 + seg)
-        part = [x[:, t0:t1] for x in (r, L, k, v, a, b)]
-        ns, c0 = max(1, -(-(t1 - t0) // chunk)), t0 // chunk
-        W, U0, Bt, Nt, gamma, P, Q = chunk_maps(*(_to_chunks(x, chunk, fresh=True) for x in part), scale, owned=True)
-        M, N = (x.view(ns, B * H, *x.shape[1:]) for x in chunk_transitions(W, U0, Bt, Nt, gamma))
-        del W, U0, Bt, Nt
-        for c in range(ns):
-            torch.baddbmm(N[c], M[c], slots[c0 + c], out=slots[c0 + c + 1])
-        O = torch.baddbmm(Q, P, states[c0:c0 + ns].reshape(-1, K, V))
-        o[:, t0:t1] = _from_chunks(O, B, H, t1 - t0)
-    return o, states[n].clone().view(B, H, K, V), states[:n]
+    W, U0, Bt, Nt, gamma, P, Q = chunk_maps(*(_to_chunks(x, chunk) for x in (r, L, k, v, a, b)), scale)
+    M, N = (x.view(n, B * H, *x.shape[1:]) for x in chunk_transitions(W, U0, Bt, Nt, gamma))
+    for c in range(n):
+        torch.baddbmm(N[c], M[c], states[c], out=states[c + 1])
+    O = torch.baddbmm(Q, P, states[:n].reshape(-1, K, V))
+    return _from_chunks(O, B, H, T), states[n].clone().view(B, H, K, V), states[:n]
 
 
 def chunked_backward(r, L, k, v, a, b, starts, dO, dS_final, scale, chunk):
@@ -404,7 +388,8 @@ class ChunkedWKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, L, k, v, a, b, state, scale, chunk):
         with _float32_math(k.device):
-            o, final, starts = chunked_forward(r, L, k, v, a, b, state, scale, chunk)
+            o, final, starts = chunked_forward(r, L, k, v, a, b, state, scale, chunk,
+                                               keep=any(ctx.needs_input_grad))
         ctx.save_for_backward(r, L, k, v, a, b, starts)
         ctx.meta = (scale, chunk)
         return o, final
@@ -482,7 +467,7 @@ def packed_forward(pack, r, L, k, v, a, b, state, scale, keep=True):
         if g.Tp <= SHORT_MAX:
             o_g, final_g, starts_g = step_forward(*ins, st, scale, keep=keep)
         else:
-            o_g, final_g, starts_g = chunked_forward(*ins, st, scale, g.chunk)
+            o_g, final_g, starts_g = chunked_forward(*ins, st, scale, g.chunk, keep=keep)
         pack.scatter(g, o_g, o)
         final.index_copy_(0, g.ids, final_g.to(dt))
         starts.append(starts_g)
@@ -531,157 +516,6 @@ class PackedWKV7(torch.autograd.Function):
         with _float32_math(k.device):
             grads = packed_backward(pack, *ctx.saved_tensors, ctx.starts, dO, dS_final, scale)
         return (*grads, None, None)
-
-
-# --- short sequences: the recurrence step by step ----------------------------------------------
-#
-# Per step, with sa_t = a_tᵀ h_{t-1} (the state's read through a):
-#     h_t = diag(d_t) h_{t-1} + b_t sa_tᵀ + k_t v_tᵀ,   d_t = exp(L_t),   o_t = scale h_tᵀ r_t
-# three or four ATen calls per step and no padding, against a chunk's ~100 calls padded to
-# DEFAULT_CHUNK tokens. The backward walks the same steps in reverse with dh = ∂/∂h_t:
-#     dh_t = dS (t = T) or dh'_{t+1};  dh_t += scale r_t do_tᵀ
-#     dsa_t = dh_tᵀ b_t,   dh'_t = diag(d_t) dh_t + a_t dsa_tᵀ   (the gradient of h_{t-1})
-# and, from the stored states, every input gradient at once:
-#     dr_t = scale h_t do_t, dk_t = dh_t v_t, dv_t = dh_tᵀ k_t, db_t = dh_t sa_t, da_t = h_{t-1} dsa_t,
-#     dL_t = d_t Σ_v dh_t ⊙ h_{t-1}
-# Every term is a product of its own factors (no difference of sums), so strong decay and decay
-# exactly 0 (d = 0, dL = 0) need nothing special.
-
-
-def _time_major(x, dt):
-    """[B, T, H, D] -> [T, B*H, D] in the compute dtype (a view where the layout allows)."""
-    B, T, H, D = x.shape
-    x = x[0] if B == 1 else x.transpose(0, 1)
-    return x.reshape(T, B * H, D).to(dt)
-
-
-def _batch_major(y, B, H):
-    """[T, B*H, D] -> [B, T, H, D], contiguous."""
-    T, _, D = y.shape
-    y = y.view(T, B, H, D)
-    return y[None, :, 0] if B == 1 else y.transpose(0, 1).contiguous()
-
-
-def step_decode(r, L, k, v, a, b, state, scale):
-    """One token, no gradients: o [B, 1, H, V] and the new state [B, H, K, V], in six ATen calls.
-    State [B, H, K, V]; inputs [B, 1, H, *]; any float dtypes (computed in _compute_dtype(k))."""
-    B, _, H, K = k.shape
-    V = v.shape[-1]
-    Z = B * H
-    dt = _compute_dtype(k)
-    if k.dtype != dt or L.dtype != dt or state.dtype != dt or v.dtype != dt or r.dtype != dt:
-        r, L, k, v, a, b, state = (x.to(dt) for x in (r, L, k, v, a, b, state))
-    h = state.reshape(Z, K, V)
-    sa = torch.bmm(a.reshape(Z, 1, K), h)                                         # a_tᵀ h_{t-1}
-    h = h * L.reshape(Z, K, 1).exp()
-    h.baddbmm_(b.reshape(Z, K, 1), sa).baddbmm_(k.reshape(Z, K, 1), v.reshape(Z, 1, V))
-    o = torch.bmm(r.reshape(Z, 1, K), h)
-    if scale != 1.0:
-        o.mul_(scale)
-    return o.view(B, 1, H, V), h.view(B, H, K, V)
-
-
-def step_forward(r, L, k, v, a, b, state, scale, keep=False):
-    """Equal-length sequences [B, T, H, *], state [B, H, K, V], step by step. Returns o [B, T, H, V],
-    the final state [B, H, K, V] and, with `keep`, what step_backward needs: every state
-    [T + 1, B*H, K, V] (the initial one first) and every sa [T, B*H, 1, V]; else None."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    Z = B * H
-    dt = _compute_dtype(k)
-    r_, k_, v_, a_, b_ = (_time_major(x, dt) for x in (r, k, v, a, b))
-    d = _time_major(L, dt).exp().unsqueeze_(-1).unbind(0)                         # T x [Z, K, 1]
-    ks, bs = k_.unsqueeze(-1).unbind(0), b_.unsqueeze(-1).unbind(0)                  # T x [Z, K, 1]
-    vs, as_ = v_.unsqueeze(2).unbind(0), a_.unsqueeze(2).unbind(0)                   # T x [Z, 1, *]
-    h = state.reshape(Z, K, V).to(dt)
-    if keep:
-        states = torch.empty(T + 1, Z, K, V, dtype=dt, device=k.device)
-        states[0] = h
-        sa_all = torch.empty(T, Z, 1, V, dtype=dt, device=k.device)
-        slots, sas = states.unbind(0)[1:], sa_all.unbind(0)
-        for t in range(T):
-            sa = torch.bmm(as_[t], h, out=sas[t])
-            h = torch.mul(h, d[t], out=slots[t])
-            h.baddbmm_(bs[t], sa).baddbmm_(ks[t], vs[t])
-        o = torch.bmm(r_.reshape(T * Z, 1, K), states[1:].view(T * Z, K, V))
-        final, saved = h.clone(), (states, sa_all)
-    else:
-        o = torch.empty(T, Z, 1, V, dtype=dt, device=k.device)
-        outs, rs = o.unbind(0), r_.unsqueeze(2).unbind(0)
-        for t in range(T):
-            sa = torch.bmm(as_[t], h)
-            h = h * d[t]
-            h.baddbmm_(bs[t], sa).baddbmm_(ks[t], vs[t])
-            torch.bmm(rs[t], h, out=outs[t])
-        final, saved = h, None
-    if scale != 1.0:
-        o.mul_(scale)
-    return _batch_major(o.view(T, Z, V), B, H), final.view(B, H, K, V), saved
-
-
-def step_backward(r, L, k, v, a, b, saved, dO, dS_final, scale):
-    """Gradients (dr, dL, dk, dv, da, db, dstate) from step_forward's saved states; dO or dS_final
-    may be None (zero)."""
-    states, sa_all = saved
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    Z = B * H
-    dt = states.dtype
-    r_, k_, a_, b_ = (_time_major(x, dt) for x in (r, k, a, b))
-    v_ = _time_major(v, dt)
-    d = _time_major(L, dt).exp()                                                   # [T, Z, K]
-    if dO is not None:
-        dO_ = _time_major(dO, dt)
-        dH = torch.bmm(r_.reshape(T * Z, K, 1), dO_.reshape(T * Z, 1, V)).view(T, Z, K, V)
-        if scale != 1.0:
-            dH.mul_(scale)
-    else:
-        dH = torch.zeros(T, Z, K, V, dtype=dt, device=k.device)
-    dsa_all = torch.empty(T, Z, 1, V, dtype=dt, device=k.device)
-    dHs, dsas = dH.unbind(0), dsa_all.unbind(0)
-    ds, as_, bs = d.unsqueeze(-1).unbind(0), a_.unsqueeze(-1).unbind(0), b_.unsqueeze(2).unbind(0)
-    g = None if dS_final is None else dS_final.reshape(Z, K, V).to(dt)
-    for t in range(T - 1, -1, -1):
-        dh = dHs[t] if g is None else dHs[t].add_(g)
-        dsa = torch.bmm(bs[t], dh, out=dsas[t])                                     # dh_tᵀ b_t
-        g = torch.mul(dh, ds[t]).baddbmm_(as_[t], dsa)
-    dHf = dH.view(T * Z, K, V)
-    prev = states[:-1].reshape(T * Z, K, V)
-    dk = torch.bmm(dHf, v_.reshape(T * Z, V, 1))
-    db = torch.bmm(dHf, sa_all.view(T * Z, V, 1))
-    dv = torch.bmm(k_.reshape(T * Z, 1, K), dHf)
-    da = torch.bmm(prev, dsa_all.view(T * Z, V, 1))
-    dL = (dHf * prev).sum(-1).view(T, Z, K).mul_(d)
-    if dO is not None:
-        dr = torch.bmm(states[1:].view(T * Z, K, V), dO_.reshape(T * Z, V, 1))
-        if scale != 1.0:
-            dr.mul_(scale)
-    else:
-        dr = torch.zeros(T * Z, K, 1, dtype=dt, device=k.device)
-    grads = [_batch_major(x.view(T, Z, -1), B, H) for x in (dr, dL, dk, dv, da, db)]
-    return (*grads, g.view(B, H, K, V))
-
-
-class StepWKV7(torch.autograd.Function):
-    """step_forward / step_backward as an autograd Function (L is the log-decay)."""
-
-    @staticmethod
-    def forward(ctx, r, L, k, v, a, b, state, scale):
-        keep = any(ctx.needs_input_grad)
-        with _float32_math(k.device):
-            o, final, saved = step_forward(r, L, k, v, a, b, state, scale, keep=keep)
-        if keep:
-            ctx.save_for_backward(r, L, k, v, a, b, *saved)
-        ctx.scale = scale
-        return o, final
-
-    @staticmethod
-    def backward(ctx, dO, dS_final):
-        r, L, k, v, a, b, states, sa_all = ctx.saved_tensors
-        with _float32_math(k.device):
-            grads = step_backward(r, L, k, v, a, b, (states, sa_all), dO, dS_final, ctx.scale)
-        grads = [gr.to(x.dtype) for gr, x in zip(grads[:6], (r, L, k, v, a, b))] + [grads[6]]
-        return (*grads, None)
 
 
 def run_chunked(r, L, k, v, a, b, state, *, scale, cu_seqlens, chunk=None):
