@@ -32,8 +32,8 @@ LOG2E = 1.4426950408889634
 SAFE_RANGE = 60.0
 FORWARD_CHUNK = 16
 # Rows (chunk tokens x sequences x heads) per segment: a segment's [rows, 64] float32 maps are
-# 512 KB each at 2048 rows (measured: benchmarks/NOTES.md).
-FORWARD_SEGMENT_ROWS = 2048
+# 256 KB each at 1024 rows; 512 and 2048 rows were within the noise or slower (benchmarks/NOTES.md, C1).
+FORWARD_SEGMENT_ROWS = 1024
 WORKSPACE_MAX_BYTES = 64 << 20      # a larger call allocates its scratch afresh and keeps none
 
 _local = threading.local()
@@ -197,13 +197,15 @@ def _segment_factored(ws, G, part, S, scale, C, o, t0, t1, B, H, mask, unit_lowe
     U0 = ws.take(Zs, C, V)
     torch.bmm(Tinv, AkV, out=U0)
     U = ws.take(Zs, C, V)
-    Ws, U0s, Us = W.view(ns, Z, C, K), U0.view(ns, Z, C, V), U.view(ns, Z, C, V)
-    Bts = BK3.view(ns, Z, 2 * C, K)[:, :, :C].transpose(2, 3)                  # [ns, Z, K, C]
-    Nts, gs = Nt.view(ns, Z, K, V), gamma.view(ns, Z, 1, K).transpose(2, 3)     # gs: [ns, Z, K, 1]
+    # Per-chunk views made once (indexing inside the loop costs about 1 µs a view).
+    Ws, U0s, Us = W.view(ns, Z, C, K).unbind(0), U0.view(ns, Z, C, V).unbind(0), U.view(ns, Z, C, V).unbind(0)
+    Bts = BK3.view(ns, Z, 2 * C, K)[:, :, :C].transpose(2, 3).unbind(0)       # [Z, K, C] each
+    Nts = Nt.view(ns, Z, K, V).unbind(0)
+    gs = gamma.view(ns, Z, 1, K).transpose(2, 3).unbind(0)                     # [Z, K, 1] each
+    Ss = S.unbind(0)
     for c in range(ns):
-        Uc = torch.baddbmm(U0s[c], Ws[c], S[c], out=Us[c])                     # U = W S + U0
-        torch.addcmul(Nts[c], S[c], gs[c], out=S[c + 1])                        # γ S + K̃ᵀ V
-        S[c + 1].baddbmm_(Bts[c], Uc)                                            # + B̃ᵀ U
+        Uc = torch.baddbmm(U0s[c], Ws[c], Ss[c], out=Us[c])                    # U = W S + U0
+        torch.addcmul(Nts[c], Ss[c], gs[c], out=Ss[c + 1]).baddbmm_(Bts[c], Uc)  # γ S + K̃ᵀ V + B̃ᵀ U
     O = ws.take(ns, B, H, C, V)
     O3 = O.view(Zs, C, V)
     torch.bmm(AR3[:, C:], S[:ns].view(Zs, K, V), out=O3)
