@@ -92,3 +92,34 @@ def test_huge_vectors_fall_back_to_masked_fill():
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     ref_o, ref_s = wkv7_reference(*args, x["state"])
     assert relative_error(o, ref_o) <= F32_FWD and relative_error(s, ref_s) <= F32_FWD
+
+
+def test_forward_chunk_by_length():
+    """8 below 64 tokens, 16 from 64 (where it divides the backward's chunk), else the chunk itself."""
+    assert ps.forward_chunk(40, 16) == 8
+    assert ps.forward_chunk(63, 16) == 8
+    assert ps.forward_chunk(64, 32) == 16
+    assert ps.forward_chunk(4096, 32) == 16
+    assert ps.forward_chunk(100, 4) == 4
+    assert ps.forward_chunk(100, 24) == 24
+
+
+@pytest.mark.parametrize("T", [40, 200])
+def test_chunked_forward_runs_at_the_chosen_chunk(T, monkeypatch):
+    """chunked_forward (what wkv7's chunk path calls) runs segmented_forward at forward_chunk's size,
+    with the start states for the backward's chunk; gradients through it match the reference."""
+    seen = []
+    real = ps.segmented_forward
+    monkeypatch.setattr(pc, "segmented_forward", lambda *a, **k: seen.append((a[8], k)) or real(*a, **k))
+    x, args = _inputs("realistic", 1, T, seed=5)
+    chunk = pc.chunk_for(T)
+    leaves = [t.detach().clone().requires_grad_(True) for t in args]
+    o, s = pc.ChunkedWKV7.apply(*leaves, x["state"], 1.0, chunk)
+    fc = 8 if T < 64 else 16
+    assert seen == [(fc, {"keep_every": chunk // fc})]
+    grads = torch.autograd.grad((o.sum() + s.sum()), leaves)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in args]
+    ro, rs = wkv7_reference(*ref_leaves, x["state"].double())
+    ref_grads = torch.autograd.grad((ro.sum() + rs.sum()), ref_leaves)
+    assert relative_error(o, ro) <= F32_FWD
+    assert all(relative_error(g, r) <= TOLERANCES["float32"][1] for g, r in zip(grads, ref_grads))

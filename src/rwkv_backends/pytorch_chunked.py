@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from .pytorch_segments import FORWARD_CHUNK, SAFE_RANGE, segmented_forward  # noqa: F401
+from .pytorch_segments import SAFE_RANGE, forward_chunk, segmented_forward  # noqa: F401
 from .pytorch_steps import (StepWKV7, _batch_major, _compute_dtype, _float32_math, _time_major,  # noqa: F401
                             step_backward, step_decode, step_forward)
 
@@ -329,10 +329,10 @@ def chunk_transitions(W, U0, Bt, Nt, gamma):
 def chunked_forward(r, L, k, v, a, b, state, scale, chunk, keep=True):
     """Equal-length sequences [B, T, H, *], state [B, H, K, V]. Returns o, the final state and, with
     `keep`, every chunk's start state ([n, B*H, K, V], what the backward at this chunk size needs;
-    None without). The forward itself runs at FORWARD_CHUNK where chunk is a multiple of it (the
-    start states are every (chunk / FORWARD_CHUNK)-th of its own), in segments
+    None without). The forward itself runs at the chunk size forward_chunk picks, which divides
+    chunk (the start states are every (chunk / size)-th of its own), in segments
     (pytorch_segments.segmented_forward)."""
-    fc = FORWARD_CHUNK if chunk % FORWARD_CHUNK == 0 else chunk
+    fc = forward_chunk(k.shape[1], chunk)
     return segmented_forward(r, L, k, v, a, b, state, scale, fc, keep_every=chunk // fc if keep else 0)
 
 
