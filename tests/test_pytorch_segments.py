@@ -123,3 +123,23 @@ def test_chunked_forward_runs_at_the_chosen_chunk(T, monkeypatch):
     ref_grads = torch.autograd.grad((ro.sum() + rs.sum()), ref_leaves)
     assert relative_error(o, ro) <= F32_FWD
     assert all(relative_error(g, r) <= TOLERANCES["float32"][1] for g, r in zip(grads, ref_grads))
+
+
+def test_inference_mode_then_training_reuse_no_inference_buffer():
+    """A call under torch.inference_mode, then the same shapes without it and with gradients: the
+    kept workspace and masks made in inference mode (inference tensors, which out= may not write
+    outside it) are not reused outside it."""
+    import rwkv_backends as rb
+    x, _ = _inputs("realistic", 1, 100, seed=6)
+    args = [x[n] for n in NAMES]
+    with torch.inference_mode():
+        o1, _ = rb.wkv7(*args, x["state"], backend="pytorch")
+    with torch.no_grad():
+        o2, _ = rb.wkv7(*args, x["state"], backend="pytorch")
+    leaves = [t.detach().clone().requires_grad_(True) for t in args]
+    o3, s3 = rb.wkv7(*leaves, x["state"], backend="pytorch")
+    (o3.sum() + s3.sum()).backward()
+    with torch.inference_mode():
+        o4, _ = rb.wkv7(*args, x["state"], backend="pytorch")
+    assert torch.equal(o1, o2) and torch.equal(o1, o4) and torch.allclose(o1, o3.detach(), atol=1e-6)
+    assert all(t.grad is not None for t in leaves)

@@ -53,16 +53,19 @@ def forward_chunk(T, chunk):
 
 
 def _workspace(numel, dtype, device):
-    """A flat scratch tensor of at least numel elements, reused by the next call on this thread."""
-    key = (dtype, str(device))
+    """A flat scratch tensor of at least numel elements, reused by the next call on this thread.
+    Kept for CPU tensors only (elsewhere a kept buffer would hold device memory and could be
+    reused across streams), and per inference mode: a buffer made under torch.inference_mode is
+    an inference tensor, which the ops' out= may not write outside it."""
+    key = (dtype, torch.is_inference_mode_enabled())
     cache = getattr(_local, "buffers", None)
     if cache is None:
         cache = _local.buffers = {}
-    buf = cache.get(key)
+    buf = cache.get(key) if device.type == "cpu" else None
     if buf is not None and buf.numel() >= numel:
         return buf
     buf = torch.empty(numel, dtype=dtype, device=device)
-    if numel * buf.element_size() <= WORKSPACE_MAX_BYTES:
+    if device.type == "cpu" and numel * buf.element_size() <= WORKSPACE_MAX_BYTES:
         cache[key] = buf
     return buf
 
@@ -93,7 +96,7 @@ def _arena_size(Zs, C, K, V, ns, Z):
 
 def _intra_mask(C, dtype, device):
     """1 where [[A_ab, A_ak], [A_rb, A_rk]] keeps its entry (s < t in the top blocks, s <= t below), else 0."""
-    key = (C, dtype, str(device))
+    key = (C, dtype, str(device), torch.is_inference_mode_enabled())
     m = _masks.get(key)
     if m is None:
         t = torch.arange(2 * C, device=device)
@@ -104,7 +107,7 @@ def _intra_mask(C, dtype, device):
 
 
 def _tri_log2e(C, dtype, device):
-    key = ("tri", C, dtype, str(device))
+    key = ("tri", C, dtype, str(device), torch.is_inference_mode_enabled())
     m = _masks.get(key)
     if m is None:
         m = _masks[key] = torch.ones(C, C, dtype=dtype, device=device).tril_().mul_(LOG2E)
