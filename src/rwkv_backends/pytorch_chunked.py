@@ -13,6 +13,10 @@ G⁻ = exclusive (G⁻_t = G_{t-1}). With all exponents <= 0 on the lower triang
 
 Folding the S-independent parts (W = (I - A_ab)^-1 Â, U0, P, Q, ...) leaves two C x K by K x V
 products per chunk as the only sequential work; everything else is batched over all chunks.
+The forward runs in segments at its own chunk size (pytorch_segments.segmented_forward: one
+stacked in-chunk product, exp2 decays, a kept workspace); the maps here serve the backward, the
+forward's segments whose decay needs the exact form, and the tests' reference (_chunked_forward_maps).
+The step-by-step path for short sequences is pytorch_steps.
 
 The products exp(P_t - Q_s) are never formed by dividing by a cumulative decay that can underflow:
 rows carry exp(G_t) <= 1 and columns exp(-G_s), which is bounded because a chunk takes this form
