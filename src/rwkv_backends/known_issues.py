@@ -60,7 +60,7 @@ SUPPORTED_TRITON = ((3, 6), (3, 9))
 # The Triton releases the Gluon kernels (kernels/gluon_nvidia.py) passed the card's checks on
 # (conformance and the Gluon GPU tests): triton.experimental.gluon is experimental, and its API
 # moves between releases (kernels/gluon_api.py resolves the renamed calls).
-GLUON_CHECKED_TRITON = ((3, 6), (3, 9))
+GLUON_CHECKED_TRITON = ((3, 6), (3, 8), (3, 9))
 
 
 def supported_triton(tv: tuple) -> bool:
