@@ -146,10 +146,10 @@ def test_float32_inputs_get_narrower_configs(shape, kernel, field, table, capped
 @pytest.mark.parametrize("vendor", ["nvidia", "amd", "intel", "musa", "metax"])
 def test_tables_keep_the_two_pass_chunk_sizes_equal(vendor):
     """chunk_fwd_loaded loads what chunk_prep built: one chunk size for both in every table."""
-    from rwkv_backends.vendors import vendor_module
-    for arch, table in vendor_module(vendor).TABLES.items():
+    from rwkv_backends.tuning import tables
+    for arch, table in tables(vendor).items():
         for bucket, prep in table.get("chunk_prep", {}).items():
-            assert table["chunk_fwd_loaded"][bucket].chunk_size == prep.chunk_size, (vendor, arch, bucket)
+            assert table["chunk_fwd_loaded"][bucket].config.chunk_size == prep.config.chunk_size, (vendor, arch, bucket)
 
 
 def test_unknown_profile_is_a_clear_error():
