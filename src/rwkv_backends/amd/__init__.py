@@ -42,12 +42,11 @@ PROFILES = {
 }
 
 
-def describe(index: int, triton_target, vendor: str | None = None) -> DeviceInfo:
+def describe(index: int, triton_target, vendor: str = VENDOR) -> DeviceInfo:
     """The device at `index`; `vendor` names who made it (hygon/ describes its DCUs through here)."""
     import torch
     props = torch.cuda.get_device_properties(index)
     arch = str(getattr(props, "gcnArchName", "") or (triton_target[1] if triton_target else "gfx")).split(":")[0]
-    vendor = vendor or ("hygon" if hasattr(torch, "__hcu_version__") else VENDOR)
     warp = getattr(props, "warp_size", 0) or warp_size_for(arch)
     return DeviceInfo(vendor=vendor, device_type=DEVICE_TYPE, name=props.name, arch=arch, warp_size=warp,
                       multiprocessors=props.multi_processor_count,

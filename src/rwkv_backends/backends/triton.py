@@ -8,6 +8,7 @@ import os
 from ..config import padded_head
 from ..device import interpreter_enabled, triton_target
 from ..registry import GLUON_ENV, Variant, register
+from ..vendors import runs_gluon
 
 MAX_HEAD = 128
 # Gradient programs per multiprocessor that the segmented backward's segments aim for, in both
@@ -91,7 +92,7 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
             continue
         if os.environ.get(GLUON_ENV) == "0":
             why = f"{GLUON_ENV}=0"
-        elif device.vendor != "nvidia":
+        elif not runs_gluon(device):
             why = f"the Gluon kernels are written for NVIDIA (mma.sync, cp.async), not {device.vendor}"
         else:
             why = gluon_nvidia.unsupported(kernel, K=problem.K, V=problem.V, chunk_size=cfg.chunk_size,
