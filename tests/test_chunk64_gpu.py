@@ -20,13 +20,14 @@ _ROLES = {"triton.chunk": ("chunk_fwd", "chunk_bwd"),
 
 
 def _tables_at_chunk64(num_warps: int) -> dict:
-    from rwkv_backends.nvidia import tables
-    patched = copy.deepcopy(tables.TABLES)
+    from rwkv_backends import tuning
+    patched = copy.deepcopy(tuning.tables("nvidia"))
     for arch in patched.values():
         for role, buckets in arch.items():
             if any(role in roles for roles in _ROLES.values()):
-                for bucket, cfg in buckets.items():
-                    buckets[bucket] = cfg.with_(chunk_size=64, num_warps=num_warps, gluon=False, block_k=32)
+                for bucket, entry in buckets.items():
+                    cfg = entry.config.with_(chunk_size=64, num_warps=num_warps, gluon=False, block_k=32)
+                    buckets[bucket] = tuning.Entry(cfg, entry.provenance)
     return patched
 
 
@@ -36,10 +37,11 @@ def _tables_at_chunk64(num_warps: int) -> dict:
 def test_gpu_chunk64_training_matches_the_reference(monkeypatch, num_warps, variant, regime):
     import triton
 
-    from rwkv_backends import explain, nvidia, registry
+    from rwkv_backends import explain, registry, tuning
     from rwkv_backends.conformance import Case, make_inputs
     from rwkv_backends.conformance.runner import run_case
-    monkeypatch.setattr(nvidia, "TABLES", _tables_at_chunk64(num_warps))
+    patched, original = _tables_at_chunk64(num_warps), tuning.tables
+    monkeypatch.setattr(tuning, "tables", lambda package: patched if package == "nvidia" else original(package))
     registry._plan_cached.cache_clear()
     case = Case("backward", "bfloat16", regime, 2, 300, 4, 64, 64)
     x = make_inputs(case, 0, "cuda")

@@ -146,10 +146,10 @@ def test_float32_inputs_get_narrower_configs(shape, kernel, field, table, capped
 @pytest.mark.parametrize("vendor", ["nvidia", "amd", "intel", "musa", "metax"])
 def test_tables_keep_the_two_pass_chunk_sizes_equal(vendor):
     """chunk_fwd_loaded loads what chunk_prep built: one chunk size for both in every table."""
-    from rwkv_backends.vendors import vendor_module
-    for arch, table in vendor_module(vendor).TABLES.items():
+    from rwkv_backends.tuning import tables
+    for arch, table in tables(vendor).items():
         for bucket, prep in table.get("chunk_prep", {}).items():
-            assert table["chunk_fwd_loaded"][bucket].chunk_size == prep.chunk_size, (vendor, arch, bucket)
+            assert table["chunk_fwd_loaded"][bucket].config.chunk_size == prep.config.chunk_size, (vendor, arch, bucket)
 
 
 def test_unknown_profile_is_a_clear_error():
@@ -523,3 +523,66 @@ def test_tune_report_keeps_every_timed_candidate():
     assert report["entry"]["chunk_bwd"]["64"]["gluon"] is True
     assert [row["_ms"] for row in report["ranked"]["chunk_bwd"]] == [3.74, 4.84]
     assert report["ranked"]["chunk_bwd"][1]["num_warps"] == 4
+
+
+def test_a_kunlunxin_device_is_described_as_kunlunxin(fake_torch, monkeypatch):
+    """Kunlunxin's torch also has torch.xpu: its own hooks describe it (not Intel's), and having no
+    tuning tables, its plans refuse the Triton variants with that reason and run PyTorch."""
+    fake_torch(xpu=True, target=("xpu", "xpu3", 64))
+    props = types.SimpleNamespace(name="Kunlunxin P800", multi_processor_count=8)
+    monkeypatch.setattr(torch, "xpu", types.SimpleNamespace(is_available=lambda: True,
+                                                            get_device_properties=lambda i: props), raising=False)
+    dev._detect_cached.cache_clear()
+    try:
+        info = dev.detect("xpu")
+        assert (info.vendor, info.name, info.arch, info.warp_size, info.triton_backend) == \
+            ("kunlunxin", "Kunlunxin P800", "xpu3", 64, "xpu")
+        assert dev.default_device() == torch.device("xpu")
+        p = plan(_problem("xpu", **PLAN_PROBLEMS["prefill"]), info, runtime=False)
+        assert p.variant.backend == "pytorch"
+        assert any("no tuning tables for kunlunxin" in r for r in p.rejected["triton.chunk"]), p.rejected
+    finally:
+        dev._detect_cached.cache_clear()
+
+
+def test_an_intel_device_is_still_intel(fake_torch, monkeypatch):
+    fake_torch(xpu=True, target=("xpu", {"name": "Intel(R) Arc(TM) A770 Graphics"}, 32))
+    props = types.SimpleNamespace(name="Intel(R) Arc(TM) A770 Graphics", gpu_subslice_count=32, has_fp64=False)
+    monkeypatch.setattr(torch, "xpu", types.SimpleNamespace(is_available=lambda: True,
+                                                            get_device_properties=lambda i: props), raising=False)
+    dev._detect_cached.cache_clear()
+    try:
+        info = dev.detect("xpu")
+        assert (info.vendor, info.arch) == ("intel", "alchemist")
+    finally:
+        dev._detect_cached.cache_clear()
+
+
+def test_hygon_is_described_by_amds_hooks_and_served_by_amds_tables(fake_torch, monkeypatch):
+    fake_torch(cuda=True, hip="6.2", hcu=True)
+    props = types.SimpleNamespace(name="DCU K100", multi_processor_count=120, gcnArchName="gfx928")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    dev._detect_cached.cache_clear()
+    try:
+        info = dev.detect("cuda")
+        assert (info.vendor, info.arch, info.warp_size, info.triton_backend) == ("hygon", "gfx928", 64, "hip")
+        p = plan(_problem("cuda", **PLAN_PROBLEMS["prefill"]), info, runtime=False)
+        assert p.variant.backend == "triton"
+        assert all(source.startswith("amd/default/") for source in p.config_sources.values())
+    finally:
+        dev._detect_cached.cache_clear()
+
+
+def test_every_vendor_folder_declares_its_probe_and_description():
+    from rwkv_backends.vendors import PROBE_ORDER, vendor_module
+    for vendor in PROBE_ORDER:
+        module = vendor_module(vendor)
+        assert module.VENDOR == vendor
+        assert callable(module.probe) and callable(module.describe)
+        assert module.DEVICE_TYPE and module.DESCRIPTION and isinstance(module.PROFILES, dict)
+
+
+def test_only_nvidia_runs_the_gluon_kernels():
+    from rwkv_backends.vendors import runs_gluon
+    assert runs_gluon(dev.profile("nvidia:sm90"))
+    assert not any(runs_gluon(dev.profile(p)) for p in PROFILES if not p.startswith("nvidia"))

@@ -2,7 +2,7 @@
 constraints, the dispatcher and the tune tool.
 
 A `KernelConfig` is what a kernel launch needs beyond the problem itself. Vendor tables hold them
-per architecture (`rwkv_backends/<vendor>/tables.py`); known issues narrow them
+per architecture (`rwkv_backends/<vendor>/tables/<arch>.json`, read by tuning.py); known issues narrow them
 (`known_issues.py`); `explain()` and the doctor print them with `as_dict()`.
 """
 

@@ -4,7 +4,8 @@ A *variant* is one way to compute WKV7 ("triton.chunk", "triton.recurrent", "pyt
 says, for a problem on a device, why it cannot take it (an empty list means it can), which kernels
 it launches, and runs. The dispatcher tries the variants in the vendor's order of preference for the
 problem class, takes the first without reasons, looks its kernels' configs up in the vendor's
-tuning table, narrows them by the active known issues, and caches the whole decision.
+tuning tables (a variant whose kernel has no entry there is refused, and says so), narrows them by
+the active known issues, and caches the whole decision.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from . import known_issues
 from .device import DeviceInfo, interpreter_enabled, triton_version
 from .problem import Problem
-from .tuning import lookup
+from .tuning import MissingEntry, entry_provenance, lookup
 
 BACKEND_ENV = "RWKV_BACKENDS_BACKEND"
 # "0" keeps the Gluon kernels off (the tables' `gluon` configs run their Triton kernels instead):
@@ -93,10 +94,11 @@ class Plan:
     variant: Variant
     device: DeviceInfo
     configs: dict                  # kernel -> KernelConfig
-    config_sources: dict           # kernel -> "vendor/arch" table entry it came from
+    config_sources: dict           # kernel -> "vendor/arch/kernel/bucket" table entry it came from
     adjusted_by: dict              # kernel -> [known-issue ids that changed its config]
     rejected: dict                 # variant name -> [reasons]
     known_issues: tuple = field(default_factory=tuple)
+    config_provenance: dict = field(default_factory=dict)   # kernel -> the table entry's provenance record
 
     def explain(self, problem: Problem) -> dict:
         return {
@@ -106,6 +108,7 @@ class Plan:
             "problem": problem.describe(),
             "config": {k: c.as_dict() for k, c in self.configs.items()},
             "config_source": dict(self.config_sources),
+            "config_provenance": {k: dict(v) for k, v in self.config_provenance.items()},
             "adjusted_by_known_issues": {k: list(v) for k, v in self.adjusted_by.items() if v},
             "rejected": {k: list(v) for k, v in self.rejected.items()},
             "device": self.device.as_dict(),
@@ -150,20 +153,26 @@ def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: s
             reasons.append(f"{state_dtype} state: keeps only a {'/'.join(variant.state_dtypes)} state")
         if variant.backend == "triton":
             reasons += [f"{i.id}: {i.summary}" for i in issues if i.refuses]
+        found = {}
+        for kernel in variant.kernels:
+            try:
+                found[kernel] = lookup(device, kernel, problem), entry_provenance(device, kernel, problem)
+            except MissingEntry as exc:
+                if str(exc) not in reasons:
+                    reasons.append(str(exc))
         if reasons:
             rejected[name] = reasons
             continue
-        configs, sources, adjusted = {}, {}, {}
-        for kernel in variant.kernels:
-            cfg, source = lookup(device, kernel, problem)
+        configs, sources, adjusted, provenance = {}, {}, {}, {}
+        for kernel, ((cfg, source), prov) in found.items():
             configs[kernel], adjusted[kernel] = known_issues.constrain(kernel, cfg, issues)
-            sources[kernel] = source
+            sources[kernel], provenance[kernel] = source, prov
         for kernel, (cfg, why) in variant.fit_configs(problem, device, configs).items():
             configs[kernel] = cfg
             sources[kernel] += f"; {why}"
         for other in order[order.index(name) + 1:]:
             if other in _VARIANTS and other not in rejected:
                 rejected[other] = [f"lower in {device.vendor}'s order of preference for {problem.problem_class} than {name}"]
-        return Plan(variant, device, configs, sources, adjusted, rejected, tuple(i.id for i in issues))
+        return Plan(variant, device, configs, sources, adjusted, rejected, tuple(i.id for i in issues), provenance)
     lines = "\n".join(f"  {n}: " + "; ".join(rs) for n, rs in rejected.items())
     raise NoBackendError(f"no backend can take {problem.describe()} on {device.name} ({device.vendor}):\n{lines}")

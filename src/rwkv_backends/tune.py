@@ -1,6 +1,7 @@
 """`python -m rwkv_backends.tune`: sweep each kernel's configs on the present device and print the
-vendor/architecture table entry (paste it into rwkv_backends/<vendor>/tables.py). This is the only
-place a sweep runs; `wkv7` itself never tunes.
+vendor/architecture table entries, each with its provenance (card, torch, Triton, date, this run and
+its measured time); `--write-table` merges them into rwkv_backends/<vendor>/tables/<arch>.json (or
+the file it names). This is the only place a sweep runs; `wkv7` itself never tunes.
 
 Every candidate is first checked against the float64 reference on fresh random inputs; a config
 that is fast but wrong (or that fails to compile) is dropped, with the reason printed.
@@ -48,17 +49,8 @@ CANDIDATES = {
                             dot_precision=("tf32",)),
     "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
 }
-# Launch options only one vendor's Triton takes, swept as well on that vendor's devices.
-VENDOR_CANDIDATES = {
-    # At 255 registers and 8 warps one backward program fills an SM, so a B8 x H32 grid (256
-    # programs, 132 SMs) runs in two waves; capped at 128 it spills more but fits two per SM.
-    # gluon: the kernels' Gluon implementations (NVIDIA only). They launch with their own warps, V
-    # block and pipeline, so their configs differ only where they read them (candidates() folds the rest).
-    "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128}), "gluon": (False, True)},
-               "chunk_fwd": {"gluon": (False, True)}, "chunk_states": {"gluon": (False, True)},
-               "chunk_bwd_split": {"gluon": (False, True)}, "chunk_prep": {"gluon": (False, True)},
-               "chunk_fwd_loaded": {"gluon": (False, True)}},
-}
+# Launch options only one vendor's Triton takes are swept as well on that vendor's devices: the
+# vendor folder's TUNE_CANDIDATES (vendors.tune_candidates).
 BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split", "chunk_recompute", "chunk_states")
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
 MAX_BF16_ERROR = 3.0e-3
@@ -240,7 +232,8 @@ def candidates(kernel, vendor, V=None, fixed=None):
     wider than V are left out: they launch exactly as the block of V itself (the H100's K = 64
     sweep timed block_v 128 beside 64 and picked it, a name for the same launch). `fixed`
     ({field: values}) narrows the fields the kernel sweeps to those values."""
-    grid = dict(CANDIDATES[kernel]) | VENDOR_CANDIDATES.get(vendor, {}).get(kernel, {})
+    from .vendors import tune_candidates
+    grid = dict(CANDIDATES[kernel]) | tune_candidates(vendor).get(kernel, {})
     for name, values in (fixed or {}).items():
         if name in grid:
             kept = tuple(v for v in grid[name] if v in values)
@@ -338,7 +331,7 @@ def unsweepable(kernels, K) -> dict:
     why = {}
     if "chunk_states" in kernels and not keeps_u(_table_config("chunk_bwd", K)):
         why["chunk_states"] = (f"the table's chunk_bwd entry at K = {K} keeps no U (keep_u False), so training never "
-                               "runs chunk_states; paste a chunk_bwd entry with keep_u first")
+                               "runs chunk_states; write a chunk_bwd entry with keep_u first (--write-table)")
     return why
 
 
@@ -375,7 +368,10 @@ def main(argv=None) -> int:
                                         "chunk_transition,chunk_fwd_transition,chunk_bwd_split,chunk_recompute,"
                                         "recurrent_fwd")
     p.add_argument("--K", type=int, default=64, help="head size to tune (table bucket 64 or 128)")
-    p.add_argument("--out", default="", help="write the table entry as JSON here")
+    p.add_argument("--out", default="", help="write the picked entries and every timed candidate as JSON here")
+    p.add_argument("--write-table", nargs="?", const="auto", default=None, metavar="FILE",
+                   help="merge the picked entries, with their provenance, into this device's table file "
+                        "(rwkv_backends/<vendor>/tables/<arch>.json), or into FILE")
     p.add_argument("--only", action="append", default=[], metavar="FIELD=V1,V2",
                    help="sweep only these values of a config field (repeatable), e.g. num_warps=8 or "
                         "dot_precision=tf32,bf16; fields a kernel does not sweep are ignored")
@@ -418,17 +414,55 @@ def main(argv=None) -> int:
             continue
         print(f"{kernel} on {info.name} ({info.arch}), B,T,H = {shapes[kernel]}, K = V = {args.K}", flush=True)
         ranked[kernel] = sweep(kernel, shapes[kernel], args.K, info.vendor, fixed)
+    run = "python -m rwkv_backends.tune " + " ".join(sys.argv[1:] if argv is None else argv)
     report = tune_report(ranked, args.K) | {"vendor": info.vendor, "arch": info.arch, "device": info.name,
                                             "versions": versions()}
-    print(json.dumps({k: v for k, v in report.items() if k != "ranked"}, indent=1))
+    report["table_entries"] = table_entries(ranked, args.K, info, versions(), shapes, run)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("ranked", "entry")}, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    write_table(report["table_entries"], info, args.write_table)
     return 0
 
 
 def _row(ms, err, cfg, peak) -> dict:
     return cfg.as_dict() | {"_ms": round(ms, 4), "_err": err, "_peak_mib": round(peak, 1)}
+
+
+def table_entries(ranked: dict, K: int, info, versions: dict, shapes: dict, run: str) -> dict:
+    """The entries `pick` chooses as the table files hold them: {kernel: {bucket: {"config": fields,
+    "provenance": record}}}, the record naming this card, torch, Triton, today, the command line
+    and the measured time, error and peak of the picked config at the swept shape."""
+    from .tuning import config_fields, today
+    bucket = head_bucket(K, K)
+    out = {}
+    for kernel, (ms, err, cfg, peak) in pick(ranked).items():
+        B, T, H = shapes[kernel]
+        measured = (f"{ms:.3f} ms at B{B} T{T} H{H} K = V = {K} (median, triton.testing.do_bench), error "
+                    f"{err:.1e}, peak {peak:.1f} MiB; the fastest of {len(ranked[kernel])} configs that passed")
+        out[kernel] = {bucket: {"config": config_fields(kernel, cfg),
+                                "provenance": {"card": info.name, "torch": versions.get("torch"),
+                                               "triton": versions.get("triton"), "date": today(), "run": run,
+                                               "measured": measured}}}
+    return out
+
+
+def write_table(entries: dict, info, destination) -> str | None:
+    """Merge `entries` into the table file `destination` names ("auto": this device's own file in its
+    vendor folder); without a destination, say where --write-table would put them. Returns the path."""
+    from . import tuning
+    package = tuning.tables_package(info.vendor) or info.vendor
+    own = tuning.table_path(package, info.arch)
+    if not entries:
+        return None
+    if destination is None:
+        print(f"entries not written: --write-table merges them into {own}")
+        return None
+    path = own if destination == "auto" else destination
+    tuning.write_entries(path, package, info.arch, entries)
+    print(f"wrote {sum(len(b) for b in entries.values())} entries into {path}")
+    return path
 
 
 def tune_report(ranked: dict, K: int) -> dict:

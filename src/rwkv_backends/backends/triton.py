@@ -8,21 +8,22 @@ import os
 from ..config import padded_head
 from ..device import interpreter_enabled, triton_target
 from ..registry import GLUON_ENV, Variant, register
+from ..vendors import runs_gluon
 
 MAX_HEAD = 128
 # Gradient programs per multiprocessor that the segmented backward's segments aim for, in both
 # two-pass variants (one program fits a multiprocessor: 255 registers, 8 warps). 8 against 4, three
-# interleaved rounds each: B1 T16384 H32 training 5.638 -> 5.551 ms (+16 MiB, NOTES change 37);
-# K = V = 128 B4 T4096 H16 12.54 -> 12.27 ms (+56 MiB; 16 gave 12.38; change 38).
+# interleaved rounds each on the H100: B1 T16384 H32 training 5.638 -> 5.551 ms (+16 MiB); K = V = 128
+# B4 T4096 H16 12.54 -> 12.27 ms (+56 MiB; 16 gives 12.38).
 SEGMENT_FILL = 8
 # The narrowest V block the decode variant splits to when few (sequence, head) pairs leave
 # multiprocessors idle (fit_configs below).
 MIN_DECODE_BLOCK_V = 16
 # Chunk transitions serve heads up to this size: at K = V = 128 (B4 T4096 H16) they were slower than
-# the loaded forward (1.95 against 1.75 ms) and its sweep (1.06 against 0.97 ms). NOTES change 36.
+# the loaded forward (1.95 against 1.75 ms) and its sweep (1.06 against 0.97 ms) on the H100.
 TRANSITION_MAX_HEAD = 64
 # Transition programs per multiprocessor: each builds a few chunks' transitions. B1 T16384 H32:
-# 0.83-0.86 ms from 4 to 16 per multiprocessor, 1.16 at 1 (NOTES change 36).
+# 0.83-0.86 ms from 4 to 16 per multiprocessor, 1.16 at 1 (H100).
 TRANSITION_PROGRAMS_PER_SM = 16
 
 
@@ -62,7 +63,7 @@ def common_reasons(problem, device, runtime=True) -> list:
 
 def segments_per_sequence(pairs: int, V: int, block_v: int, multiprocessors: int) -> int:
     """Training splits each sequence into segments that the backward runs in parallel: enough for
-    SEGMENT_FILL gradient programs per multiprocessor (NOTES change 24)."""
+    SEGMENT_FILL gradient programs per multiprocessor."""
     return -(-SEGMENT_FILL * multiprocessors // (pairs * -(-V // block_v)))
 
 
@@ -91,7 +92,7 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
             continue
         if os.environ.get(GLUON_ENV) == "0":
             why = f"{GLUON_ENV}=0"
-        elif device.vendor != "nvidia":
+        elif not runs_gluon(device):
             why = f"the Gluon kernels are written for NVIDIA (mma.sync, cp.async), not {device.vendor}"
         else:
             why = gluon_nvidia.unsupported(kernel, K=problem.K, V=problem.V, chunk_size=cfg.chunk_size,
@@ -281,7 +282,7 @@ class TritonRecurrent(Variant):
         # One program per (sequence, head, V block). With few pairs (B=1 decode) most multiprocessors
         # idle and a step takes one program's latency: halve the V block until the programs fill the
         # device or it reaches MIN_DECODE_BLOCK_V. B1 H32 K64 on the H100: 2.40 us per step at
-        # block_v 64, 1.89 at 16 (NOTES change 28); B256 is within 2% at any of them.
+        # block_v 64, 1.89 at 16; B256 is within 2% at any of them.
         cfg = configs["recurrent_fwd"]
         pairs, sms = problem.N * problem.H, device.multiprocessors
         block_v = bv = min(cfg.block_v, padded_head(problem.V))
