@@ -41,8 +41,8 @@ def planned_jobs(info, dtype: str = "bfloat16") -> list:
     from . import known_issues
     from .config import KERNELS
     from .device import triton_version
-    from .kernels import gluon_nvidia
-    from .kernels.launch import keeps_u
+    from .kernels import gluon
+    from .kernels.common import keeps_u
     from .tuning import lookup
     issues = [i for i in known_issues.active(info, triton_version()) if i.id != "gluon-experimental"]
     jobs = []
@@ -60,7 +60,7 @@ def planned_jobs(info, dtype: str = "bfloat16") -> list:
         configs["chunk_states"] = configs["chunk_states"].with_(chunk_size=configs["chunk_bwd"].chunk_size)
         for kernel, cfg in configs.items():
             cfg, _ = known_issues.constrain(kernel, cfg, issues)
-            if cfg.gluon and (info.triton_backend != "cuda" or gluon_nvidia.unsupported(
+            if cfg.gluon and (info.triton_backend != "cuda" or gluon.unsupported(
                     kernel, K=head, V=head, chunk_size=cfg.chunk_size, block_v=cfg.block_v, dtype=problem.dtype,
                     dot_precision=cfg.dot_precision, has_u=keeps_u(cfg),
                     segmented=kernel in ("chunk_bwd_split", "chunk_dstate"))):

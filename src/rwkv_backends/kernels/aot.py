@@ -60,7 +60,7 @@ def _signature(kernel: str, dtype: str):
 
 
 def _constexprs(kernel: str, cfg: KernelConfig, K: int, V: int, dtype: str, mats: int = 1) -> dict:
-    from .launch import _pow2
+    from .common import _pow2
     BK = _pow2(K)
     BV = min(_pow2(V), cfg.block_v)
     base = dict(H=1, K=K, V=V, BK=BK, BV=BV, W_FORM=0)
@@ -110,16 +110,20 @@ def compile_for(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import wkv7 as kern
+    from .backward import chunk_bwd_kernel
+    from .chunk import chunk_fwd_kernel, chunk_states_kernel
+    from .recurrent import recurrent_fwd_kernel
+    from .transition import chunk_transition_dstate_kernel, chunk_transition_fwd_kernel, chunk_transition_kernel
+    from .twopass import chunk_dstate_kernel, chunk_prep_kernel
     if cfg.gluon:
         return _compile_gluon(kernel, cfg, backend=backend, arch=arch, warp_size=warp_size, K=K, V=V, dtype=dtype)
-    fn = {"chunk_fwd": kern.chunk_fwd_kernel, "chunk_fwd_loaded": kern.chunk_fwd_kernel,
-          "chunk_recompute": kern.chunk_fwd_kernel, "chunk_states": kern.chunk_states_kernel,
-          "chunk_bwd": kern.chunk_bwd_kernel, "chunk_bwd_split": kern.chunk_bwd_kernel,
-          "chunk_prep": kern.chunk_prep_kernel, "chunk_dstate": kern.chunk_dstate_kernel,
-          "chunk_transition": kern.chunk_transition_kernel, "chunk_fwd_transition": kern.chunk_transition_fwd_kernel,
-          "chunk_dstate_transition": kern.chunk_transition_dstate_kernel,
-          "recurrent_fwd": kern.recurrent_fwd_kernel}[kernel]
+    fn = {"chunk_fwd": chunk_fwd_kernel, "chunk_fwd_loaded": chunk_fwd_kernel,
+          "chunk_recompute": chunk_fwd_kernel, "chunk_states": chunk_states_kernel,
+          "chunk_bwd": chunk_bwd_kernel, "chunk_bwd_split": chunk_bwd_kernel,
+          "chunk_prep": chunk_prep_kernel, "chunk_dstate": chunk_dstate_kernel,
+          "chunk_transition": chunk_transition_kernel, "chunk_fwd_transition": chunk_transition_fwd_kernel,
+          "chunk_dstate_transition": chunk_transition_dstate_kernel,
+          "recurrent_fwd": recurrent_fwd_kernel}[kernel]
     const = _constexprs(kernel, cfg, K, V, dtype)
     sig = _signature(kernel, dtype) | {n: "constexpr" for n in const}
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
@@ -171,14 +175,15 @@ def _amdgcn_usage(asm: str) -> dict:
 
 def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_size: int, K: int, V: int,
                    dtype: str) -> dict:
-    """A Gluon kernel (kernels/gluon_nvidia.py) as training launches it."""
+    """A Gluon kernel (kernels/gluon/) as training launches it."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from . import gluon_nvidia
-    from .launch import keeps_u
+    from . import gluon as gluon_nvidia
+    from .common import keeps_u
+    from .gluon import backward, backward_ksplit, forward, loaded_walks, prep, states
     prec = "ieee" if dtype == "float32" else cfg.dot_precision
     why = gluon_nvidia.unsupported(kernel, K=K, V=V, chunk_size=cfg.chunk_size, block_v=cfg.block_v,
                                    dtype=getattr(torch, dtype), dot_precision=prec, has_u=keeps_u(cfg),
@@ -189,33 +194,33 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
     f32 = "*fp32"
     warps = gluon_nvidia.LAUNCH[kernel]["num_warps"]
     if kernel == "chunk_bwd":
-        fn = gluon_nvidia.chunk_bwd_gluon_kernel
+        fn = backward.chunk_bwd_gluon_kernel
         ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "do")} | {"dht": f32, "states": f32, "mats": f32,
                "chunk_offsets": "*i64", "cu_seqlens": "*i32", "u": f32}
                | {n: t for n in ("dr", "dw", "dk", "dv", "da", "db")} | {"dh0": f32})
         scalars = {"scale": "fp32", "T": "i32"}
         const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False)
     elif kernel == "chunk_bwd_split":    # the K-split gradient kernel of the segmented backward
-        fn = gluon_nvidia.chunk_bwd_ksplit_gluon_kernel
+        fn = backward_ksplit.chunk_bwd_ksplit_gluon_kernel
         ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "do", "dz")} | {"states": f32, "seg_ds": f32,
                "chunk_offsets": "*i64", "seg_offsets": "*i64", "cu_seqlens": "*i32", "u": f32}
                | {n: t for n in ("dr", "dw", "dk", "da", "db")})
         scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
         const = dict(H=1, K=K, V=V, BK=gluon_nvidia.KSPLIT_BLOCK_K, BT=cfg.chunk_size, W_FORM=0, IS_VARLEN=False)
     elif kernel == "chunk_dstate":       # head 128's state-gradient sweep, storing dZ and dv
-        fn = gluon_nvidia.chunk_dstate_gluon_kernel
+        fn = loaded_walks.chunk_dstate_gluon_kernel
         ptr = ({n: t for n in ("r", "w", "k", "a", "b", "do")} | {"dht": f32, "mats": f32, "seg_ds": f32, "dh0": f32}
                | {"dz": t, "dv": t, "chunk_offsets": "*i64", "seg_offsets": "*i64", "cu_seqlens": "*i32"})
         scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32"}
         const = dict(H=1, K=K, V=V, BV=gluon_nvidia.LAUNCH[kernel]["block_v"], BT=cfg.chunk_size, W_FORM=0,
                      HAS_DHT=True, STORE_DH0=True, IS_VARLEN=False, NW=warps, DS_BF16=True)
     elif kernel == "chunk_prep":         # head 128's chunk matrices
-        fn = gluon_nvidia.chunk_prep_gluon_kernel
+        fn = prep.chunk_prep_gluon_kernel
         ptr = {n: t for n in ("r", "w", "k", "a", "b")} | {"mats": f32, "chunk_offsets": "*i64", "cu_seqlens": "*i32"}
         scalars = {"T": "i32", "c_lo": "i32", "c_hi": "i32"}
         const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, IS_VARLEN=False, NW=warps)
     elif kernel == "chunk_fwd_loaded":   # head 128's two-pass training forward: segments' states and U
-        fn = gluon_nvidia.chunk_fwd_loaded_gluon_kernel
+        fn = loaded_walks.chunk_fwd_loaded_gluon_kernel
         ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "o")} | {"h0": f32, "ht": f32, "mats": f32,
                "chunk_offsets": "*i64", "cu_seqlens": "*i32", "seg_states": f32, "seg_offsets": "*i64", "u": f32})
         scalars = {"scale": "fp32", "T": "i32", "seg_chunks": "i32", "c_lo": "i32", "c_hi": "i32"}
@@ -223,14 +228,14 @@ def _compile_gluon(kernel: str, cfg: KernelConfig, *, backend: str, arch, warp_s
                      HAS_STATE=True, STORE_FINAL=True, STORE_O=True, STORE_SEGMENTS=True, STORE_U=True,
                      IS_VARLEN=False, NW=warps)
     elif kernel == "chunk_fwd":          # the training forward: it stores the chunk matrices and U
-        fn = gluon_nvidia.chunk_fwd_gluon_kernel
+        fn = forward.chunk_fwd_gluon_kernel
         ptr = ({n: t for n in ("r", "w", "k", "v", "a", "b", "o")} | {"h0": f32, "ht": f32, "mats": f32,
                "chunk_offsets": "*i64", "cu_seqlens": "*i32", "u": f32})
         scalars = {"scale": "fp32", "T": "i32"}
         const = dict(H=1, K=K, BT=cfg.chunk_size, W_FORM=0, HAS_STATE=True, STORE_FINAL=True, STORE_O=True,
                      STORE_MATS=True, STORE_U=True, IS_VARLEN=False, NW=warps)
     else:
-        fn = gluon_nvidia.chunk_states_gluon_kernel
+        fn = states.chunk_states_gluon_kernel
         ptr = ({n: t for n in ("w", "k", "v", "b")} | {"u": f32, "h0": f32, "states": f32, "chunk_offsets": "*i64",
                "cu_seqlens": "*i32", "seg_states": f32, "seg_offsets": "*i64"})
         scalars = {"T": "i32", "seg_chunks": "i32"}

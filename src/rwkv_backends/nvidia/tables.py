@@ -36,7 +36,7 @@ _SM90 = {
     # num_stages 3 (hand-run sweep, benchmarks/results-h100-2026-11-27d.json; the tool now sweeps
     # stages): prefill B8 T4096 H32 1.62 -> 1.48 ms, H64 3.16 -> 2.94 ms, the same errors to the bit
     # (2 stages: 1.59 and 3.17 ms). The loads of the next chunk no longer wait for this one's dots.
-    # gluon (NOTES change 54): the Gluon forward (kernels/gluon_nvidia.py); prefill B8 T4096 H32 1.448 ->
+    # gluon (NOTES change 54): the Gluon forward (kernels/gluon/); prefill B8 T4096 H32 1.448 ->
     # 1.410 ms, training -1.5% (results-h100-2026-11-27r-gluon.json). The other fields are the Triton
     # kernel's, which runs where the Gluon one cannot (the plan says why).
     "chunk_fwd": {"64": C(chunk_size=16, block_v=64, num_warps=4, num_stages=3, dot_precision="tf32", gluon=True),
@@ -50,7 +50,7 @@ _SM90 = {
     # from it (chunk_states) and the gradient kernel loads it. The tune tool,
     # tune-sm90-2026-11-27-u-bwd64.json: recompute + backward 5.41 -> 4.84 ms; training B8 T4096 H32
     # 6.82 -> 6.36 ms, H64 13.59 -> 12.72 ms (results-h100-2026-11-27-u.json).
-    # gluon (NOTES change 51): the Gluon gradient kernel (kernels/gluon_nvidia.py; its own 8 warps and
+    # gluon (NOTES change 51): the Gluon gradient kernel (kernels/gluon/; its own 8 warps and
     # cp.async pipeline). B8 T4096 H32 training 6.36 -> 5.29 ms, the gradient kernel 4.19 -> 3.05 ms
     # (results-h100-2026-11-27r-gluon.json); the tune tool picked it, recompute + backward 3.74 ms
     # (tune-sm90-2026-11-27-gluon-bwd64.json). Where it cannot run, the plan falls back to the Triton
@@ -76,14 +76,14 @@ _SM90 = {
     # Prefill at B1 T16384 H32: chunk 32, prep 0.42 ms + loaded forward 1.98 ms (chunk 16: 0.35 + 3.00).
     # At K = V = 128, the issue's B4 T4096 H16 (64 pairs): chunk 16, prep 0.51 ms + loaded forward
     # 1.15 ms (chunk 32: 0.51 + 1.31).
-    # gluon at K = 128 (NOTES change 63): the Gluon build (kernels/gluon_nvidia.py chunk_prep_gluon_kernel,
+    # gluon at K = 128 (NOTES change 63): the Gluon build (kernels/gluon/prep.py chunk_prep_gluon_kernel,
     # 4 warps): B4 T4096 H16 training 4.36 -> 4.19 ms, prefill 1.25 -> 1.10 ms. The tune tool, narrowed
     # to this entry's Triton fields, picks it: 0.259 against 0.308 ms (tune-sm90-2026-11-27s-128-prep.json).
     "chunk_prep": {"64": C(chunk_size=32, block_k=32, num_warps=2, dot_precision="tf32"),
                    "128": C(chunk_size=16, block_k=32, num_warps=2, dot_precision="tf32", gluon=True)},
     # 3 stages at K = V = 64 (NOTES change 32; the sweep takes this launch shape too): B1 T16384 H32
     # training 8.17 -> 7.52 ms, prefill 2.60 -> 2.34 ms (2 stages: 7.77 and 2.42).
-    # gluon at K = V = 128 (NOTES changes 60, 62): the Gluon loaded forward (kernels/gluon_nvidia.py
+    # gluon at K = V = 128 (NOTES changes 60, 62): the Gluon loaded forward (kernels/gluon/loaded_walks.py
     # chunk_fwd_loaded_gluon_kernel, its own 4 warps and V blocks of 64): B4 T4096 H16 training 5.34 ->
     # 4.99 ms, prefill 1.60 -> 1.47 ms at 8 warps; 4 warps then 1.48 -> 1.25 ms. The tune tool picks it:
     # 0.783 against 1.162 ms (tune-sm90-2026-11-27s-128-fwd-loaded.json).
@@ -103,7 +103,7 @@ _SM90 = {
     # tune-sm90-2026-11-27-bf16-split64.json, 5.02 ms (tf32) -> 3.97 ms at 3 stages; K = 128
     # (B4 T4096 H16) tune-sm90-2026-11-27-bf16-split128.json, 10.55 -> 6.32 ms at BV 128.
     # gluon at K = V = 128 (NOTES changes 58, 59, 65): the K-split Gluon gradient kernel
-    # (kernels/gluon_nvidia.py chunk_bwd_ksplit_gluon_kernel), U kept by the forward, dZ and dv from
+    # (kernels/gluon/backward_ksplit.py chunk_bwd_ksplit_gluon_kernel), U kept by the forward, dZ and dv from
     # the Gluon sweep (its dS products at this entry's bf16). B4 T4096 H16 training 7.95 -> 5.47 ms,
     # the gradient kernel 4.64 -> 1.51 ms (hand-run scripts, numbers in NOTES). With the rest of
     # head 128's two-pass kernels in Gluon: 3.89 ms against fla-core's 7.99 (2.05x,
