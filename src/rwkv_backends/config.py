@@ -65,7 +65,7 @@ class KernelConfig:
     keep_u: bool = False
     # chunk_fwd, chunk_bwd and chunk_states: run the kernel's Gluon implementation
     # (kernels/gluon/: NVIDIA sm80+, K = V = 64, 16-bit inputs; `unsupported()` there says
-    # what else each takes). It launches with its own warps, V block and pipeline (gluon.LAUNCH),
+    # what else each takes). It launches with its own warps, V block and pipeline (kernels/roles.py GluonSpec),
     # so num_warps, num_stages, block_v and vendor_options apply only to the Triton kernel.
     gluon: bool = False
     # Vendor-specific launch keywords passed through to the Triton launcher, e.g. Intel's

@@ -14,7 +14,7 @@ from .common import (MATS_LOAD, MATS_MODES, MATS_STORE, MAT_AK, MAT_RB, MAT_RK, 
                      W_FORM_CODES, _Pairs, _cdiv, _check_gluon, _chunk_base, _chunk_offsets, _contiguous, _dot,
                      _dot_precision, _launch, _launch_options, _num_sequences, _pow2, _segment_base, _segment_launch,
                      _seq_bounds, _state_block, _v_rows, _walk_start, empty_states)
-from .gluon import LAUNCH
+from .roles import ROLES
 
 @triton.jit
 def chunk_fwd_kernel(
@@ -127,7 +127,7 @@ def chunk_states(w, k, v, b, u, h0, *, cu_seqlens, cfg: KernelConfig, w_form, st
     if cfg.gluon:
         _check_gluon("cfg", "chunk_states", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
                      dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_states is not None)
-        BV = LAUNCH["chunk_states"]["block_v"]     # the Gluon kernel's own V blocks
+        BV = ROLES["chunk_states"].gluon.block_v     # the Gluon kernel's own V blocks
     grid, seg_offsets, seg_chunks = (_cdiv(V, BV), N * H), None, 1
     if seg_states is not None:
         seg_chunks, seg_offsets, n_segments = _segment_launch(cu_seqlens, N, T, seg_len, BT, k.device)

@@ -16,7 +16,7 @@ from .common import (MAT_AK, MAT_RB, MAT_RK, MAT_TINV, W_FORM_CODES, _Pairs, _cd
                      _chunk_offsets, _chunks_per_segment, _contiguous, _dot, _dot_precision, _launch, _launch_options,
                      _num_sequences, _pow2, _segment_base, _segment_launch, _seq_bounds, _side_stream, _state_block,
                      _v_rows, empty_mats)
-from .gluon import LAUNCH
+from .roles import ROLES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def dstate_sweep(r, w, k, a, b, do, dht, mats, seg_ds, dh0, *, scale, cu_seqlens
         raise ValueError("dz, dv: the sweep stores both or neither")
     P = _Pairs(N, H, cu_seqlens is not None)
     if gluon:
-        _check_gluon("gluon", "chunk_dstate", K=K, V=V, chunk_size=BT, block_v=LAUNCH["chunk_dstate"]["block_v"],
+        _check_gluon("gluon", "chunk_dstate", K=K, V=V, chunk_size=BT, block_v=ROLES["chunk_dstate"].gluon.block_v,
                      dtype=k.dtype, dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=True)
         if dz is None:
             raise ValueError("dz, dv: the Gluon sweep stores both; pass them")

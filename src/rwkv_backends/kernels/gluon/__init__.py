@@ -25,9 +25,9 @@ Scope (`unsupported()` says why a launch does not fit): the head sizes above, ch
 inputs, the tables' dot precision for that kernel ("bf16" for the gradients, whose in-chunk pair
 products stay tf32 as in the Triton kernel; "tf32" elsewhere), no one-step sequences; varlen works.
 Not under TRITON_INTERPRET=1: the interpreter cannot run Gluon, so CI compiles these kernels for
-sm90 (ptxas) and only a card runs them.
+sm90 (ptxas) and only a card runs them. Each kernel's launch shape, precision and scope are its
+role's GluonSpec (kernels/roles.py).
 """
-
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def available() -> bool:
     return IMPORT_ERROR is None
 
 
+# The head size of the one-pass kernels, and the chunk size every kernel takes.
 HEAD = 64
 CHUNK = 16
 # Head size 128's two-pass training: the loaded forward (chunk_fwd_loaded_gluon_kernel), the
@@ -56,21 +57,6 @@ CHUNK = 16
 # of KSPLIT_BLOCK_K columns of K (chunk_bwd_ksplit_gluon_kernel).
 KSPLIT_HEAD = 128
 KSPLIT_BLOCK_K = 64
-_HEAD128 = ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split", "chunk_dstate")
-_SEGMENTED = ("chunk_bwd_split", "chunk_dstate")          # the segmented backward's only
-_OWN_V_BLOCKS = ("chunk_states", "chunk_dstate", "chunk_fwd_loaded", "chunk_prep")   # V blocks of their own, or none
-# The launch each Gluon kernel takes whatever its config says (the tune tool folds its candidates to
-# these): warps, and the V columns of one program.
-LAUNCH = {"chunk_bwd": dict(num_warps=8, block_v=64), "chunk_fwd": dict(num_warps=4, block_v=64),
-          "chunk_states": dict(num_warps=4, block_v=64), "chunk_bwd_split": dict(num_warps=8, block_v=128),
-          "chunk_dstate": dict(num_warps=4, block_v=64), "chunk_fwd_loaded": dict(num_warps=4, block_v=64),
-          "chunk_prep": dict(num_warps=4)}
-NUM_WARPS = LAUNCH["chunk_bwd"]["num_warps"]
-_PRECISION = {"chunk_bwd": "bf16", "chunk_fwd": "tf32", "chunk_states": "tf32", "chunk_bwd_split": "bf16",
-              "chunk_dstate": "tf32", "chunk_fwd_loaded": "tf32", "chunk_prep": "tf32"}
-_NAMES = {"chunk_bwd": "gradient kernel", "chunk_fwd": "forward", "chunk_states": "state rebuild",
-          "chunk_bwd_split": "K-split gradient kernel", "chunk_dstate": "state-gradient sweep",
-          "chunk_fwd_loaded": "loaded forward", "chunk_prep": "chunk-matrix build"}
 
 
 def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, dtype: torch.dtype,
@@ -80,33 +66,34 @@ def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, d
     Triton-release checks are known_issues' "gluon-experimental". `segmented`: the launch walks
     segments (the recompute, the segmented backward); `sweep_chunk_size`: for chunk_bwd_split, the
     chunk size of the state-gradient sweep that gives it dZ (the two-pass forward's)."""
-    if kernel not in LAUNCH:
+    from ..roles import ROLES
+    spec = ROLES[kernel].gluon if kernel in ROLES else None
+    if spec is None:
         return f"{kernel} has no Gluon implementation"
-    name = f"the Gluon {_NAMES[kernel]}"
+    name = f"the Gluon {spec.title}"
     if IMPORT_ERROR:
         return IMPORT_ERROR
     if T == 1:
         # Triton compiles an integer argument equal to 1 as a constant; with T = 1 the kernels' masked
         # cp.async fails to lower (Triton 3.6, found by the H100 conformance run; NOTES change 57).
         return f"T = 1: {name} is not compiled for one-step sequences"
-    heads = (HEAD, KSPLIT_HEAD) if kernel == "chunk_states" else (KSPLIT_HEAD,) if kernel in _HEAD128 else (HEAD,)
-    if K != V or K not in heads:
-        return f"K = {K}, V = {V}: {name} is laid out for K = V = {' or '.join(map(str, heads))}"
+    if K != V or K not in spec.heads:
+        return f"K = {K}, V = {V}: {name} is laid out for K = V = {' or '.join(map(str, spec.heads))}"
     head = K
     if chunk_size != CHUNK:
         return f"chunk_size {chunk_size}: {name} takes chunks of {CHUNK}"
-    if kernel not in _OWN_V_BLOCKS and block_v < head:
+    if not spec.own_v_blocks and block_v < head:
         return f"block_v {block_v}: {name} takes all {head} V columns in one program"
-    if dtype not in (torch.bfloat16, torch.float16) or dot_precision != _PRECISION[kernel]:
+    if dtype not in (torch.bfloat16, torch.float16) or dot_precision != spec.precision:
         return (f"{str(dtype).replace('torch.', '')} inputs with dot precision {dot_precision!r}: {name} takes "
-                f"16-bit inputs at dot precision {_PRECISION[kernel]!r}")
+                f"16-bit inputs at dot precision {spec.precision!r}")
     if kernel in ("chunk_bwd", "chunk_bwd_split") and not has_u:
         return f"keep_u is off: {name} loads the U the forward kept"
     if kernel == "chunk_fwd_loaded":
         if segmented or store_states:
             return f"{name} stores segment start states but walks no segments and stores no chunk states"
         return None
-    if kernel in _SEGMENTED:
+    if spec.segmented_only:
         if not segmented:
             return f"no segments: {name} runs the segments of the two-pass backward"
         if sweep_chunk_size is not None and sweep_chunk_size != CHUNK:

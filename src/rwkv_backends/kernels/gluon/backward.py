@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..common import W_FORM_CODES, _aligned16, _cdiv, _launch
-from . import NUM_WARPS
+from ..roles import ROLES
 from .api import async_load, barrier, cp, gl, gluon, mma_v2
 from .common import (SHARED16, SHARED32, _chunk_rows, _gradient_decays, _input_grads, _log_decay, _pair_matrix_grads,
                      _sequence)
@@ -201,5 +201,5 @@ def chunk_backward_gluon(P, r, w, k, v, a, b, do, dht, states, mats, offsets, cu
          P.chunks(mats, _cdiv(T, BT)), P.bounds(offsets, v), P.bounds(cu_seqlens, v), P.tokens(u),
          *(P.tokens(g) for g in grads), P.rows(dh0, v), float(scale), T),
         H=H, K=K, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        IS_VARLEN=cu_seqlens is not None, num_warps=NUM_WARPS,
+        IS_VARLEN=cu_seqlens is not None, num_warps=ROLES["chunk_bwd"].gluon.num_warps,
     )

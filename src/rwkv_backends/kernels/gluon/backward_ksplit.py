@@ -4,7 +4,8 @@ programs of KSPLIT_BLOCK_K columns of K (chunk_bwd_split), and its launcher."""
 from __future__ import annotations
 
 from ..common import W_FORM_CODES, _aligned16, _cdiv, _launch
-from . import KSPLIT_BLOCK_K, LAUNCH
+from ..roles import ROLES
+from . import KSPLIT_BLOCK_K
 from .api import async_load, barrier, cp, gl, gluon, mma_v2
 from .common import (SHARED16, SHARED32, _chunk_rows, _gradient_decays, _input_grads, _log_decay, _pair_matrix_grads,
                      _segment_base, _sequence)
@@ -189,5 +190,5 @@ def chunk_backward_ksplit_gluon(P, n_segments, r, w, k, v, a, b, do, dz, states,
          P.chunks(seg_ds, _cdiv(T, seg_len)), P.bounds(offsets, v), P.bounds(seg_offsets, v),
          P.bounds(cu_seqlens, v), P.tokens(u), *(P.tokens(g) for g in grads), float(scale), T, seg_chunks),
         H=H, K=K, V=V, BK=KSPLIT_BLOCK_K, BT=BT, W_FORM=W_FORM_CODES[w_form], IS_VARLEN=cu_seqlens is not None,
-        num_warps=LAUNCH["chunk_bwd_split"]["num_warps"],
+        num_warps=ROLES["chunk_bwd_split"].gluon.num_warps,
     )

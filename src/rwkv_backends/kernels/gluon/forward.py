@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..common import W_FORM_CODES, _aligned16, _cdiv, _launch
-from . import LAUNCH
+from ..roles import ROLES
 from .api import async_load, barrier, cp, gl, gluon, mma_v2
 from .common import SAFE_RANGE, SHARED16, SHARED32, _chunk_rows, _intra, _log_decay, _sequence, _tf32_head
 
@@ -183,7 +183,7 @@ def chunk_forward_gluon(P, r, w, k, v, a, b, o, h0, ht, mats, offsets, cu_seqlen
     """kernels/chunk.py chunk_forward in Gluon, building the chunk matrices (and storing them into
     `mats` if `store_mats`): `o` and `ht` are None where not stored."""
     H, K = k.shape[-2:]
-    warps = LAUNCH["chunk_fwd"]["num_warps"]
+    warps = ROLES["chunk_fwd"].gluon.num_warps
     r, w, k, v, a, b = _aligned16(r, w, k, v, a, b)
     _launch(
         chunk_fwd_gluon_kernel, (1, P.N * H), P,

@@ -5,7 +5,7 @@ launchers."""
 from __future__ import annotations
 
 from ..common import W_FORM_CODES, _aligned16, _cdiv, _launch, _segment_launch
-from . import LAUNCH
+from ..roles import ROLES
 from .api import async_load, barrier, cp, gl, gluon, mma_v2
 from .common import SHARED16, SHARED32, _chunk_rows, _log_decay, _segment_base, _sequence, _triangle_scan
 
@@ -276,16 +276,16 @@ def dstate_sweep_gluon(P, r, w, k, a, b, do, dht, mats, seg_ds, dh0, dz, dv, off
     H, K = k.shape[-2:]
     V = do.shape[-1]
     BT = mats.shape[-1]
-    shape = LAUNCH["chunk_dstate"]
+    spec = ROLES["chunk_dstate"].gluon
     r, w, k, a, b, do = _aligned16(r, w, k, a, b, do)
     _launch(
-        chunk_dstate_gluon_kernel, (_cdiv(V, shape["block_v"]), P.N * H), P,
+        chunk_dstate_gluon_kernel, (_cdiv(V, spec.block_v), P.N * H), P,
         (*(P.tokens(x) for x in (r, w, k, a, b, do)), P.rows(dht, do), P.chunks(mats, _cdiv(T, BT)),
          P.chunks(seg_ds, _cdiv(T, seg_chunks * BT)), P.rows(dh0, seg_ds), P.tokens(dz), P.tokens(dv),
          P.bounds(offsets, do), P.bounds(seg_offsets, do), P.bounds(cu_seqlens, do), float(scale), T, seg_chunks),
-        H=H, K=K, V=V, BV=shape["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, IS_VARLEN=cu_seqlens is not None, NW=shape["num_warps"],
-        DS_BF16=ds_bf16, num_warps=shape["num_warps"],
+        H=H, K=K, V=V, BV=spec.block_v, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None, IS_VARLEN=cu_seqlens is not None, NW=spec.num_warps,
+        DS_BF16=ds_bf16, num_warps=spec.num_warps,
     )
 
 
@@ -296,18 +296,18 @@ def chunk_forward_loaded_gluon(P, r, w, k, v, a, b, o, h0, ht, mats, offsets, cu
     segment's start state is stored there."""
     H, K = k.shape[-2:]
     V = v.shape[-1]
-    shape = LAUNCH["chunk_fwd_loaded"]
+    spec = ROLES["chunk_fwd_loaded"].gluon
     seg_chunks, seg_offsets = 1, None
     if seg_states is not None:
         seg_chunks, seg_offsets, _ = _segment_launch(cu_seqlens, P.N, T, seg_len, BT, k.device)
     r, w, k, v, a, b = _aligned16(r, w, k, v, a, b)
     _launch(
-        chunk_fwd_loaded_gluon_kernel, (_cdiv(V, shape["block_v"]), P.N * H), P,
+        chunk_fwd_loaded_gluon_kernel, (_cdiv(V, spec.block_v), P.N * H), P,
         (*(P.tokens(x) for x in (r, w, k, v, a, b)), P.tokens(o, v), P.rows(h0, v), P.rows(ht, v),
          P.chunks(mats, _cdiv(T, BT)), P.bounds(offsets, v), P.bounds(cu_seqlens, v),
          P.chunks(seg_states, _cdiv(T, seg_len or 1), v), P.bounds(seg_offsets, v), P.tokens(u, v), float(scale), T,
          seg_chunks, *chunks),
-        H=H, K=K, V=V, BV=shape["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
+        H=H, K=K, V=V, BV=spec.block_v, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
         STORE_FINAL=ht is not None, STORE_O=o is not None, STORE_SEGMENTS=seg_states is not None,
-        STORE_U=u is not None, IS_VARLEN=cu_seqlens is not None, NW=shape["num_warps"], num_warps=shape["num_warps"],
+        STORE_U=u is not None, IS_VARLEN=cu_seqlens is not None, NW=spec.num_warps, num_warps=spec.num_warps,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..common import W_FORM_CODES, _aligned16, _cdiv, _launch
-from . import LAUNCH
+from ..roles import ROLES
 from .api import async_load, barrier, cp, gl, gluon, mma_v2
 from .common import SAFE_RANGE, SHARED16, SHARED32, _chunk_rows, _intra, _log_decay, _sequence, _triangle_scan
 
@@ -120,7 +120,7 @@ def chunk_prepare_gluon(pairs, r, w, k, a, b, mats, offsets, cu_seqlens, *, prog
     building every programs-th chunk of chunks [chunks[0], chunks[1]) into `mats`."""
     H, K = k.shape[-2:]
     r, w, k, a, b = _aligned16(r, w, k, a, b)
-    warps = LAUNCH["chunk_prep"]["num_warps"]
+    warps = ROLES["chunk_prep"].gluon.num_warps
     _launch(
         chunk_prep_gluon_kernel, (programs, pairs.N * H), pairs,
         (*(pairs.tokens(x) for x in (r, w, k, a, b)), pairs.chunks(mats, _cdiv(T, BT)),

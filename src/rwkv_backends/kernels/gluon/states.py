@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..common import W_FORM_CODES, _aligned16, _cdiv, _launch
-from . import LAUNCH
+from ..roles import ROLES
 from .api import async_load, barrier, cp, gl, gluon, mma_v2
 from .common import SHARED16, SHARED32, _chunk_rows, _log_decay, _segment_base, _sequence, _triangle_scan
 
@@ -105,17 +105,17 @@ def chunk_states_gluon_kernel(
 
 def chunk_states_gluon(grid, P, w, k, v, b, u, h0, states, offsets, cu_seqlens, seg_states, seg_offsets, *, T, BT,
                        seg_len, seg_chunks, w_form):
-    """kernels/chunk.py chunk_states in Gluon, over `grid` (its own V blocks: LAUNCH's block_v)."""
+    """kernels/chunk.py chunk_states in Gluon, over `grid` (its own V blocks: the role spec's block_v)."""
     H, K = k.shape[-2:]
     V = v.shape[-1]
-    shape = LAUNCH["chunk_states"]
+    spec = ROLES["chunk_states"].gluon
     w, k, v, b = _aligned16(w, k, v, b)
     _launch(
         chunk_states_gluon_kernel, grid, P,
         (*(P.tokens(x) for x in (w, k, v, b, u)), P.rows(h0, v), P.chunks(states, _cdiv(T, BT)),
          P.bounds(offsets, v), P.bounds(cu_seqlens, v), P.chunks(seg_states, _cdiv(T, seg_len or 1), v),
          P.bounds(seg_offsets, v), T, seg_chunks),
-        H=H, K=K, V=V, BV=shape["block_v"], BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
-        IS_VARLEN=cu_seqlens is not None, SEGMENTED=seg_states is not None, NW=shape["num_warps"],
-        num_warps=shape["num_warps"],
+        H=H, K=K, V=V, BV=spec.block_v, BT=BT, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
+        IS_VARLEN=cu_seqlens is not None, SEGMENTED=seg_states is not None, NW=spec.num_warps,
+        num_warps=spec.num_warps,
     )
