@@ -250,7 +250,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     else:   # each V block's share of the r, w, k, a, b gradients, added below in a fixed order
         dr, dw, dk, da, db = (torch.empty(NV, *x.shape, dtype=torch.float32, device=x.device) for x in (r, w, k, a, b))
     dv = torch.empty_like(v)
-    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else v
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else None
     grid, seg_ds, seg_offsets, seg_chunks = (NV, N * H), None, None, 1
     P = _Pairs(N, H, cu_seqlens is not None)
     n_chunks = _cdiv(T, BT)
@@ -275,11 +275,11 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
                 raise ValueError(f"transitions: {transitions[0].shape[0]} chunk transitions per head, but cfg_fwd's "
                                  f"chunk size {cfg_fwd.chunk_size} makes {_chunk_count(cu_seqlens, N, T, cfg_fwd.chunk_size)}"
                                  " (they must be walked at the chunk size they were built at)")
-            transition_dstate(do, dht, *transitions, seg_ds, dh0 if h0 is not None else None, scale=scale,
+            transition_dstate(do, dht, *transitions, seg_ds, dh0, scale=scale,
                               cu_seqlens=cu_seqlens, cfg=cfg_fwd, chunk_size=cfg_fwd.chunk_size, seg_len=seg_len,
                               seg_offsets=seg_offsets)
         else:
-            dstate_sweep(r, w, k, a, b, do, dht, fwd_mats, seg_ds, dh0 if h0 is not None else None, scale=scale,
+            dstate_sweep(r, w, k, a, b, do, dht, fwd_mats, seg_ds, dh0, scale=scale,
                          cu_seqlens=cu_seqlens, w_form=w_form, cfg=cfg_fwd, seg_len=seg_len,
                          dz=dz, dv=dv if ksplit else None, gluon=ksplit,
                          ds_bf16=_dot_precision(cfg_bwd, k.dtype) == "bf16")
@@ -290,15 +290,15 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         chunk_backward_ksplit_gluon(P, grid[2], r, w, k, v, a, b, do, dz, states, seg_ds, offsets, seg_offsets,
                                     cu_seqlens, u, (dr, dw, dk, da, db), scale=scale, T=T, BT=BT, seg_len=seg_len,
                                     seg_chunks=seg_chunks, w_form=w_form)
-        return dr, dw, dk, dv, da, db, (dh0 if h0 is not None else None)
+        return dr, dw, dk, dv, da, db, dh0
     if cfg_bwd.gluon:
         _check_gluon("cfg_bwd", "chunk_bwd", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
                      dot_precision=_dot_precision(cfg_bwd, k.dtype), T=T, has_u=u is not None, segmented=segmented)
         from .gluon.backward import chunk_backward_gluon
         chunk_backward_gluon(P, r, w, k, v, a, b, do, dht, states, mats, offsets, cu_seqlens, u,
-                             (dr, dw, dk, dv, da, db), dh0 if h0 is not None else None, scale=scale, T=T, BT=BT,
+                             (dr, dw, dk, dv, da, db), dh0, scale=scale, T=T, BT=BT,
                              w_form=w_form)
-        return dr, dw, dk, dv, da, db, (dh0 if h0 is not None else None)
+        return dr, dw, dk, dv, da, db, dh0
     # With several V blocks the r, w, k, a, b gradients are [NV, B, T, H, K]: the shares lie r.numel() apart
     # (the whole call's, whichever slice of sequences a launch takes).
     _launch(
@@ -307,7 +307,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
          P.chunks(mats, n_chunks), P.bounds(offsets, v), P.bounds(cu_seqlens, v),
          P.chunks(seg_ds, _cdiv(T, seg_len or 1), v), P.bounds(seg_offsets, v), P.tokens(u, v),
          *(P.tokens(g, dim=1 if NV > 1 and g is not dv else 0) for g in (dr, dw, dk, dv, da, db)),
-         P.rows(dh0 if h0 is not None else None, v), float(scale), T, 0 if NV == 1 else r.numel(), seg_chunks),
+         P.rows(dh0, v), float(scale), T, 0 if NV == 1 else r.numel(), seg_chunks),
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_DHT=dht is not None,
         STORE_DH0=h0 is not None, IS_VARLEN=cu_seqlens is not None, SPLIT_V=NV > 1,
         SEGMENTS=SEG_MODES["walk" if segmented else "none"], HAS_U=u is not None,
@@ -315,4 +315,4 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
     )
     if NV > 1:
         dr, dw, dk, da, db = (g.sum(0).to(x.dtype) for g, x in zip((dr, dw, dk, da, db), (r, w, k, a, b)))
-    return dr, dw, dk, dv, da, db, (dh0 if h0 is not None else None)
+    return dr, dw, dk, dv, da, db, dh0

@@ -166,14 +166,16 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
     N = _num_sequences(B, cu_seqlens)
     BT, BK = cfg.chunk_size, _pow2(K)
     BV = min(_pow2(V), cfg.block_v)
-    o = (torch.empty_like(v) if o is None else o) if store_o else v
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else v
+    o = (torch.empty_like(v) if o is None else o) if store_o else None
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
     c_lo, c_hi = chunks[0], _cdiv(T, BT) if chunks[1] is None else chunks[1]
     if (c_lo, c_hi) != (0, _cdiv(T, BT)) and not (cfg.gluon and mats_mode == "load"):
         raise ValueError("chunks: only the Gluon loaded forward takes a chunk range")
     offsets = _chunk_offsets(cu_seqlens, N, BT, k.device)
     if store_states and states is None:
         states = empty_states(k, v, cu_seqlens, BT)
+    elif not store_states:
+        states = None
     if (mats is None) != (mats_mode == "build"):
         raise ValueError(f"mats: mode {mats_mode!r} {'needs' if mats is None else 'takes no'} a buffer")
     if (seg_states is None) != (seg_mode == "none"):
@@ -187,19 +189,17 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
                      dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_mode == "walk",
                      store_states=store_states)
         from .gluon.loaded_walks import chunk_forward_loaded_gluon
-        chunk_forward_loaded_gluon(P, r, w, k, v, a, b, o if store_o else None, h0, ht if store_final else None, mats,
-                                   offsets, cu_seqlens, seg_states, u, scale=scale, T=T, BT=BT, seg_len=seg_len,
-                                   w_form=w_form, chunks=(c_lo, c_hi))
-        return (o if store_o else None), (ht if store_final else None), None
+        chunk_forward_loaded_gluon(P, r, w, k, v, a, b, o, h0, ht, mats, offsets, cu_seqlens, seg_states, u,
+                                   scale=scale, T=T, BT=BT, seg_len=seg_len, w_form=w_form, chunks=(c_lo, c_hi))
+        return o, ht, None
     if cfg.gluon:
         _check_gluon("cfg", "chunk_fwd", K=K, V=V, chunk_size=BT, block_v=BV, dtype=k.dtype,
                      dot_precision=_dot_precision(cfg, k.dtype), T=T, segmented=seg_mode != "none", mats_mode=mats_mode,
                      store_states=store_states)
         from .gluon.forward import chunk_forward_gluon
-        chunk_forward_gluon(P, r, w, k, v, a, b, o if store_o else None, h0, ht if store_final else None, mats,
-                            offsets, cu_seqlens, u, scale=scale, T=T, BT=BT, w_form=w_form,
-                            store_mats=mats_mode == "store")
-        return (o if store_o else None), (ht if store_final else None), None
+        chunk_forward_gluon(P, r, w, k, v, a, b, o, h0, ht, mats, offsets, cu_seqlens, u, scale=scale, T=T, BT=BT,
+                            w_form=w_form, store_mats=mats_mode == "store")
+        return o, ht, None
     grid = (_cdiv(V, BV), N * H)
     seg_offsets, seg_chunks = None, 1
     if seg_mode != "none":
@@ -208,9 +208,8 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
             grid = grid + (n_segments,)
     _launch(
         chunk_fwd_kernel, grid, P,
-        (*(P.tokens(x) for x in (r, w, k, v, a, b)), P.tokens(o if store_o else None, v), P.rows(h0, v),
-             P.rows(ht if store_final else None, v),
-         P.chunks(states if store_states else None, n_chunks, v), P.chunks(mats, n_chunks, v),
+        (*(P.tokens(x) for x in (r, w, k, v, a, b)), P.tokens(o, v), P.rows(h0, v), P.rows(ht, v),
+         P.chunks(states, n_chunks, v), P.chunks(mats, n_chunks, v),
          P.bounds(offsets, v), P.bounds(cu_seqlens, v), P.chunks(seg_states, _cdiv(T, seg_len or 1), v),
          P.bounds(seg_offsets, v), P.tokens(u, v), float(scale), T, seg_chunks),
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, W_FORM=W_FORM_CODES[w_form], HAS_STATE=h0 is not None,
@@ -218,4 +217,4 @@ def chunk_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: Kerne
         SEGMENTS=SEG_MODES[seg_mode], STORE_U=u is not None, IS_VARLEN=cu_seqlens is not None,
         DOT_PRECISION=_dot_precision(cfg, k.dtype), **_launch_options(cfg),
     )
-    return (o if store_o else None), (ht if store_final else None), (states if store_states else None)
+    return o, ht, states

@@ -236,6 +236,13 @@ class _Cut:
         return self.x.narrow(self.dim, n0 * self.per, (n1 - n0) * self.per + self.extra)
 
 
+def _or(x, stand_in):
+    """x, or `stand_in` where x is None: what a kernel takes for a pointer it never reads (the flag
+    that would read it is off). Launchers keep absent tensors None and pass them through this (or
+    _Pairs, which does the same) at the launch only."""
+    return stand_in if x is None else x
+
+
 class _Pairs:
     """How one launch's tensors split by sequence. Each method takes the tensor, or None and the
     stand-in passed in its place (never read, never cut). Packed sequences (varlen) index the token

@@ -12,7 +12,7 @@ import triton.language as tl
 from ..config import KernelConfig
 from ..device import interpreter_enabled
 from .common import (GRID_YZ_MAX, W_FORM_CODES, _Cut, _Pairs, _cdiv, _contiguous, _interpreted, _launch_options,
-                     _log_decay, _num_sequences, _pow2, _seq_bounds)
+                     _log_decay, _num_sequences, _or, _pow2, _seq_bounds)
 
 try:                         # Triton 3.4 and later; CachedLaunch uses them on FAST_LAUNCH_TRITON only
     from triton import knobs as _knobs
@@ -134,17 +134,17 @@ def recurrent_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg: K
     N = _num_sequences(B, cu_seqlens)
     o = torch.empty_like(v)
     state_dtype = h0.dtype if h0 is not None else torch.float32          # a 16-bit state stays 16-bit
-    ht = torch.empty(N, H, K, V, dtype=state_dtype, device=k.device) if store_final else v
+    ht = torch.empty(N, H, K, V, dtype=state_dtype, device=k.device) if store_final else None
     shape = (H, K, V, w_form, h0 is not None, store_final, cu_seqlens is not None, cfg)
     if N * H <= GRID_YZ_MAX:                # decode's common case: no slicing on the host's path
         _recurrent_launch(k.is_cuda, N, *shape)(
-            (r, w, k, v, a, b, o, h0 if h0 is not None else v, ht, cu_seqlens if cu_seqlens is not None else v),
+            (r, w, k, v, a, b, o, _or(h0, v), _or(ht, v), _or(cu_seqlens, v)),
             (float(scale), T))
-        return o, (ht if store_final else None)
+        return o, ht
     P = _Pairs(N, H, cu_seqlens is not None)
-    args = (*(P.tokens(x) for x in (r, w, k, v, a, b, o)), P.rows(h0, v), P.rows(ht if store_final else None, v),
+    args = (*(P.tokens(x) for x in (r, w, k, v, a, b, o)), P.rows(h0, v), P.rows(ht, v),
             P.bounds(cu_seqlens, v))
     for n0, n1 in P.slices():
         _recurrent_launch(k.is_cuda, n1 - n0, *shape)(
             tuple(x.cut(n0, n1) if isinstance(x, _Cut) else x for x in args), (float(scale), T))
-    return o, (ht if store_final else None)
+    return o, ht

@@ -181,8 +181,8 @@ def transition_forward(v, h0, trans, p_mat, q_mat, r_eff, *, scale, cu_seqlens, 
     K, BT = p_mat.shape[-2:]
     N = _num_sequences(B, cu_seqlens)
     BV = min(_pow2(V), cfg.block_v)
-    o = torch.empty_like(v) if store_o else v
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if store_final else v
+    o = torch.empty_like(v) if store_o else None
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if store_final else None
     offsets = _chunk_offsets(cu_seqlens, N, BT, v.device)
     seg_offsets, seg_chunks = None, 1
     if seg_states is not None:
@@ -191,13 +191,13 @@ def transition_forward(v, h0, trans, p_mat, q_mat, r_eff, *, scale, cu_seqlens, 
     _launch(
         chunk_transition_fwd_kernel, (_cdiv(V, BV), N * H), P,
         (P.tokens(v), *(P.chunks(x, _cdiv(T, BT)) for x in (trans, p_mat, q_mat)), P.tokens(r_eff),
-         P.tokens(o if store_o else None, v), P.rows(h0, v), P.rows(ht if store_final else None, v), P.bounds(offsets, v), P.bounds(cu_seqlens, v),
+         P.tokens(o, v), P.rows(h0, v), P.rows(ht, v), P.bounds(offsets, v), P.bounds(cu_seqlens, v),
          P.chunks(seg_states, _cdiv(T, seg_len or 1), v), P.bounds(seg_offsets, v), float(scale), T, seg_chunks),
         H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, HAS_STATE=h0 is not None, STORE_FINAL=store_final,
         STORE_O=store_o, SEGMENTS=SEG_MODES["none" if seg_states is None else "store"],
         IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(cfg, v.dtype), **_launch_options(cfg),
     )
-    return (o if store_o else None), (ht if store_final else None)
+    return o, ht
 
 
 def transition_twopass(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_trans: KernelConfig,
