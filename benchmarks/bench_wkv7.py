@@ -248,7 +248,7 @@ def dispatch_overhead(peers):
     fns = {
         "wkv7": lambda: rb.wkv7(*args, x["h0"]),
         "bare launch": lambda: recurrent.recurrent_forward(*args, x["h0"], scale=1.0, cu_seqlens=None, w_form="log",
-                                                        cfg=cfg),
+                                                           cfg=cfg),
     }
     fns.update({n: PEERS[n](x, "decode") for n in peers})
     out = host_us_interleaved(fns)

@@ -73,7 +73,7 @@ def _all_launches(x, state, cu):
         training.TrainingPlan(gl16, gl16, cfg_states=gl16),
         training.TrainingPlan(c16, c16, cfg_prep=c16, prep_programs=2, segments=3, cfg_states=c16),
         training.TrainingPlan(gl16, gl16, cfg_prep=gl16, prep_programs=2, segments=3,
-                            cfg_states=gl16),
+                              cfg_states=gl16),
         training.TrainingPlan(c16, c16, cfg_prep=c16, prep_programs=2, segments=3, transitions=True),
     ]
     for how in plans:

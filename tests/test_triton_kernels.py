@@ -57,7 +57,7 @@ def test_chunk_prepare_matches_the_in_loop_build(regime, varlen, block_k, per_se
     kw = dict(scale=0.7, cu_seqlens=cu, w_form="log", cfg=cfg)
     o_one, s_one, _ = chunk.chunk_forward(*args, state, **kw)
     mats = twopass.chunk_prepare(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=cu, w_form="log", cfg=cfg,
-                                programs_per_sequence=per_sequence)
+                                 programs_per_sequence=per_sequence)
     o_two, s_two, _ = chunk.chunk_forward(*args, state, mats=mats, mats_mode="load", **kw)
     assert relative_error(o_two, o_one) < 1e-6 and relative_error(s_two, s_one) < 1e-6
 
@@ -125,27 +125,27 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
     kw = dict(scale=0.8, cu_seqlens=cu, w_form="log")
     seg = common.empty_states(x["k"], x["v"], cu, seg_len)
     o, s, mats = twopass.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd, programs_per_sequence=2,
-                                        seg_states=seg, seg_len=seg_len)
+                                         seg_states=seg, seg_len=seg_len)
     o_plain, s_plain, _ = twopass.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
-                                                 programs_per_sequence=2)
+                                                  programs_per_sequence=2)
     assert torch.equal(o, o_plain) and torch.equal(s, s_plain)
     if transitions:
         seg_t = common.empty_states(x["k"], x["v"], cu, seg_len)
         o_t, s_t, kept = transition.transition_twopass(*ins, state, **kw, cfg_trans=fwd, cfg_walk=fwd,
-                                                   programs_per_sequence=3, seg_states=seg_t, seg_len=seg_len)
+                                                       programs_per_sequence=3, seg_states=seg_t, seg_len=seg_len)
         assert relative_error(o_t, o) < 1e-5 and relative_error(s_t, s) < 1e-5
         lens = (cu[1:] - cu[:-1]).tolist() if varlen else [70, 70]
         used = sum(-(-n // seg_len) for n in lens)          # packed buffers have spare slots at the end
         assert relative_error(seg_t[:used], seg[:used]) < 1e-5
         g_seg = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, seg_states=seg_t,
-                                      seg_len=seg_len, transitions=kept)
+                                        seg_len=seg_len, transitions=kept)
         if fwd_chunk == 32:          # walked at another chunk size than they were built at: refused
             with pytest.raises(ValueError, match="transitions"):
                 backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd.with_(chunk_size=16), cfg_bwd=bwd,
-                                      seg_states=seg_t, seg_len=seg_len, transitions=kept)
+                                        seg_states=seg_t, seg_len=seg_len, transitions=kept)
     else:
         g_seg = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
-                                      seg_states=seg, seg_len=seg_len)
+                                        seg_states=seg, seg_len=seg_len)
     g_one = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats)
     want = _reference_gradients(ins, state, x["do"], dstate, scale=0.8, cu_seqlens=cu)
     for name, got, same, ref in zip(("r", "w", "k", "v", "a", "b", "state"), g_seg, g_one, want):
@@ -157,7 +157,7 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
         assert relative_error(got, ref) < 1e-4, name
     with pytest.raises(ValueError, match="seg_len"):
         backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
-                              seg_states=seg, seg_len=seg_len + 8)
+                                seg_states=seg, seg_len=seg_len + 8)
 
 
 @interpreter
@@ -178,7 +178,7 @@ def test_state_gradient_sweep_also_stores_dz_and_dv(varlen):
     kw = dict(scale=0.8, cu_seqlens=cu, w_form="log")
     seg = common.empty_states(k, v, cu, 32)
     twopass.twopass_forward(r, w, k, v, a, b, state, **kw, cfg_prep=cfg, cfg_fwd=cfg, programs_per_sequence=2,
-                           seg_states=seg, seg_len=32)
+                            seg_states=seg, seg_len=32)
     mats = common.empty_mats(k, cu, 16)
     chunk.chunk_forward(r, w, k, v, a, b, state, **kw, cfg=cfg, mats=mats, mats_mode="store")
     g_one = backward.chunk_backward(r, w, k, v, a, b, state, x["do"], dstate, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats)
@@ -241,9 +241,9 @@ def test_backward_from_the_forwards_u_matches_the_rebuilt_one(regime, varlen, se
     if segmented:
         seg = common.empty_states(x["k"], x["v"], cu, 32)
         o, s, mats = twopass.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd, programs_per_sequence=2,
-                                            seg_states=seg, seg_len=32, u=u)
+                                             seg_states=seg, seg_len=32, u=u)
         o_plain, s_plain, _ = twopass.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
-                                                     programs_per_sequence=2)
+                                                      programs_per_sequence=2)
         segments = dict(seg_states=seg, seg_len=32)
     else:
         mats = common.empty_mats(x["k"], cu, 16)
@@ -252,9 +252,9 @@ def test_backward_from_the_forwards_u_matches_the_rebuilt_one(regime, varlen, se
         segments = {}
     assert torch.equal(o, o_plain) and torch.equal(s, s_plain)
     g_u = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats, u=u,
-                                cfg_states=KernelConfig(block_v=16, num_warps=2), **segments)
+                                  cfg_states=KernelConfig(block_v=16, num_warps=2), **segments)
     g_plain = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
-                                    **segments)
+                                      **segments)
     want = _reference_gradients(ins, state, x["do"], dstate, scale=0.8, cu_seqlens=cu)
     for name, got, same, ref in zip(("r", "w", "k", "v", "a", "b", "state"), g_u, g_plain, want):
         if ref is None:
@@ -276,10 +276,10 @@ def test_chunk_states_rebuilds_the_forwards_chunk_states():
     u = common.empty_u(x["v"], "float32")
     cfg = KernelConfig(chunk_size=16, block_v=16)
     _, _, walked = chunk.chunk_forward(*ins, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg,
-                                        store_states=True, u=u)
+                                       store_states=True, u=u)
     buf = common.empty_states(x["k"], x["v"], None, 16).fill_(float("nan"))
     got = chunk.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=None, w_form="log",
-                              cfg=cfg.with_(block_v=32), states=buf)
+                             cfg=cfg.with_(block_v=32), states=buf)
     assert got is buf and relative_error(got, walked) < 1e-6
 
 
@@ -404,7 +404,7 @@ def test_gpu_gluon_gradient_kernel_matches_the_triton_one(regime, w_form, seqlen
     for gluon in (False, True):
         bwd = KernelConfig(num_warps=8, num_stages=3, dot_precision="bf16", keep_u=True, gluon=gluon)
         grads = backward.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=fwd, cfg_bwd=bwd,
-                                      mats=mats, u=u, cfg_states=KernelConfig(block_v=32))
+                                        mats=mats, u=u, cfg_states=KernelConfig(block_v=32))
         assert all(torch.isfinite(g).all() for g in grads)
         errors[gluon] = [relative_error(g, t.grad) for g, t in zip(grads, leaves)]
     for name, ours, theirs in zip(names + ("state",), errors[True], errors[False]):
@@ -444,9 +444,9 @@ def test_gpu_gluon_ksplit_gradient_kernel_matches_the_triton_one(regime, w_form,
         seg, seg_len = segment_states(x["k"], x["v"], x["cu_seqlens"], 5, (16,))
         u = empty_u(x["v"], keeps_u(bwd))
         o, ht, mats = twopass.twopass_forward(*args, x["state"], **common, cfg_prep=cfg, cfg_fwd=cfg,
-                                             programs_per_sequence=3, seg_states=seg, seg_len=seg_len, u=u)
+                                              programs_per_sequence=3, seg_states=seg, seg_len=seg_len, u=u)
         grads = backward.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=cfg, cfg_bwd=bwd,
-                                      mats=mats, seg_states=seg, seg_len=seg_len, u=u, cfg_states=cfg)
+                                        mats=mats, seg_states=seg, seg_len=seg_len, u=u, cfg_states=cfg)
         assert all(torch.isfinite(g).all() for g in grads)
         errors[gluon] = [relative_error(o, o_ref), relative_error(ht, s_ref)] + [
             relative_error(g, t.grad) for g, t in zip(grads, leaves)]
@@ -487,8 +487,8 @@ def test_gpu_gluon_forward_and_state_rebuild_match_the_triton_ones(regime, w_for
         o, ht, _ = chunk.chunk_forward(*args, x["state"], **common, cfg=cfg, mats=mats, mats_mode="store", u=u)
         states = empty_states(x["k"], x["v"], x["cu_seqlens"], 16).zero_()
         chunk.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=x["cu_seqlens"], w_form=w_form,
-                            cfg=KernelConfig(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32", gluon=gluon),
-                            states=states)
+                           cfg=KernelConfig(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32", gluon=gluon),
+                           states=states)
         got[gluon] = dict(o=o, ht=ht, mats=mats, u=u, states=states)
     for name, ref in (("o", o_ref), ("ht", s_ref)):
         ours, theirs = relative_error(got[True][name], ref), relative_error(got[False][name], ref)
@@ -663,7 +663,7 @@ def test_cached_decode_launch_matches_the_jit_launch(monkeypatch):
                 state = misaligned(x["state"]) if shift else x["state"]
                 assert shift == (args[0].data_ptr() % 16 != 0)
                 out.append(recurrent.recurrent_forward(*args, state, scale=0.5, cu_seqlens=None, w_form="log",
-                                                    cfg=KernelConfig(block_v=32)))
+                                                       cfg=KernelConfig(block_v=32)))
         return out
 
     cached = calls() + calls()           # the second round takes the cached kernels only

@@ -1,5 +1,23 @@
 """The training plan and the autograd Function that ties the chunked forward to the chunked backward.
-The torch.library op wraps `TritonWKV7`."""
+The torch.library op wraps `TritonWKV7`.
+
+What forward saves for backward: the inputs, the initial state and the chunk matrices it built
+(4 x C x C float32 per chunk and head, 16 C bytes per token and head), and U where the gradient
+kernel's config asks for it (`keeps_u`: float32, 4 bytes per token, head and V column). Backward recomputes
+the chunk start states into a temporary buffer: from U with one multiply-add per chunk on the
+chain (chunk_states), or else with a lighter forward pass that loads those matrices (`MATS_LOAD`:
+no outputs, no in-chunk products, no inverse).
+
+The one-pass path's forward, state rebuild and gradient kernels are kernels/chunk.py's and
+kernels/backward.py's, or where their configs ask for it (`gluon`) the same math in Gluon
+(kernels/gluon/, NVIDIA sm80+, K = V = 64).
+
+The two-pass variant's training forward also saves the start state of each segment of the
+sequence (a few per sequence). Its backward then sweeps the state gradient back to every
+segment's end, and recomputes the chunk states and the gradients of all segments at once.
+The transition variant does the same, except that its forward walks chunk transitions (M, P, Q,
+R̃, built for all chunks at once) and keeps M and R̃, which its sweep walks back.
+"""
 
 from __future__ import annotations
 
