@@ -13,7 +13,7 @@ from rwkv_backends.doctor import PLAN_PROBLEMS, _problem, collect
 # Imported here, while _support's TRITON_INTERPRET is set: Triton decides at decoration time whether
 # a kernel is interpreted, and the tests below that unset the variable and plan (the Gluon fallbacks
 # import the launcher) would otherwise make the kernels' first import compiled-only for the session.
-from rwkv_backends.kernels import training  # noqa: F401  (every Triton kernel module)
+from rwkv_backends.kernels import recurrent, training  # noqa: F401  (every Triton kernel module)
 from rwkv_backends.registry import plan
 
 PROFILES = ["nvidia:sm80", "nvidia:sm89", "nvidia:sm90", "nvidia:sm120", "amd:gfx942", "amd:gfx1100",
