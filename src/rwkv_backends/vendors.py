@@ -9,7 +9,7 @@
   `TABLES_FROM`, the folder whose tables serve it; a folder with neither plans no Triton variant;
 - optionally `preferences(info) -> {problem_class: [variant, ...]}` where the order in which
   variants are tried differs from DEFAULT_PREFERENCES; `GLUON = True` where the Gluon kernels
-  (kernels/gluon_nvidia.py) run; `TUNE_CANDIDATES`, launch options only this vendor's Triton takes,
+  (kernels/gluon/) run; `TUNE_CANDIDATES`, launch options only this vendor's Triton takes,
   which the tune tool sweeps as well.
 
 Nothing else differs by vendor.
@@ -53,7 +53,7 @@ def all_profiles() -> dict:
 
 
 def runs_gluon(info) -> bool:
-    """Whether the Gluon kernels (kernels/gluon_nvidia.py) can run on this device's vendor."""
+    """Whether the Gluon kernels (kernels/gluon/) can run on this device's vendor."""
     module = vendor_module(info.vendor)
     return bool(getattr(module, "GLUON", False)) if module is not None else False
 

@@ -82,9 +82,9 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
     """The tables may ask for a kernel's Gluon implementation, which takes only some problems (K = V =
     64, 16-bit inputs, ...): for the others the Triton kernel runs with the entry's other fields, and
     the plan's config_source says why. {kernel: (config, why)} as Variant.fit_configs returns.
-    `sweep_chunk_size`: the segmented backward's sweep chunk size (gluon_nvidia.unsupported)."""
-    from ..kernels import gluon_nvidia
-    from ..kernels.launch import _dot_precision, keeps_u
+    `sweep_chunk_size`: the segmented backward's sweep chunk size (gluon.unsupported)."""
+    from ..kernels import gluon
+    from ..kernels.common import _dot_precision, keeps_u
     changed = {}
     for kernel in kernels:
         cfg = configs[kernel]
@@ -95,18 +95,17 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
         elif not runs_gluon(device):
             why = f"the Gluon kernels are written for NVIDIA (mma.sync, cp.async), not {device.vendor}"
         else:
-            why = gluon_nvidia.unsupported(kernel, K=problem.K, V=problem.V, chunk_size=cfg.chunk_size,
-                                           block_v=cfg.block_v, dtype=problem.dtype,
-                                           dot_precision=_dot_precision(cfg, problem.dtype), T=problem.T,
-                                           has_u=keeps_u(cfg), segmented=segmented,
-                                           sweep_chunk_size=sweep_chunk_size)
+            why = gluon.unsupported(kernel, K=problem.K, V=problem.V, chunk_size=cfg.chunk_size,
+                                    block_v=cfg.block_v, dtype=problem.dtype,
+                                    dot_precision=_dot_precision(cfg, problem.dtype), T=problem.T,
+                                    has_u=keeps_u(cfg), segmented=segmented, sweep_chunk_size=sweep_chunk_size)
         if why:
             changed[kernel] = (cfg.with_(gluon=False), f"gluon off: {why}")
     return changed
 
 
 class _TrainedVariant(Variant):
-    """A chunked Triton variant: training goes through kernels/launch.py's TrainingPlan, which
+    """A chunked Triton variant: training goes through kernels/training.py's TrainingPlan, which
     `training(problem, plan)` builds, whether eagerly (the autograd Function) or from the
     torch.library op's backward."""
 
@@ -116,14 +115,14 @@ class _TrainedVariant(Variant):
         raise NotImplementedError
 
     def train(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import TritonWKV7
+        from ..kernels.training import TritonWKV7
         return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
                                 self.training(problem, plan))
 
     def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
         # The torch.library op's backward (torch.compile) starts from the inputs alone: it runs the
         # training forward again for what that keeps (no outputs), then the same backward.
-        from ..kernels.launch import training_backward, training_forward
+        from ..kernels.training import training_backward, training_forward
         how = self.training(problem, plan)
         common = dict(scale=problem.scale, cu_seqlens=cu_seqlens, w_form=problem.w_form, how=how)
         _, _, kept, seg_len = training_forward(r, w, k, v, a, b, state, **common, store_o=False, store_final=False)
@@ -132,7 +131,7 @@ class _TrainedVariant(Variant):
 
 class TritonChunk(_TrainedVariant):
     """One program per (sequence, head, V block) walks the chunks with the state on chip (chunk_fwd);
-    training keeps the chunk matrices (and U where chunk_bwd's config asks: launch.keeps_u), and the backward
+    training keeps the chunk matrices (and U where chunk_bwd's config asks: common.keeps_u), and the backward
     rebuilds the chunk states (chunk_states from U, or a forward that loads the matrices) before
     the gradient kernel walks the chunks back (chunk_bwd)."""
 
@@ -146,11 +145,11 @@ class TritonChunk(_TrainedVariant):
         return gluon_fallbacks(problem, device, configs, ("chunk_fwd", "chunk_bwd", "chunk_states"))
 
     def training(self, problem, plan):
-        from ..kernels.launch import TrainingPlan
+        from ..kernels.training import TrainingPlan
         return TrainingPlan(plan.configs["chunk_fwd"], plan.configs["chunk_bwd"], cfg_states=plan.configs["chunk_states"])
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import chunk_forward
+        from ..kernels.chunk import chunk_forward
         if problem.needs_grad:
             return self.train(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
         o, ht, _ = chunk_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
@@ -201,14 +200,14 @@ class TritonChunkTwoPass(_TrainedVariant):
         return -(-4 * plan.device.multiprocessors // (problem.N * problem.H))
 
     def training(self, problem, plan):
-        from ..kernels.launch import TrainingPlan
+        from ..kernels.training import TrainingPlan
         return TrainingPlan(plan.configs["chunk_fwd_loaded"], plan.configs["chunk_bwd_split"],
                             cfg_prep=plan.configs["chunk_prep"], prep_programs=self._prep_programs(problem, plan),
                             segments=training_segments(problem, plan), cfg_recompute=plan.configs["chunk_recompute"],
                             cfg_states=plan.configs["chunk_states"])
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import twopass_forward
+        from ..kernels.twopass import twopass_forward
         if problem.needs_grad:
             return self.train(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
         o, ht, _ = twopass_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
@@ -221,7 +220,7 @@ class TritonChunkTwoPass(_TrainedVariant):
 
 class TritonChunkTransition(_TrainedVariant):
     """Few (sequence, head) pairs at K, V <= 64: the two-pass variant with a shorter dependent chain.
-    Pass 1 builds every chunk's transition (S' = M S + P V, O = R̃ S + Q V: kernels/wkv7.py) with
+    Pass 1 builds every chunk's transition (S' = M S + P V, O = R̃ S + Q V: kernels/transition.py) with
     all chunks in parallel; pass 2 walks them, one K x K product per chunk on the chain where the
     loaded forward has three. Training keeps M and R̃ and the segments' start states; its backward
     sweeps dS ← Mᵀ dS + R̃ᵀ dO back to every segment's end, then runs the segmented backward of
@@ -248,14 +247,14 @@ class TritonChunkTransition(_TrainedVariant):
         return cfg_trans, plan.configs["chunk_fwd_transition"].with_(chunk_size=cfg_trans.chunk_size)
 
     def training(self, problem, plan):
-        from ..kernels.launch import TrainingPlan
+        from ..kernels.training import TrainingPlan
         cfg_trans, cfg_walk = self._configs(plan)
         return TrainingPlan(cfg_walk, plan.configs["chunk_bwd_split"], cfg_prep=cfg_trans,
                             prep_programs=self._programs(problem, plan), segments=training_segments(problem, plan),
                             cfg_recompute=plan.configs["chunk_recompute"], transitions=True)
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import transition_twopass
+        from ..kernels.transition import transition_twopass
         if problem.needs_grad:
             return self.train(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
         cfg_trans, cfg_walk = self._configs(plan)
@@ -295,7 +294,7 @@ class TritonRecurrent(Variant):
                                   f"(sequence, head) pairs make {programs} programs for {sms} multiprocessors")}
 
     def run(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import recurrent_forward
+        from ..kernels.recurrent import recurrent_forward
         return recurrent_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
                                  w_form=problem.w_form, cfg=plan.configs["recurrent_fwd"],
                                  store_final=problem.output_final_state)

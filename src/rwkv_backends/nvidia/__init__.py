@@ -8,7 +8,7 @@ VENDOR = "nvidia"
 DEVICE_TYPE = "cuda"
 TRITON_BACKEND = "cuda"
 DESCRIPTION = "NVIDIA GPUs through CUDA builds of torch"
-# The Gluon kernels (kernels/gluon_nvidia.py) are written for NVIDIA: mma.sync and cp.async, sm80+.
+# The Gluon kernels (kernels/gluon/) are written for NVIDIA: mma.sync and cp.async, sm80+.
 GLUON = True
 
 # Launch options the tune tool sweeps on NVIDIA only. maxnreg: at 255 registers and 8 warps one
