@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
 import torch
 
 from . import registry
-from .device import SIMULATE_ENV, detect, interpreter_enabled
 from .problem import argument_error, call_key, validate, values_unreadable
+from .settings import Settings
 
 # Layout mistakes that shapes or values make likely (warnings, listed in wkv7's docstring). The
 # texts are constant, so Python shows each once per call site.
@@ -29,7 +28,7 @@ WARN_ABOVE_ZERO = (
     "w_form='clampw'")
 
 # A call's problem and plan follow from its metadata (call_key), the backend asked for, the
-# environment variables that steer planning (simulation, backend, Gluon, the interpreter), and the
+# settings snapshot (settings.Settings: simulation, backend, Gluon, the interpreter), and the
 # registered variants. A decode loop repeats
 # the same call every token, and at B=1 the host's time is the step's time (NOTES changes 22 and
 # 27): a repeated call skips validation and planning. Only successes are kept.
@@ -38,11 +37,11 @@ _PLANNED_MAX = 256
 
 
 def _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend):
+    settings = Settings.read()
     key = call_key(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
                    output_final_state=output_final_state)
     if key is not None:
-        key = (key, backend, os.environ.get(SIMULATE_ENV), os.environ.get(registry.BACKEND_ENV),
-               os.environ.get(registry.GLUON_ENV), interpreter_enabled(), registry.generation())
+        key = (key, backend, settings, registry.generation())
         try:
             planned = _PLANNED.get(key)
         except TypeError:                # an unhashable w_form, scale or backend: the full check names it
@@ -55,7 +54,7 @@ def _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state
     if k.is_meta:
         raise ValueError("k: expected tensors on a device to plan for, got meta tensors "
                          "(wkv7 takes them for shape inference; explain needs the real device)")
-    planned = problem, registry.plan(problem, detect(k.device), backend)
+    planned = problem, registry.plan(problem, settings.device(k.device), backend, settings=settings)
     if key is not None:
         if len(_PLANNED) >= _PLANNED_MAX:
             _PLANNED.clear()

@@ -9,19 +9,21 @@ tuning table, narrows them by the active known issues, and caches the whole deci
 
 from __future__ import annotations
 
+import contextvars
 import functools
-import os
 from dataclasses import dataclass, field
 
 from . import known_issues
-from .device import DeviceInfo, interpreter_enabled, triton_version
+from .device import DeviceInfo, triton_version
 from .problem import Problem
+from .settings import BACKEND_ENV, Settings
 from .tuning import lookup
 
-BACKEND_ENV = "RWKV_BACKENDS_BACKEND"
 # "0" keeps the Gluon kernels off (the tables' `gluon` configs run their Triton kernels instead):
 # for comparing the two, or for a Triton build whose Gluon misbehaves before a known issue says so.
 GLUON_ENV = known_issues.GLUON_ENV
+# The settings a plan is being made under, for the variants' reasons and fit_configs.
+_PLANNING: contextvars.ContextVar = contextvars.ContextVar("rwkv_backends_planning", default=None)
 
 _VARIANTS: dict = {}
 _generation = 0            # bumped by register(): callers that cache plans key on it
@@ -113,25 +115,39 @@ class Plan:
         }
 
 
+def planning_settings() -> Settings:
+    """The settings the plan being made uses (a fresh snapshot outside planning)."""
+    return _PLANNING.get() or Settings.read()
+
+
 def plan(problem: Problem, device: DeviceInfo, backend: str | None = None, *,
-         triton_version_as: str | None = None, runtime: bool = True) -> Plan:
+         triton_version_as: str | None = None, runtime: bool = True, settings: Settings | None = None) -> Plan:
     """The variant and configs for `problem` on `device`; raises NoBackendError when none fits.
-    `triton_version_as` plans as if that Triton release were installed (the doctor's option)."""
+    `triton_version_as` plans as if that Triton release were installed (the doctor's option);
+    `settings` is the environment snapshot to plan under (read now when None)."""
     _ensure_builtin()
-    forced = backend or os.environ.get(BACKEND_ENV) or None
+    settings = settings or Settings.read()
+    forced = backend or settings.backend
     if forced is not None and forced not in _VARIANTS and forced not in backends():
         source = "backend" if backend else BACKEND_ENV
         raise ValueError(f"{source}: unknown backend {forced!r}; registered backends: {', '.join(backends())}; "
                          f"variants: {', '.join(sorted(_VARIANTS))}")
-    # The interpreter and GLUON_ENV are part of the key: known issues (triton#11584,
-    # gluon-experimental) narrow configs under the one, and the other turns the Gluon kernels off.
-    return _plan_cached(problem, device, forced, triton_version_as or triton_version(), runtime, interpreter_enabled(),
-                        os.environ.get(GLUON_ENV))
+    # The settings are part of the key: known issues (triton#11584, gluon-experimental) narrow
+    # configs under the interpreter, and GLUON_ENV turns the Gluon kernels off.
+    return _plan_cached(problem, device, forced, triton_version_as or triton_version(), runtime, settings)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan_cached(problem: Problem, device: DeviceInfo, forced: str | None, tv: str | None, runtime: bool,
-                 interpreted: bool, gluon_env: str | None) -> Plan:
+                 settings: Settings) -> Plan:
+    token = _PLANNING.set(settings)
+    try:
+        return _choose(problem, device, forced, tv, runtime)
+    finally:
+        _PLANNING.reset(token)
+
+
+def _choose(problem: Problem, device: DeviceInfo, forced: str | None, tv: str | None, runtime: bool) -> Plan:
     from .vendors import preferences
     order = list(preferences(device).get(problem.problem_class, []))
     order += sorted(n for n in _VARIANTS if n not in order)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import functools
-import os
 
 from ..config import padded_head
-from ..device import interpreter_enabled, triton_target
-from ..registry import GLUON_ENV, Variant, register
+from ..device import triton_target
+from ..registry import GLUON_ENV, Variant, planning_settings, register
 
 MAX_HEAD = 128
 # Gradient programs per multiprocessor that the segmented backward's segments aim for, in both
@@ -42,18 +41,19 @@ def common_reasons(problem, device, runtime=True) -> list:
     if err and runtime:
         return [err]
     reasons = []
+    interpreted = planning_settings().interpreted
     if not runtime:
         if device.triton_backend is None:
             reasons.append(f"{device.name}: Triton has no backend for this device")
     elif problem.device_type == "cpu":
-        if not (device.simulated and interpreter_enabled()):
+        if not (device.simulated and interpreted):
             reasons.append("CPU tensors: Triton kernels need a GPU, or a simulated profile "
                            "(RWKV_BACKENDS_SIMULATE) with TRITON_INTERPRET=1")
     elif device.simulated:
         reasons.append(f"simulated profile {device.simulated} plans CPU tensors only, got {problem.device_type} tensors")
     elif device.triton_backend is None:
         reasons.append(f"{device.name}: Triton has no backend for this device")
-    elif not interpreter_enabled() and triton_target() is None:
+    elif not interpreted and triton_target() is None:
         reasons.append("Triton has no active driver for this device")
     if problem.K > MAX_HEAD or problem.V > MAX_HEAD:
         reasons.append(f"head size K={problem.K}, V={problem.V}: the Triton kernels take K, V <= {MAX_HEAD}")
@@ -85,11 +85,12 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
     from ..kernels import gluon_nvidia
     from ..kernels.launch import _dot_precision, keeps_u
     changed = {}
+    gluon_off = planning_settings().gluon == "0"
     for kernel in kernels:
         cfg = configs[kernel]
         if not cfg.gluon:
             continue
-        if os.environ.get(GLUON_ENV) == "0":
+        if gluon_off:
             why = f"{GLUON_ENV}=0"
         elif device.vendor != "nvidia":
             why = f"the Gluon kernels are written for NVIDIA (mma.sync, cp.async), not {device.vendor}"
