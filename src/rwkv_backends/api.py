@@ -2,120 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-import warnings
-
 import torch
 
-from . import registry
-from .problem import argument_error, call_key, validate, values_unreadable
-from .settings import Settings
+from .dispatch import (LIKELY_MAX_HEADS, RAW_W_MAX, WARN_ABOVE_ZERO, WARN_HEADS_FIRST,  # noqa: F401
+                       WARN_RAW_AS_LOG, check_backend, plan_call, run, traced_checks_pass, warn_likely_mistakes)
+from .problem import argument_error, validate
+from .registry import training_split
 
-# Layout mistakes that shapes or values make likely (warnings, listed in wkv7's docstring). The
-# texts are constant, so Python shows each once per call site.
-LIKELY_MAX_HEADS = 128   # RWKV-7 models have tens of heads: a longer dim 2 is more likely the time axis
-RAW_W_MAX = (-5.0, -0.5)  # RWKV-LM's raw w is -softplus(.) - 0.5: at most -0.5, its largest about -0.5 to -3
-WARN_HEADS_FIRST = (
-    "wkv7: r, w, k, v, a, b look like [B, H, T, K] (no state, dim 1 shorter than dim 2, and dim 2 longer "
-    f"than {LIKELY_MAX_HEADS} heads): wkv7 takes [B, T, H, K]; if they are [B, H, T, K], pass "
-    "x.transpose(1, 2) for each")
-WARN_RAW_AS_LOG = (
-    "wkv7: w looks like RWKV-LM's raw w (every value <= -0.5, the largest above -5), which w_form='log' "
-    "reads as the log-decay (decay exp(w)); if it is raw w (decay exp(-exp(w))), pass w_form='raw'")
-WARN_ABOVE_ZERO = (
-    "wkv7: w has values > 0, which w_form='log' reads as a decay exp(w) > 1 that grows the state "
-    "(outside the contract); for RWKV-LM's raw w pass w_form='raw', for the w of its clampw kernels "
-    "w_form='clampw'")
-
-# A call's problem and plan follow from its metadata (call_key), the backend asked for, the
-# settings snapshot (settings.Settings: simulation, backend, Gluon, the interpreter), and the
-# registered variants. A decode loop repeats
-# the same call every token, and at B=1 the host's time is the step's time (NOTES changes 22 and
-# 27): a repeated call skips validation and planning. Only successes are kept.
-_PLANNED: dict = {}
-_PLANNED_MAX = 256
-
-
-def _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend):
-    settings = Settings.read()
-    key = call_key(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
-                   output_final_state=output_final_state)
-    if key is not None:
-        key = (key, backend, settings, registry.generation())
-        try:
-            planned = _PLANNED.get(key)
-        except TypeError:                # an unhashable w_form, scale or backend: the full check names it
-            key = planned = None
-        if planned is not None:
-            return planned
-    problem = validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
-                       output_final_state=output_final_state)
-    _check_backend(backend)
-    if k.is_meta:
-        raise ValueError("k: expected tensors on a device to plan for, got meta tensors "
-                         "(wkv7 takes them for shape inference; explain needs the real device)")
-    planned = problem, registry.plan(problem, settings.device(k.device), backend, settings=settings)
-    if key is not None:
-        if len(_PLANNED) >= _PLANNED_MAX:
-            _PLANNED.clear()
-        _PLANNED[key] = planned
-    return planned
-
-
-def _warn(message):
-    """warnings.warn, attributed to the first caller outside rwkv_backends."""
-    frame, level = sys._getframe(0), 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "rwkv_backends":
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
-
-
-def _warn_likely_mistakes(problem, w):
-    """Warnings for layouts that shapes (any device) or values (CPU tensors only, where reading
-    them costs no device sync) make likely; they never refuse the call."""
-    if (not problem.has_state and not problem.varlen and 1 < problem.T < problem.H
-            and problem.H > LIKELY_MAX_HEADS):
-        _warn(WARN_HEADS_FIRST)
-    if problem.w_form == "log" and problem.device_type == "cpu" and w.numel() and not values_unreadable(w):
-        top = float(w.detach().max())
-        if top > 0:
-            _warn(WARN_ABOVE_ZERO)
-        elif RAW_W_MAX[0] <= top <= RAW_W_MAX[1]:
-            _warn(WARN_RAW_AS_LOG)
-
-
-def _check_backend(backend):
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend: expected a backend name (str) or None, got {type(backend).__name__}")
-
-
-def _traced_checks_pass(r, w, k, v, a, b, state, w_form, scale, cu_seqlens) -> bool:
-    """validate() under torch.compile: dynamo traces it, guarding on what it reads."""
-    try:
-        validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
-                 output_final_state=True)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-class _NoTokens(torch.autograd.Function):
-    """wkv7 of a call without tokens (B = 0 or T = 0): an empty o, and the initial state (zeros
-    without one) as the final state. Gradients: zeros, and dstate for the state."""
-
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b, state, N):
-        ctx.has_state = state is not None
-        ctx.save_for_backward(r, w, k, v, a, b)        # empty tensors
-        o = v.new_zeros(v.shape)
-        if state is not None:
-            return o, state.clone()
-        return o, k.new_zeros(N, k.shape[2], k.shape[3], v.shape[3], dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, do, dstate):
-        zeros = [torch.zeros_like(x) for x in ctx.saved_tensors]
-        return (*zeros, dstate if ctx.has_state else None, None)
+_plan = plan_call
+# The custom ops, which rwkv_backends.ops registers (the package imports it before this module).
+_ops = torch.ops.rwkv_backends
 
 
 def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=None,
@@ -145,45 +41,35 @@ def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=No
         # One custom-op node for torch.compile, forward and backward (ops.py). Nothing raises
         # while dynamo traces (that would surface as a dynamo error): a call the checks refuse
         # becomes a node that raises eager's error when the graph runs.
-        from .ops import wkv7_argument_error, wkv7_op, wkv7_rejected
         error = argument_error(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
                                output_final_state=output_final_state, backend=backend)
         if error is not None:
             like = next((x for x in (v, k, r, w, a, b) if isinstance(x, torch.Tensor)), torch.empty(0))
             o_like = v.detach() if isinstance(v, torch.Tensor) else like.new_empty(0)
             state_like = state.detach() if isinstance(state, torch.Tensor) else like.new_empty(0, dtype=torch.float32)
-            return wkv7_argument_error(o_like, state_like, error[0].__name__, error[1])
-        if not _traced_checks_pass(r, w, k, v, a, b, state, w_form, scale, cu_seqlens):
+            return _ops.wkv7_argument_error(o_like, state_like, error[0].__name__, error[1])
+        if not traced_checks_pass(r, w, k, v, a, b, state, w_form, scale, cu_seqlens):
             args = [x.detach() if x is not None else None for x in (r, w, k, v, a, b, state, cu_seqlens)]
-            return wkv7_rejected(*args, w_form, float(scale), backend)
-        o, state_out = wkv7_op(r, w, k, v, a, b, state, cu_seqlens, w_form, float(scale), backend)
+            return _ops.wkv7_rejected(*args, w_form, float(scale), backend)
+        training = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b, state) if x is not None)
+        o, state_out, _ = _ops.wkv7(r, w, k, v, a, b, state, cu_seqlens, w_form, float(scale), backend, training)
         return o, (state_out if output_final_state else None)
     if isinstance(k, torch.Tensor) and k.is_meta:
         # Shape inference: the op's fake implementation gives the outputs, forward and backward.
         problem = validate(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
                            output_final_state=output_final_state)
-        _check_backend(backend)
-        _warn_likely_mistakes(problem, w)
-        from .ops import wkv7_op
-        o, state_out = wkv7_op(r, w, k, v, a, b, state, cu_seqlens, w_form, float(scale), backend)
+        check_backend(backend)
+        warn_likely_mistakes(problem, w)
+        o, state_out, _ = _ops.wkv7(r, w, k, v, a, b, state, cu_seqlens, w_form, float(scale), backend,
+                                      problem.needs_grad)
         return o, (state_out if output_final_state else None)
-    return eager_wkv7(r, w, k, v, a, b, state, w_form=w_form, scale=scale, cu_seqlens=cu_seqlens,
-                      output_final_state=output_final_state, backend=backend)
-
-
-def eager_wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=None,
-               output_final_state=True, backend=None):
-    """wkv7 without the torch.compile detour: validate, dispatch (cached), run."""
-    problem, plan = _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
-    _warn_likely_mistakes(problem, w)
-    if problem.B == 0 or problem.T == 0:
-        o, state_out = _NoTokens.apply(r, w, k, v, a, b, state, problem.N)
-        return o, (state_out if output_final_state else None)
-    o, state_out = plan.variant.run(r, w, k, v, a, b, state, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
-    if o.dtype != v.dtype:
-        o = o.to(v.dtype)
-    if state_out is not None and state_out.dtype != problem.state_dtype:
-        state_out = state_out.to(problem.state_dtype)
+    problem, plan = plan_call(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
+    warn_likely_mistakes(problem, w)
+    if problem.needs_grad and (problem.B == 0 or problem.T == 0 or training_split(plan.variant).keeps_for_backward):
+        # Training through the custom op: the same autograd as under torch.compile.
+        o, state_out, _ = _ops.wkv7(r, w, k, v, a, b, state, cu_seqlens, w_form, float(scale), backend, True)
+    else:
+        o, state_out = run(problem, plan, r, w, k, v, a, b, state, cu_seqlens)
     return o, (state_out if output_final_state else None)
 
 
@@ -191,5 +77,5 @@ def explain(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens
             output_final_state=True, backend=None) -> dict:
     """What `wkv7` would do with these arguments, without computing anything: the backend, the
     variant, its tuned launch configs and every other candidate with the reasons it was passed over."""
-    problem, plan = _plan(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
+    problem, plan = plan_call(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
     return plan.explain(problem)

@@ -61,9 +61,49 @@ class Variant:
         return {}
 
     def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem: Problem, plan: "Plan", cu_seqlens):
-        """Gradients (dr, dw, dk, dv, da, db, dstate or None) without building an autograd graph
-        (what the torch.library op's backward calls). Variants for training implement it."""
+        """Gradients (dr, dw, dk, dv, da, db, dstate or None) from the inputs alone, without building
+        an autograd graph: what the default train_backward calls."""
         raise NotImplementedError(f"{self.name} has no backward")
+
+    # Whether train_forward keeps what train_backward needs (no forward in the backward). wkv7 then
+    # trains through the torch.library op in eager mode too (ops.py); without, eager training calls
+    # `run`, which builds the variant's own autograd graph.
+    keeps_for_backward: bool = False
+
+    def train_forward(self, r, w, k, v, a, b, state, *, problem: Problem, plan: "Plan", cu_seqlens) -> tuple:
+        """(o, final state, kept): a training call's forward, without an autograd graph, and what
+        train_backward needs beyond the inputs: up to KEPT_SLOTS float32 tensors, None where a
+        slot stays empty. This default runs `run` without gradients and keeps nothing."""
+        import dataclasses
+
+        import torch
+        with torch.no_grad():
+            o, ht = self.run(r, w, k, v, a, b, state, problem=dataclasses.replace(problem, needs_grad=False),
+                             plan=plan, cu_seqlens=cu_seqlens)
+        return o, ht, ()
+
+    def train_backward(self, r, w, k, v, a, b, state, do, dstate, kept, *, problem: Problem, plan: "Plan",
+                       cu_seqlens) -> tuple:
+        """Gradients (dr, dw, dk, dv, da, db, dstate or None) from the inputs and train_forward's kept
+        tensors, each flattened to 1-D (KEPT_SLOTS of them; empty where train_forward kept None).
+        This default calls `backward`, which runs the forward again."""
+        return self.backward(r, w, k, v, a, b, state, do, dstate, problem=problem, plan=plan, cu_seqlens=cu_seqlens)
+
+
+# How many tensors a train_forward may keep (the torch.library op returns that many, 1-D).
+KEPT_SLOTS = 5
+_TRAINING: dict = {}
+
+
+def register_training(name: str, split) -> None:
+    """Gives variant `name` the train_forward / train_backward / keeps_for_backward of `split`, for
+    a variant whose own module does not define them."""
+    _TRAINING[name] = split
+
+
+def training_split(variant: Variant):
+    """What trains `variant`: the split registered for it, or the variant itself."""
+    return _TRAINING.get(variant.name, variant)
 
 
 def register(variant: Variant) -> Variant:
@@ -87,7 +127,7 @@ def backends() -> list:
 
 @functools.lru_cache(maxsize=None)
 def _ensure_builtin():
-    from .backends import pytorch, triton  # noqa: F401  (each registers its variants)
+    from .backends import pytorch, pytorch_training, triton  # noqa: F401  (each registers its variants)
 
 
 @dataclass(frozen=True)

@@ -107,27 +107,35 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
 
 class _TrainedVariant(Variant):
     """A chunked Triton variant: training goes through kernels/launch.py's TrainingPlan, which
-    `training(problem, plan)` builds, whether eagerly (the autograd Function) or from the
-    torch.library op's backward."""
+    `training(problem, plan)` builds. The torch.library op (ops.py) runs its forward
+    (train_forward) and, from what that keeps, its backward (train_backward), eager and compiled."""
 
     backend = "triton"
+    keeps_for_backward = True
 
     def training(self, problem, plan):
         raise NotImplementedError
 
     def train(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.launch import TritonWKV7
-        return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
-                                self.training(problem, plan))
+        """(o, final state) with gradients: the torch.library op, forced to this variant."""
+        import torch
+        o, ht, _ = torch.ops.rwkv_backends.wkv7(r, w, k, v, a, b, state, cu_seqlens, problem.w_form, problem.scale,
+                                                self.name, True)
+        return o, ht
 
-    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
-        # The torch.library op's backward (torch.compile) starts from the inputs alone: it runs the
-        # training forward again for what that keeps (no outputs), then the same backward.
-        from ..kernels.launch import training_backward, training_forward
+    def train_forward(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels import launch
+        o, ht, kept, _ = launch.training_forward(r, w, k, v, a, b, state, scale=problem.scale, cu_seqlens=cu_seqlens,
+                                                 w_form=problem.w_form, how=self.training(problem, plan))
+        return o, ht, kept
+
+    def train_backward(self, r, w, k, v, a, b, state, do, dstate, kept, *, problem, plan, cu_seqlens):
+        from ..kernels import launch
         how = self.training(problem, plan)
-        common = dict(scale=problem.scale, cu_seqlens=cu_seqlens, w_form=problem.w_form, how=how)
-        _, _, kept, seg_len = training_forward(r, w, k, v, a, b, state, **common, store_o=False, store_final=False)
-        return training_backward(r, w, k, v, a, b, state, do, dstate, kept, seg_len, **common)
+        shapes, seg_len = launch.kept_layout(r, k, v, cu_seqlens, how)
+        kept = tuple(None if shape is None else x.view(shape) for x, shape in zip(kept, shapes))
+        return launch.training_backward(r, w, k, v, a, b, state, do, dstate, kept, seg_len, scale=problem.scale,
+                                        cu_seqlens=cu_seqlens, w_form=problem.w_form, how=how)
 
 
 class TritonChunk(_TrainedVariant):
