@@ -5,6 +5,8 @@ settings snapshot that keys the plans; the api/ops import cycle."""
 import collections
 import functools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -246,3 +248,21 @@ def test_api_and_ops_do_not_import_each_other():
                 imported.add(node.module or "")
                 imported.update(a.name for a in node.names if not node.module)
         assert other not in imported, f"{name} imports {other}"
+
+
+def test_compat_is_an_attribute_and_the_package_is_typed():
+    code = "import rwkv_backends, sys; f = rwkv_backends.compat.patch_fla; print(callable(f))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.strip() == "True", out.stderr
+    import pathlib
+    assert (pathlib.Path(rb.__file__).parent / "py.typed").is_file()
+
+
+def test_wkv7_and_explain_docstrings_run():
+    import doctest
+
+    from rwkv_backends import api
+    for fn in (api.wkv7, api.explain):
+        assert all(part in fn.__doc__ for part in ("Args:", "Returns:", "Raises:", "Example:")), fn.__name__
+    assert doctest.testmod(api).failed == 0

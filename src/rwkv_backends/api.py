@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from .dispatch import (LIKELY_MAX_HEADS, RAW_W_MAX, WARN_ABOVE_ZERO, WARN_HEADS_FIRST,  # noqa: F401
                        WARN_RAW_AS_LOG, check_backend, plan_call, run, traced_checks_pass, warn_likely_mistakes)
@@ -14,18 +17,43 @@ _plan = plan_call
 _ops = torch.ops.rwkv_backends
 
 
-def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=None,
-         output_final_state=True, backend=None):
-    """RWKV-7's WKV7 recurrence (SPEC §1).
+def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor] = None, *,
+         w_form: str = "log", scale: float = 1.0, cu_seqlens: Optional[Tensor] = None,
+         output_final_state: bool = True, backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """RWKV-7's WKV7 recurrence (SPEC §1): per head, h_t = diag(exp(L_t)) h_{t-1} + b_t (a_tᵀ h_{t-1})
+    + k_t v_tᵀ and o_t = scale h_tᵀ r_t, with L_t the log-decay that w gives.
 
-    r, w, k, a, b: [B, T, H, K]; v: [B, T, H, V]; state: [N, H, K, V] float32 or None (bfloat16 or
-    float16 opts into a 16-bit decode state). Returns (o [B, T, H, V] in v's dtype, state_out
-    [N, H, K, V] in the state's dtype, float32 without a state; or None).
-    Differentiable with respect to r, w, k, v, a, b and state.
+    Args:
+        r, k, a, b: [B, T, H, K], float32, bfloat16 or float16, all of one dtype and device.
+        w: [B, T, H, K], in k's dtype or float32, read as `w_form` says.
+        v: [B, T, H, V], in k's dtype.
+        state: the initial state [N, H, K, V], float32 (bfloat16 or float16 opts into a 16-bit
+            decode state), or None for zeros. N is B, or the number of packed sequences.
+        w_form: "log" (w is the log-decay: decay exp(w)), "raw" (RWKV-LM's w: decay
+            exp(-exp(w))) or "clampw" (the w of RWKV-LM's clampw kernels: log-decay
+            -CLAMPW_BOUND sigmoid(w)).
+        scale: a finite Python number that multiplies o.
+        cu_seqlens: packed sequences, int32 or int64 [N + 1] offsets from 0 to T (non-decreasing),
+            with B = 1; None for B sequences of T tokens.
+        output_final_state: False returns None in place of the final state.
+        backend: a backend ("triton", "pytorch") or variant ("triton.chunk", ...) to force; None
+            lets the dispatcher choose (RWKV_BACKENDS_BACKEND forces one for every call).
+
+    Returns:
+        (o [B, T, H, V] in v's dtype, the final state [N, H, K, V] in the state's dtype, float32
+        without a state; or None without output_final_state). Differentiable with respect to r,
+        w, k, v, a, b and state, eagerly and under torch.compile (fullgraph, no graph break).
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype (the message names it).
+        ValueError: a wrong shape, device, w_form, cu_seqlens or backend name (the message names
+            the argument); under torch.compile the same error raises when the graph runs.
+        NoBackendError: no registered variant can take the call (a ValueError; the message gives
+            every candidate's reasons).
 
     A call without tokens (B = 0 or T = 0) returns an empty o and the initial state (zeros without
     one). Meta tensors give outputs of the right shapes and dtypes, forward and backward, without
-    computing. A bad argument raises a ValueError or TypeError naming it, under torch.compile too.
+    computing.
 
     Likely layout mistakes warn (UserWarning, once per call site and kind) and still run:
     - inputs that look like [B, H, T, K]: no state, 1 < T < H and H > 128 (T = 1 reads the same
@@ -36,6 +64,17 @@ def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=No
     The two checks on w read its values, and run on CPU tensors only (no device sync elsewhere).
     RWKV-LM's [N, H, V, K] state is refused by its shape when K != V, with the transpose named in
     the error; when K == V its values cannot tell it from [N, H, K, V], so transpose it yourself.
+
+    Example:
+        >>> import torch, rwkv_backends
+        >>> B, T, H, K = 1, 8, 2, 16
+        >>> r, k, v = (torch.randn(B, T, H, K) for _ in range(3))
+        >>> w = -torch.rand(B, T, H, K) - 0.1            # log-decay < 0
+        >>> kk = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1)
+        >>> a, b = -kk, kk * torch.rand(B, T, H, K)       # RWKV-7's a = -kk, b = kk * in-context rate
+        >>> o, state = rwkv_backends.wkv7(r, w, k, v, a, b)
+        >>> o.shape, state.shape
+        (torch.Size([1, 8, 2, 16]), torch.Size([1, 2, 16, 16]))
     """
     if torch.compiler.is_compiling():
         # One custom-op node for torch.compile, forward and backward (ops.py). Nothing raises
@@ -73,9 +112,29 @@ def wkv7(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=No
     return o, (state_out if output_final_state else None)
 
 
-def explain(r, w, k, v, a, b, state=None, *, w_form="log", scale=1.0, cu_seqlens=None,
-            output_final_state=True, backend=None) -> dict:
-    """What `wkv7` would do with these arguments, without computing anything: the backend, the
-    variant, its tuned launch configs and every other candidate with the reasons it was passed over."""
+def explain(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor] = None, *,
+            w_form: str = "log", scale: float = 1.0, cu_seqlens: Optional[Tensor] = None,
+            output_final_state: bool = True, backend: Optional[str] = None) -> dict:
+    """What `wkv7` would do with these arguments, without computing anything.
+
+    Args:
+        The arguments of `wkv7`, on the device the call would run on (not meta tensors).
+
+    Returns:
+        A dict: "backend", "variant", "problem_class" ("training", "decode" or "prefill"),
+        "problem" (the shapes in words), "config" (each kernel's launch config), "config_source"
+        (the tuning table entry each came from), "adjusted_by_known_issues", "rejected" (every other
+        variant with the reasons it was passed over), "device" and "known_issues_active".
+
+    Raises:
+        The errors of `wkv7` for the same arguments, and ValueError for meta tensors.
+
+    Example:
+        >>> import torch, rwkv_backends
+        >>> x = [torch.randn(1, 8, 2, 16) for _ in range(6)]
+        >>> x[1] = -x[1].abs() - 0.1                      # w: a log-decay < 0
+        >>> rwkv_backends.explain(*x)["backend"]
+        'pytorch'
+    """
     problem, plan = plan_call(r, w, k, v, a, b, state, w_form, scale, cu_seqlens, output_final_state, backend)
     return plan.explain(problem)
