@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import functools
-import os
 
 from ..config import padded_head
-from ..device import interpreter_enabled, triton_target
-from ..registry import GLUON_ENV, Variant, register
+from ..device import triton_target
+from ..registry import GLUON_ENV, Variant, planning_settings, register
 from ..vendors import runs_gluon
 
 MAX_HEAD = 128
@@ -43,18 +42,19 @@ def common_reasons(problem, device, runtime=True) -> list:
     if err and runtime:
         return [err]
     reasons = []
+    interpreted = planning_settings().interpreted
     if not runtime:
         if device.triton_backend is None:
             reasons.append(f"{device.name}: Triton has no backend for this device")
     elif problem.device_type == "cpu":
-        if not (device.simulated and interpreter_enabled()):
+        if not (device.simulated and interpreted):
             reasons.append("CPU tensors: Triton kernels need a GPU, or a simulated profile "
                            "(RWKV_BACKENDS_SIMULATE) with TRITON_INTERPRET=1")
     elif device.simulated:
         reasons.append(f"simulated profile {device.simulated} plans CPU tensors only, got {problem.device_type} tensors")
     elif device.triton_backend is None:
         reasons.append(f"{device.name}: Triton has no backend for this device")
-    elif not interpreter_enabled() and triton_target() is None:
+    elif not interpreted and triton_target() is None:
         reasons.append("Triton has no active driver for this device")
     if problem.K > MAX_HEAD or problem.V > MAX_HEAD:
         reasons.append(f"head size K={problem.K}, V={problem.V}: the Triton kernels take K, V <= {MAX_HEAD}")
@@ -86,11 +86,12 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
     from ..kernels import gluon
     from ..kernels.common import _dot_precision, keeps_u
     changed = {}
+    gluon_off = planning_settings().gluon == "0"
     for kernel in kernels:
         cfg = configs[kernel]
         if not cfg.gluon:
             continue
-        if os.environ.get(GLUON_ENV) == "0":
+        if gluon_off:
             why = f"{GLUON_ENV}=0"
         elif not runs_gluon(device):
             why = f"the Gluon kernels are written for NVIDIA (mma.sync, cp.async), not {device.vendor}"
@@ -106,27 +107,36 @@ def gluon_fallbacks(problem, device, configs, kernels, segmented=False, sweep_ch
 
 class _TrainedVariant(Variant):
     """A chunked Triton variant: training goes through kernels/training.py's TrainingPlan, which
-    `training(problem, plan)` builds, whether eagerly (the autograd Function) or from the
-    torch.library op's backward."""
+    `training(problem, plan)` builds. The torch.library op (ops.py) runs its forward
+    (train_forward) and, from what that keeps, its backward (train_backward), eager and compiled."""
 
     backend = "triton"
+    keeps_for_backward = True
 
     def training(self, problem, plan):
         raise NotImplementedError
 
     def train(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
-        from ..kernels.training import TritonWKV7
-        return TritonWKV7.apply(r, w, k, v, a, b, state, cu_seqlens, problem.scale, problem.w_form,
-                                self.training(problem, plan))
+        """(o, final state) with gradients: the torch.library op, forced to this variant."""
+        import torch
+        o, ht, _ = torch.ops.rwkv_backends.wkv7(r, w, k, v, a, b, state, cu_seqlens, problem.w_form, problem.scale,
+                                                self.name, True)
+        return o, ht
 
-    def backward(self, r, w, k, v, a, b, state, do, dstate, *, problem, plan, cu_seqlens):
-        # The torch.library op's backward (torch.compile) starts from the inputs alone: it runs the
-        # training forward again for what that keeps (no outputs), then the same backward.
-        from ..kernels.training import training_backward, training_forward
+    def train_forward(self, r, w, k, v, a, b, state, *, problem, plan, cu_seqlens):
+        from ..kernels import training
+        o, ht, kept, _ = training.training_forward(r, w, k, v, a, b, state, scale=problem.scale,
+                                                   cu_seqlens=cu_seqlens, w_form=problem.w_form,
+                                                   how=self.training(problem, plan))
+        return o, ht, kept
+
+    def train_backward(self, r, w, k, v, a, b, state, do, dstate, kept, *, problem, plan, cu_seqlens):
+        from ..kernels import training
         how = self.training(problem, plan)
-        common = dict(scale=problem.scale, cu_seqlens=cu_seqlens, w_form=problem.w_form, how=how)
-        _, _, kept, seg_len = training_forward(r, w, k, v, a, b, state, **common, store_o=False, store_final=False)
-        return training_backward(r, w, k, v, a, b, state, do, dstate, kept, seg_len, **common)
+        shapes, seg_len = training.kept_layout(r, k, v, cu_seqlens, how)
+        kept = tuple(None if shape is None else x.view(shape) for x, shape in zip(kept, shapes))
+        return training.training_backward(r, w, k, v, a, b, state, do, dstate, kept, seg_len, scale=problem.scale,
+                                          cu_seqlens=cu_seqlens, w_form=problem.w_form, how=how)
 
 
 class TritonChunk(_TrainedVariant):

@@ -1,5 +1,6 @@
-"""The training plan and the autograd Function that ties the chunked forward to the chunked backward.
-The torch.library op wraps `TritonWKV7`.
+"""The training plan: the chunked forward that keeps what the chunked backward needs, and that
+backward. The torch.library op (ops.py) runs training_forward in its forward and training_backward,
+from what the forward kept, in its backward.
 
 What forward saves for backward: the inputs, the initial state and the chunk matrices it built
 (4 x C x C float32 per chunk and head, 16 C bytes per token and head), and U where the gradient
@@ -28,7 +29,7 @@ import torch
 from ..config import KernelConfig
 from .backward import chunk_backward
 from .chunk import chunk_forward
-from .common import empty_mats, empty_u, keeps_u, segment_states
+from .common import _chunk_count, _num_sequences, empty_mats, empty_u, keeps_u, segment_states
 from .transition import transition_twopass
 from .twopass import twopass_forward
 
@@ -36,8 +37,8 @@ from .twopass import twopass_forward
 @dataclasses.dataclass(frozen=True)
 class TrainingPlan:
     """How one training call runs: the launch configs and what the forward keeps for the backward.
-    The Triton variants build it from their plan (backends/triton.py); the autograd Function and the
-    torch.library op's backward both run it.
+    The Triton variants build it from their plan (backends/triton.py); the torch.library op runs
+    it, training_forward in its forward and training_backward in its backward (ops.py).
 
     With `cfg_prep`, the two-pass forward: chunk_prepare builds every chunk's matrices
     (`prep_programs` programs per sequence), and the forward loads them. With `segments` > 1 the
@@ -99,6 +100,32 @@ def training_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, how: Tr
     return o, ht, (mats, seg_states, u, *kept), seg_len
 
 
+def kept_layout(r, k, v, cu_seqlens, how: TrainingPlan) -> tuple:
+    """(the shape of each KEPT tensor that training_forward keeps for these inputs, None where it
+    keeps none; the segment length): what a backward that gets the kept tensors flattened needs.
+    The buffers come from training_forward's own allocators, on meta tensors."""
+    r, k, v, cu_seqlens = (None if x is None else torch.empty(x.shape, dtype=x.dtype, device="meta")
+                           for x in (r, k, v, cu_seqlens))
+    B, T, H, K = k.shape
+    chunk_sizes = (how.cfg_prep.chunk_size, how.cfg_bwd.chunk_size) if how.cfg_prep is not None else ()
+    mats = seg_states = u = trans = r_eff = None
+    seg_len = 0
+    if how.transitions or (how.cfg_prep is not None and how.segments > 1):
+        seg_states, seg_len = segment_states(k, v, cu_seqlens, max(how.segments, 1), chunk_sizes)
+    if how.transitions:        # chunk_transitions' M and R̃
+        trans = torch.empty(_chunk_count(cu_seqlens, _num_sequences(B, cu_seqlens), T, how.cfg_prep.chunk_size),
+                            H, K, K, device="meta")
+        r_eff = r
+    else:
+        u = empty_u(v, keeps_u(how.cfg_bwd))
+        if how.cfg_prep is not None:
+            mats = empty_mats(k, cu_seqlens, how.cfg_prep.chunk_size if seg_states is not None
+                              else how.cfg_bwd.chunk_size)
+        elif how.cfg_bwd.chunk_size == how.cfg_fwd.chunk_size:
+            mats = empty_mats(k, cu_seqlens, how.cfg_fwd.chunk_size)
+    return tuple(None if x is None else tuple(x.shape) for x in (mats, seg_states, u, trans, r_eff)), seg_len
+
+
 def training_backward(r, w, k, v, a, b, h0, do, dht, kept, seg_len, *, scale, cu_seqlens, w_form,
                       how: TrainingPlan):
     """Gradients (dr, dw, dk, dv, da, db, dh0) from what training_forward kept."""
@@ -109,24 +136,3 @@ def training_backward(r, w, k, v, a, b, h0, do, dht, kept, seg_len, *, scale, cu
                           cfg_fwd=how.cfg_fwd, cfg_bwd=how.cfg_bwd, mats=mats, seg_states=seg_states,
                           seg_len=seg_len, cfg_recompute=how.cfg_recompute,
                           transitions=None if trans is None else (trans, r_eff), u=u, cfg_states=how.cfg_states)
-
-
-class TritonWKV7(torch.autograd.Function):
-    """training_forward and training_backward as an autograd Function: saves the inputs, the initial
-    state and what the forward keeps (KEPT)."""
-
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, scale, w_form, how: TrainingPlan):
-        o, ht, kept, seg_len = training_forward(r, w, k, v, a, b, h0, scale=scale, cu_seqlens=cu_seqlens,
-                                                w_form=w_form, how=how)
-        ctx.save_for_backward(r, w, k, v, a, b, h0, cu_seqlens, *kept)
-        ctx.opts = (scale, w_form, how, seg_len)
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        r, w, k, v, a, b, h0, cu_seqlens, *kept = ctx.saved_tensors
-        scale, w_form, how, seg_len = ctx.opts
-        grads = training_backward(r, w, k, v, a, b, h0, do, dht, tuple(kept), seg_len, scale=scale,
-                                  cu_seqlens=cu_seqlens, w_form=w_form, how=how)
-        return (*grads, None, None, None, None)
