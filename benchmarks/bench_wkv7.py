@@ -240,27 +240,27 @@ def dispatch_overhead(peers):
     """Host microseconds per B1 H32 decode call (see --dispatch)."""
     import rwkv_backends as rb
     from rwkv_backends.api import _plan
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import recurrent
     x = make("decode", 1, 1, 32, 64)
     args = [x[n] for n in ("r", "w_log", "k", "v", "a", "b")]
     _, plan = _plan(*args, x["h0"], "log", 1.0, None, True, None)
     cfg = plan.configs["recurrent_fwd"]
     fns = {
         "wkv7": lambda: rb.wkv7(*args, x["h0"]),
-        "bare launch": lambda: launch.recurrent_forward(*args, x["h0"], scale=1.0, cu_seqlens=None, w_form="log",
-                                                        cfg=cfg),
+        "bare launch": lambda: recurrent.recurrent_forward(*args, x["h0"], scale=1.0, cu_seqlens=None, w_form="log",
+                                                           cfg=cfg),
     }
     fns.update({n: PEERS[n](x, "decode") for n in peers})
     out = host_us_interleaved(fns)
     for n in peers:
         out[f"host time ratio, {n} / wkv7"] = round(out[n] / out["wkv7"], 2)
-    cached = launch.FAST_LAUNCH_TRITON
-    launch.FAST_LAUNCH_TRITON = ()                       # the same launch through Triton's JIT dispatch
+    cached = recurrent.FAST_LAUNCH_TRITON
+    recurrent.FAST_LAUNCH_TRITON = ()                       # the same launch through Triton's JIT dispatch
     try:
         out["bare launch, Triton's JIT dispatch"] = round(host_us_per_call(fns["bare launch"]), 1)
         out["wkv7, Triton's JIT dispatch"] = round(host_us_per_call(fns["wkv7"]), 1)
     finally:
-        launch.FAST_LAUNCH_TRITON = cached
+        recurrent.FAST_LAUNCH_TRITON = cached
     out["wkv7 again"] = round(host_us_per_call(fns["wkv7"]), 1)
     out["plan"] = plan.variant.name
     graph = torch.cuda.CUDAGraph()

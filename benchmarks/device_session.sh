@@ -15,8 +15,8 @@
 #                process and float64, then bench_context_parallel.py (the summary pass's overhead)
 #   bench        bench_wkv7.py with the peers on the shapes (BENCH_ONLY="a,b" for some)
 #   plot         bench_wkv7.py --plot over T
-#   tune         the tune tool, one run per kernel group (tune-*.json; paste the entries into
-#                nvidia/tables.py by hand). All ten groups take up to 40 minutes, more than one call:
+#   tune         the tune tool, one run per kernel group (tune-*.json; each report's table_entries
+#                go into nvidia/tables/<arch>.json with --write-table). All ten groups take up to 40 minutes, more than one call:
 #                choose some with TUNE_GROUPS="64:chunk_fwd 128:chunk_bwd_split" (K:kernels).
 #
 # Peers: the wheels in .peers/ (ANCHORS.md says which) go into their own --target folders, since

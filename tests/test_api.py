@@ -163,7 +163,7 @@ def test_backend_forced_through_environment(monkeypatch):
 def test_cached_plan_follows_the_environment_and_the_registry(monkeypatch):
     """A call's plan is cached, but the cache is keyed on what steers planning: the same call after
     RWKV_BACKENDS_BACKEND changes, or after a variant registers, is planned again."""
-    from rwkv_backends import api, registry
+    from rwkv_backends import dispatch, registry
     x = _x()
     args = [x[n] for n in NAMES]
     assert rb.explain(*args, x["state"])["variant"] == "pytorch.chunk"
@@ -172,9 +172,9 @@ def test_cached_plan_follows_the_environment_and_the_registry(monkeypatch):
     with pytest.raises(ValueError, match="RWKV_BACKENDS_BACKEND"):
         _call(x)
     monkeypatch.delenv("RWKV_BACKENDS_BACKEND")
-    before = len(api._PLANNED)
+    before = len(dispatch._PLANNED)
     _call(x)
-    assert len(api._PLANNED) == before                         # the earlier entry serves again
+    assert len(dispatch._PLANNED) == before                         # the earlier entry serves again
 
     class Preferred(registry.Variant):
         name, backend = "test.preferred", "test"

@@ -20,13 +20,17 @@ _ROLES = {"triton.chunk": ("chunk_fwd", "chunk_bwd"),
 
 
 def _tables_at_chunk64(num_warps: int) -> dict:
-    from rwkv_backends.nvidia import tables
-    patched = copy.deepcopy(tables.TABLES)
+    from rwkv_backends import tuning
+    patched = copy.deepcopy(tuning.tables("nvidia"))
     for arch in patched.values():
         for role, buckets in arch.items():
-            if any(role in roles for roles in _ROLES.values()):
-                for bucket, cfg in buckets.items():
-                    buckets[bucket] = cfg.with_(chunk_size=64, num_warps=num_warps, gluon=False, block_k=32)
+            if role != "recurrent_fwd":
+                # one stage and V blocks of 32: the gradient kernels at chunk 64 need 115 KB of
+                # shared memory so (the tables' 3 stages and V block 64 ask 336-369 KB)
+                for bucket, entry in buckets.items():
+                    cfg = entry.config.with_(chunk_size=64, num_warps=num_warps, gluon=False, block_k=32,
+                                             block_v=32, num_stages=1)
+                    buckets[bucket] = tuning.Entry(cfg, entry.provenance)
     return patched
 
 
@@ -36,23 +40,28 @@ def _tables_at_chunk64(num_warps: int) -> dict:
 def test_gpu_chunk64_training_matches_the_reference(monkeypatch, num_warps, variant, regime):
     import triton
 
-    from rwkv_backends import explain, nvidia, registry
+    from rwkv_backends import explain, registry, tuning
     from rwkv_backends.conformance import Case, make_inputs
     from rwkv_backends.conformance.runner import run_case
-    monkeypatch.setattr(nvidia, "TABLES", _tables_at_chunk64(num_warps))
+    patched, original = _tables_at_chunk64(num_warps), tuning.tables
+    monkeypatch.setattr(tuning, "tables", lambda package: patched if package == "nvidia" else original(package))
     registry._plan_cached.cache_clear()
     case = Case("backward", "bfloat16", regime, 2, 300, 4, 64, 64)
     x = make_inputs(case, 0, "cuda")
     plan = explain(*(x[n].requires_grad_() for n in ("r", "w", "k", "v", "a", "b")), x["state"], backend=variant)
     chunks = {role: plan["config"][role]["chunk_size"] for role in _ROLES[variant] if role in plan["config"]}
     assert chunks and set(chunks.values()) == {64}, chunks
+    # Hopper's 227 KB hold every kernel at these configs (compile_check); a smaller card may not
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
     try:
         res = run_case(case, backend=variant, device="cuda", base_seed=11)
     except triton.runtime.errors.OutOfResources as exc:
+        if hopper:
+            raise
         pytest.skip(f"{variant} at chunk 64, {num_warps} warps does not fit this card: {exc}")
     finally:
         registry._plan_cached.cache_clear()
-    if res["status"] != "passed" and "OutOfResources" in str(res.get("detail")):
+    if res["status"] != "passed" and "OutOfResources" in str(res.get("detail")) and not hopper:
         pytest.skip(f"{variant} at chunk 64, {num_warps} warps does not fit this card")
     assert res["variant"] == variant
     assert res["status"] == "passed", res.get("detail")

@@ -13,7 +13,7 @@ import torch
 from _support import GOLDEN_DIR, HAS_GPU
 from rwkv_backends import reference
 from rwkv_backends.conformance import Case, __main__ as conformance_main, golden, runner
-from rwkv_backends.kernels import launch
+from rwkv_backends.kernels import training
 
 interpreter = pytest.mark.skipif(HAS_GPU or os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="interpreter tests run on CPU-only machines")
@@ -128,7 +128,7 @@ def test_float32_run_to_run_noise_fails_the_determinism_check(simulate, monkeypa
     determinism case is needed)."""
     simulate("nvidia:sm90")
     seen = []
-    monkeypatch.setattr(launch, "training_forward", _noisy(launch.training_forward, seen))
+    monkeypatch.setattr(training, "training_forward", _noisy(training.training_forward, seen))
     case = Case("determinism", dtype, "realistic", 1, 33, 2, 16, 16)
     res = runner.run_case(case, backend="triton.chunk", device="cpu", base_seed=11)
     assert seen, "the noisy forward did not run"

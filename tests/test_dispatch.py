@@ -13,7 +13,7 @@ from rwkv_backends.doctor import PLAN_PROBLEMS, _problem, collect
 # Imported here, while _support's TRITON_INTERPRET is set: Triton decides at decoration time whether
 # a kernel is interpreted, and the tests below that unset the variable and plan (the Gluon fallbacks
 # import the launcher) would otherwise make the kernels' first import compiled-only for the session.
-from rwkv_backends.kernels import launch  # noqa: F401
+from rwkv_backends.kernels import recurrent, training  # noqa: F401  (every Triton kernel module)
 from rwkv_backends.registry import plan
 
 PROFILES = ["nvidia:sm80", "nvidia:sm89", "nvidia:sm90", "nvidia:sm120", "amd:gfx942", "amd:gfx1100",
@@ -146,10 +146,10 @@ def test_float32_inputs_get_narrower_configs(shape, kernel, field, table, capped
 @pytest.mark.parametrize("vendor", ["nvidia", "amd", "intel", "musa", "metax"])
 def test_tables_keep_the_two_pass_chunk_sizes_equal(vendor):
     """chunk_fwd_loaded loads what chunk_prep built: one chunk size for both in every table."""
-    from rwkv_backends.vendors import vendor_module
-    for arch, table in vendor_module(vendor).TABLES.items():
+    from rwkv_backends.tuning import tables
+    for arch, table in tables(vendor).items():
         for bucket, prep in table.get("chunk_prep", {}).items():
-            assert table["chunk_fwd_loaded"][bucket].chunk_size == prep.chunk_size, (vendor, arch, bucket)
+            assert table["chunk_fwd_loaded"][bucket].config.chunk_size == prep.config.chunk_size, (vendor, arch, bucket)
 
 
 def test_unknown_profile_is_a_clear_error():
@@ -196,18 +196,18 @@ def test_bf16_dots_run_as_tf32_only_under_the_interpreter(monkeypatch):
     """triton#11584: the interpreter multiplies bf16 bit patterns, so a table's "bf16" is narrowed
     to "tf32" there (the plan names the issue), and the launcher does the same for direct launches;
     on hardware both leave it alone."""
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import common
     hopper = dev.profile("nvidia:sm90")
     bf16 = KernelConfig(num_warps=8, dot_precision="bf16")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cfg, by = known_issues.constrain("chunk_bwd", bf16, known_issues.active(hopper, "3.6.0"))
     assert cfg.dot_precision == "tf32" and "triton#11584" in by
-    assert launch._dot_precision(bf16, torch.bfloat16) == "tf32"
+    assert common._dot_precision(bf16, torch.bfloat16) == "tf32"
     monkeypatch.delenv("TRITON_INTERPRET")
     cfg, by = known_issues.constrain("chunk_bwd", bf16, known_issues.active(hopper, "3.6.0"))
     assert cfg.dot_precision == "bf16" and by == []
-    assert launch._dot_precision(bf16, torch.bfloat16) == "bf16"
-    assert launch._dot_precision(bf16, torch.float32) == "ieee"        # float32 inputs: never rounded
+    assert common._dot_precision(bf16, torch.bfloat16) == "bf16"
+    assert common._dot_precision(bf16, torch.float32) == "ieee"        # float32 inputs: never rounded
 
 
 @pytest.mark.parametrize("profile, tv, kept", [
@@ -251,50 +251,50 @@ def test_gluon_gradient_kernel_is_nvidia_only(monkeypatch, profile):
     (dict(segmented=True), "segments"), (dict(T=1), "T = 1"),
 ])
 def test_gluon_kernels_say_why_they_cannot_take_a_launch(kernel, precision, change, phrase):
-    from rwkv_backends.kernels import gluon_nvidia
+    from rwkv_backends.kernels import gluon
     fits = dict(K=64, V=64, chunk_size=16, block_v=64, dtype=torch.bfloat16, dot_precision=precision, has_u=True,
                 segmented=False)
-    assert gluon_nvidia.unsupported(kernel, **fits) is None
-    assert gluon_nvidia.unsupported(kernel, **(fits | dict(dtype=torch.float16))) is None
+    assert gluon.unsupported(kernel, **fits) is None
+    assert gluon.unsupported(kernel, **(fits | dict(dtype=torch.float16))) is None
     if kernel == "chunk_states" and change == dict(segmented=True):     # it walks segments too (head 128)
-        assert gluon_nvidia.unsupported(kernel, **(fits | change)) is None
+        assert gluon.unsupported(kernel, **(fits | change)) is None
         return
-    assert phrase in gluon_nvidia.unsupported(kernel, **(fits | change))
+    assert phrase in gluon.unsupported(kernel, **(fits | change))
 
 
 def test_gluon_kernels_say_why_for_what_only_some_of_them_take():
-    from rwkv_backends.kernels import gluon_nvidia
+    from rwkv_backends.kernels import gluon
     fits = dict(K=64, V=64, chunk_size=16, dtype=torch.bfloat16)
-    assert "keep_u" in gluon_nvidia.unsupported("chunk_bwd", **fits, block_v=64, dot_precision="bf16", has_u=False)
-    assert "block_v 32" in gluon_nvidia.unsupported("chunk_bwd", **fits, block_v=32, dot_precision="bf16")
-    assert "block_v 32" in gluon_nvidia.unsupported("chunk_fwd", **fits, block_v=32, dot_precision="tf32")
-    assert gluon_nvidia.unsupported("chunk_states", **fits, block_v=32, dot_precision="tf32") is None
+    assert "keep_u" in gluon.unsupported("chunk_bwd", **fits, block_v=64, dot_precision="bf16", has_u=False)
+    assert "block_v 32" in gluon.unsupported("chunk_bwd", **fits, block_v=32, dot_precision="bf16")
+    assert "block_v 32" in gluon.unsupported("chunk_fwd", **fits, block_v=32, dot_precision="tf32")
+    assert gluon.unsupported("chunk_states", **fits, block_v=32, dot_precision="tf32") is None
     for mode in (dict(mats_mode="load"), dict(store_states=True)):
-        assert "recompute" in gluon_nvidia.unsupported("chunk_fwd", **fits, block_v=64, dot_precision="tf32", **mode)
-    assert "no Gluon" in gluon_nvidia.unsupported("chunk_transition", **fits, block_v=64, dot_precision="tf32")
+        assert "recompute" in gluon.unsupported("chunk_fwd", **fits, block_v=64, dot_precision="tf32", **mode)
+    assert "no Gluon" in gluon.unsupported("chunk_transition", **fits, block_v=64, dot_precision="tf32")
     # head 128's two-pass kernels, and the state rebuild at both head sizes
     wide = dict(K=128, V=128, chunk_size=16, dtype=torch.bfloat16, dot_precision="tf32")
     for kernel in ("chunk_prep", "chunk_fwd_loaded", "chunk_states"):
-        assert gluon_nvidia.unsupported(kernel, **wide, block_v=64) is None, kernel
+        assert gluon.unsupported(kernel, **wide, block_v=64) is None, kernel
     for kernel in ("chunk_prep", "chunk_fwd_loaded"):
-        assert "K = V = 128" in gluon_nvidia.unsupported(kernel, **fits, block_v=64, dot_precision="tf32")
-    assert gluon_nvidia.unsupported("chunk_dstate", **wide, block_v=64, segmented=True) is None
-    assert "no segments" in gluon_nvidia.unsupported("chunk_dstate", **wide, block_v=64)
-    assert "walks no segments" in gluon_nvidia.unsupported("chunk_fwd_loaded", **wide, block_v=64, segmented=True)
+        assert "K = V = 128" in gluon.unsupported(kernel, **fits, block_v=64, dot_precision="tf32")
+    assert gluon.unsupported("chunk_dstate", **wide, block_v=64, segmented=True) is None
+    assert "no segments" in gluon.unsupported("chunk_dstate", **wide, block_v=64)
+    assert "walks no segments" in gluon.unsupported("chunk_fwd_loaded", **wide, block_v=64, segmented=True)
 
 
 def test_the_ksplit_gluon_kernel_says_why_it_cannot_take_a_launch():
     """Head 128's K-split gradient kernel takes only the segmented backward at K = V = 128, whole V,
     chunk 16, U kept, and dZ from a sweep at chunk 16."""
-    from rwkv_backends.kernels import gluon_nvidia
+    from rwkv_backends.kernels import gluon
     fits = dict(K=128, V=128, chunk_size=16, block_v=128, dtype=torch.bfloat16, dot_precision="bf16", has_u=True,
                 segmented=True, sweep_chunk_size=16)
-    assert gluon_nvidia.unsupported("chunk_bwd_split", **fits) is None
+    assert gluon.unsupported("chunk_bwd_split", **fits) is None
     for change, phrase in [(dict(K=64, V=64), "K = V = 128"), (dict(block_v=64), "block_v 64"),
                            (dict(has_u=False), "keep_u"), (dict(segmented=False), "no segments"),
                            (dict(sweep_chunk_size=32), "chunks of 32"), (dict(T=1), "T = 1"),
                            (dict(dtype=torch.float32, dot_precision="ieee"), "float32 inputs")]:
-        assert phrase in gluon_nvidia.unsupported("chunk_bwd_split", **(fits | change)), change
+        assert phrase in gluon.unsupported("chunk_bwd_split", **(fits | change)), change
 
 
 def test_head_128_plans_the_ksplit_gluon_kernel_or_says_why_not(monkeypatch):
@@ -306,7 +306,7 @@ def test_head_128_plans_the_ksplit_gluon_kernel_or_says_why_not(monkeypatch):
     info = dev.profile("nvidia:sm90")
     problem = _problem(info.device_type, B=4, T=4096, H=16, K=128, V=128, needs_grad=True)
     p = plan(problem, info, triton_version_as="3.6.0", runtime=False)
-    from rwkv_backends.kernels.launch import keeps_u
+    from rwkv_backends.kernels.common import keeps_u
     assert p.variant.name == "triton.chunk_twopass"
     assert p.configs["chunk_bwd_split"].gluon and keeps_u(p.configs["chunk_bwd_split"])
     assert "gluon off" not in p.config_sources["chunk_bwd_split"]
@@ -523,3 +523,66 @@ def test_tune_report_keeps_every_timed_candidate():
     assert report["entry"]["chunk_bwd"]["64"]["gluon"] is True
     assert [row["_ms"] for row in report["ranked"]["chunk_bwd"]] == [3.74, 4.84]
     assert report["ranked"]["chunk_bwd"][1]["num_warps"] == 4
+
+
+def test_a_kunlunxin_device_is_described_as_kunlunxin(fake_torch, monkeypatch):
+    """Kunlunxin's torch also has torch.xpu: its own hooks describe it (not Intel's), and having no
+    tuning tables, its plans refuse the Triton variants with that reason and run PyTorch."""
+    fake_torch(xpu=True, target=("xpu", "xpu3", 64))
+    props = types.SimpleNamespace(name="Kunlunxin P800", multi_processor_count=8)
+    monkeypatch.setattr(torch, "xpu", types.SimpleNamespace(is_available=lambda: True,
+                                                            get_device_properties=lambda i: props), raising=False)
+    dev._detect_cached.cache_clear()
+    try:
+        info = dev.detect("xpu")
+        assert (info.vendor, info.name, info.arch, info.warp_size, info.triton_backend) == \
+            ("kunlunxin", "Kunlunxin P800", "xpu3", 64, "xpu")
+        assert dev.default_device() == torch.device("xpu")
+        p = plan(_problem("xpu", **PLAN_PROBLEMS["prefill"]), info, runtime=False)
+        assert p.variant.backend == "pytorch"
+        assert any("no tuning tables for kunlunxin" in r for r in p.rejected["triton.chunk"]), p.rejected
+    finally:
+        dev._detect_cached.cache_clear()
+
+
+def test_an_intel_device_is_still_intel(fake_torch, monkeypatch):
+    fake_torch(xpu=True, target=("xpu", {"name": "Intel(R) Arc(TM) A770 Graphics"}, 32))
+    props = types.SimpleNamespace(name="Intel(R) Arc(TM) A770 Graphics", gpu_subslice_count=32, has_fp64=False)
+    monkeypatch.setattr(torch, "xpu", types.SimpleNamespace(is_available=lambda: True,
+                                                            get_device_properties=lambda i: props), raising=False)
+    dev._detect_cached.cache_clear()
+    try:
+        info = dev.detect("xpu")
+        assert (info.vendor, info.arch) == ("intel", "alchemist")
+    finally:
+        dev._detect_cached.cache_clear()
+
+
+def test_hygon_is_described_by_amds_hooks_and_served_by_amds_tables(fake_torch, monkeypatch):
+    fake_torch(cuda=True, hip="6.2", hcu=True)
+    props = types.SimpleNamespace(name="DCU K100", multi_processor_count=120, gcnArchName="gfx928")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    dev._detect_cached.cache_clear()
+    try:
+        info = dev.detect("cuda")
+        assert (info.vendor, info.arch, info.warp_size, info.triton_backend) == ("hygon", "gfx928", 64, "hip")
+        p = plan(_problem("cuda", **PLAN_PROBLEMS["prefill"]), info, runtime=False)
+        assert p.variant.backend == "triton"
+        assert all(source.startswith("amd/default/") for source in p.config_sources.values())
+    finally:
+        dev._detect_cached.cache_clear()
+
+
+def test_every_vendor_folder_declares_its_probe_and_description():
+    from rwkv_backends.vendors import PROBE_ORDER, vendor_module
+    for vendor in PROBE_ORDER:
+        module = vendor_module(vendor)
+        assert module.VENDOR == vendor
+        assert callable(module.probe) and callable(module.describe)
+        assert module.DEVICE_TYPE and module.DESCRIPTION and isinstance(module.PROFILES, dict)
+
+
+def test_only_nvidia_runs_the_gluon_kernels():
+    from rwkv_backends.vendors import runs_gluon
+    assert runs_gluon(dev.profile("nvidia:sm90"))
+    assert not any(runs_gluon(dev.profile(p)) for p in PROFILES if not p.startswith("nvidia"))

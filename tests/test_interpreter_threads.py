@@ -1,5 +1,5 @@
 """wkv7 called from several threads at once under TRITON_INTERPRET=1: Triton's interpreter patches
-module-wide state during a launch, so interpreted launches take turns (kernels/launch.py)."""
+module-wide state during a launch, so interpreted launches take turns (kernels/common.py)."""
 
 import os
 import threading

@@ -10,7 +10,7 @@ import rwkv_backends as rb
 from _support import HAS_GPU
 from rwkv_backends.config import KernelConfig
 from rwkv_backends.conformance import Case, make_inputs, relative_error
-from rwkv_backends.kernels import launch
+from rwkv_backends.kernels import backward, chunk, common, recurrent, training, twopass
 from rwkv_backends.reference import wkv7_reference
 
 interpreter = pytest.mark.skipif(HAS_GPU or os.environ.get("TRITON_INTERPRET") != "1",
@@ -20,23 +20,30 @@ CUDA_GRID_YZ = 65535
 NAMES = ("r", "w", "k", "v", "a", "b")
 
 
-class _Recorder:
-    """Stands in for a kernel module: every `*_kernel` records its launch grids and runs nothing."""
+class _Recorded:
+    """Stands in for a kernel: records its launch grids and runs nothing."""
 
-    def __init__(self, real, grids):
-        self._real, self._grids = real, grids
+    def __init__(self, name, grids):
+        self.name, self.grids = name, grids
 
-    def __getattr__(self, name):
-        if not name.endswith("_kernel"):
-            return getattr(self._real, name)
-        grids = self._grids
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.grids.append((self.name, tuple(grid)))
+        return run
 
-        class Kernel:
-            def __getitem__(self, grid):
-                def run(*args, **kw):
-                    grids.append((name, tuple(grid)))
-                return run
-        return Kernel()
+
+def _record_launches(monkeypatch, grids):
+    """Every kernel of the launcher modules (Triton and Gluon) records its grids; no Gluon check."""
+    from rwkv_backends.kernels import transition
+    from rwkv_backends.kernels.gluon import backward as gluon_backward
+    from rwkv_backends.kernels.gluon import backward_ksplit, forward, loaded_walks, prep, states
+    for module in (recurrent, chunk, twopass, transition, backward, gluon_backward, backward_ksplit, forward,
+                   loaded_walks, prep, states):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _Recorded(name, grids))
+        if hasattr(module, "_check_gluon"):
+            monkeypatch.setattr(module, "_check_gluon", lambda *a, **kw: None)
 
 
 def _random_inputs(B, T, H, K, V, seed):
@@ -55,23 +62,23 @@ def _all_launches(x, state, cu):
     kw = dict(scale=1.0, cu_seqlens=cu, w_form="log")
     c16 = KernelConfig(chunk_size=16, block_v=16)
     gl16 = c16.with_(block_v=64, gluon=True)      # the Gluon kernels take all V columns in one program
-    launch.chunk_forward(*ins, state, **kw, cfg=c16)
-    launch.chunk_forward(*ins, state, **kw, cfg=gl16)
-    launch.recurrent_forward(*ins, state, **kw, cfg=c16)
+    chunk.chunk_forward(*ins, state, **kw, cfg=c16)
+    chunk.chunk_forward(*ins, state, **kw, cfg=gl16)
+    recurrent.recurrent_forward(*ins, state, **kw, cfg=c16)
     for prep, fwd in ((c16, c16), (gl16, gl16)):
-        launch.twopass_forward(*ins, state, **kw, cfg_prep=prep, cfg_fwd=fwd, programs_per_sequence=2)
+        twopass.twopass_forward(*ins, state, **kw, cfg_prep=prep, cfg_fwd=fwd, programs_per_sequence=2)
     plans = [
-        launch.TrainingPlan(c16, c16.with_(block_v=16)),                        # V split over two blocks
-        launch.TrainingPlan(c16, c16.with_(keep_u=True), cfg_states=c16),
-        launch.TrainingPlan(gl16, gl16, cfg_states=gl16),
-        launch.TrainingPlan(c16, c16, cfg_prep=c16, prep_programs=2, segments=3, cfg_states=c16),
-        launch.TrainingPlan(gl16, gl16, cfg_prep=gl16, prep_programs=2, segments=3,
-                            cfg_states=gl16),
-        launch.TrainingPlan(c16, c16, cfg_prep=c16, prep_programs=2, segments=3, transitions=True),
+        training.TrainingPlan(c16, c16.with_(block_v=16)),                        # V split over two blocks
+        training.TrainingPlan(c16, c16.with_(keep_u=True), cfg_states=c16),
+        training.TrainingPlan(gl16, gl16, cfg_states=gl16),
+        training.TrainingPlan(c16, c16, cfg_prep=c16, prep_programs=2, segments=3, cfg_states=c16),
+        training.TrainingPlan(gl16, gl16, cfg_prep=gl16, prep_programs=2, segments=3,
+                              cfg_states=gl16),
+        training.TrainingPlan(c16, c16, cfg_prep=c16, prep_programs=2, segments=3, transitions=True),
     ]
     for how in plans:
-        _, _, kept, seg_len = launch.training_forward(*ins, state, **kw, how=how)
-        launch.training_backward(*ins, state, do, dht, kept, seg_len, **kw, how=how)
+        _, _, kept, seg_len = training.training_forward(*ins, state, **kw, how=how)
+        training.training_backward(*ins, state, do, dht, kept, seg_len, **kw, how=how)
 
 
 @pytest.mark.parametrize("varlen", [True, False])
@@ -79,10 +86,8 @@ def test_launch_grids_stay_within_cuda_limits_at_160000_pairs(monkeypatch, varle
     """20,000 sequences x 8 heads: every launch's y and z sizes stay at most 65535, and the launches
     of each kernel together cover every (sequence, head) pair exactly once per call."""
     grids = []
-    monkeypatch.setattr(launch, "kern", _Recorder(launch.kern, grids))
-    monkeypatch.setattr(launch, "gluon_nvidia", _Recorder(launch.gluon_nvidia, grids))
-    monkeypatch.setattr(launch, "_check_gluon", lambda *a, **kw: None)
-    launch._recurrent_launch.cache_clear()
+    _record_launches(monkeypatch, grids)
+    recurrent._recurrent_launch.cache_clear()
     N, H, K, V = 20_000, 8, 16, 32
     if varlen:
         lens = torch.randint(0, 4, (N,), generator=torch.Generator().manual_seed(1))
@@ -95,7 +100,7 @@ def test_launch_grids_stay_within_cuda_limits_at_160000_pairs(monkeypatch, varle
     try:
         _all_launches(x, torch.randn(N, H, K, V), cu)
     finally:
-        launch._recurrent_launch.cache_clear()
+        recurrent._recurrent_launch.cache_clear()
     names = {name for name, _ in grids}
     assert {"chunk_fwd_kernel", "chunk_fwd_gluon_kernel", "recurrent_fwd_kernel", "chunk_prep_kernel",
             "chunk_prep_gluon_kernel", "chunk_fwd_loaded_gluon_kernel", "chunk_bwd_kernel", "chunk_bwd_gluon_kernel",
@@ -119,26 +124,26 @@ def test_launch_grids_stay_within_cuda_limits_at_160000_pairs(monkeypatch, varle
 def test_segment_counts_stay_within_the_grid_z_limit(monkeypatch):
     """Packed sequences walk segments over a grid z sized for the whole token axis: segment_states
     lengthens the segments to keep that within the limit; a shorter seg_len is refused by name."""
-    monkeypatch.setattr(launch, "GRID_YZ_MAX", 50)
+    monkeypatch.setattr(common, "GRID_YZ_MAX", 50)
     N, T, H = 400, 4000, 1
     k, v = torch.randn(1, T, H, 16), torch.randn(1, T, H, 16)
     cu = torch.linspace(0, T, N + 1).long()
-    _, seg_len = launch.segment_states(k, v, cu, 4, (16,))
+    _, seg_len = common.segment_states(k, v, cu, 4, (16,))
     assert seg_len % 16 == 0 and -(-T // seg_len) <= 50
-    assert launch._segment_launch(cu, N, T, seg_len, 16, "cpu")[2] <= 50
+    assert common._segment_launch(cu, N, T, seg_len, 16, "cpu")[2] <= 50
     with pytest.raises(ValueError, match="seg_len"):
-        launch._segment_launch(cu, N, T, 16, 16, "cpu")
+        common._segment_launch(cu, N, T, 16, 16, "cpu")
 
 
 def test_pair_slices_cover_every_sequence_in_aligned_steps(monkeypatch):
-    pairs = launch._Pairs(20_000, 8, True)
+    pairs = common._Pairs(20_000, 8, True)
     slices = pairs.slices()
     assert slices[0] == (0, 8176) and slices[-1][1] == 20_000
     assert all(n0 == prev[1] for prev, (n0, _) in zip(slices, slices[1:]))
     assert all((n1 - n0) * 8 <= CUDA_GRID_YZ and n0 % 16 == 0 for n0, n1 in slices)
-    assert launch._Pairs(3, 8, False).slices() == [(0, 3)]
+    assert common._Pairs(3, 8, False).slices() == [(0, 3)]
     with pytest.raises(ValueError, match="H"):
-        launch._Pairs(1, CUDA_GRID_YZ + 1, False).slices()
+        common._Pairs(1, CUDA_GRID_YZ + 1, False).slices()
 
 
 def _run(variant, x, state, cu, grad):
@@ -157,7 +162,7 @@ def small_grid_cap(monkeypatch):
     """A grid y cap of 5 programs: H = 2 heads go out two sequences a launch. Returns the slice
     counts of the launches made since."""
     counts = []
-    real = launch._Pairs.slices
+    real = common._Pairs.slices
 
     def slices(self):
         out = real(self)
@@ -165,8 +170,9 @@ def small_grid_cap(monkeypatch):
         return out
 
     def cap(value=5):
-        monkeypatch.setattr(launch, "GRID_YZ_MAX", value)
-        monkeypatch.setattr(launch._Pairs, "slices", slices)
+        monkeypatch.setattr(common, "GRID_YZ_MAX", value)
+        monkeypatch.setattr(recurrent, "GRID_YZ_MAX", value)
+        monkeypatch.setattr(common._Pairs, "slices", slices)
         return counts
     return cap
 
@@ -212,9 +218,9 @@ def test_sliced_backward_keeps_the_v_block_shares_apart(small_grid_cap):
     args = [x[n] for n in NAMES]
     kw = dict(scale=0.9, cu_seqlens=None, w_form="log", cfg_fwd=KernelConfig(chunk_size=16, block_v=32),
               cfg_bwd=KernelConfig(chunk_size=16, block_v=16))
-    whole = launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], **kw)
+    whole = backward.chunk_backward(*args, x["state"], x["do"], x["dstate"], **kw)
     counts = small_grid_cap()
-    split = launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], **kw)
+    split = backward.chunk_backward(*args, x["state"], x["do"], x["dstate"], **kw)
     assert counts and min(counts) == 3
     for a, b in zip(whole, split):
         assert torch.equal(a, b)

@@ -18,15 +18,17 @@ def _x(seed=0, **kw):
     return make_inputs(Case("backward", "float32", "realistic", **shape), seed, "cpu")
 
 
-def test_opcheck_with_state():
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_with_state(training):
     x = _x()
-    args = (*(x[n].requires_grad_(True) for n in NAMES), x["state"].requires_grad_(True), None, "log", 1.0, None)
+    args = (*(x[n].requires_grad_(True) for n in NAMES), x["state"].requires_grad_(True), None, "log", 1.0, None,
+            training)
     torch.library.opcheck(torch.ops.rwkv_backends.wkv7.default, args)
 
 
 def test_opcheck_without_state_with_cu_seqlens_and_raw_decay():
     x = _x(B=1, T=24)
-    args = (*(x[n].requires_grad_(True) for n in NAMES), None, torch.tensor([0, 10, 10, 24]), "raw", 0.5, None)
+    args = (*(x[n].requires_grad_(True) for n in NAMES), None, torch.tensor([0, 10, 10, 24]), "raw", 0.5, None, True)
     torch.library.opcheck(torch.ops.rwkv_backends.wkv7.default, args)
 
 
@@ -66,9 +68,9 @@ def test_compile_strong_decay_and_clampw():
 @pytest.mark.skipif(HAS_GPU or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run")
 @pytest.mark.parametrize("variant", [None, "triton.chunk", "triton.chunk_twopass"])
 def test_compile_through_the_triton_plan(simulate, monkeypatch, variant):
-    """The op's backward reruns the variant's training forward for what it keeps, then its backward:
-    the planned variant (chunk transitions here), the one-pass one (which keeps U on sm90) and the
-    two-pass one."""
+    """The op's forward runs the variant's training forward and returns what it keeps, which the
+    backward op takes: the planned variant (chunk transitions here), the one-pass one (which keeps U
+    on sm90) and the two-pass one."""
     simulate("nvidia:sm90")
     if variant:
         monkeypatch.setenv("RWKV_BACKENDS_BACKEND", variant)
@@ -123,16 +125,15 @@ def test_compile_varlen_with_state_gives_the_state_gradient(monkeypatch, fault):
 @pytest.mark.skipif(HAS_GPU or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run")
 @pytest.mark.parametrize("variant, fault", [(None, False), ("triton.chunk", False), ("triton.chunk", True)])
 def test_compile_varlen_with_state_through_the_triton_plan(simulate, monkeypatch, variant, fault):
-    """The Triton variants' backward as the op runs it (the training forward again, then the
-    backward) for packed sequences with an initial state; a variant backward whose state gradient
-    is zeroed fails."""
+    """The Triton variants' backward as the op runs it (from what the op's forward kept) for packed
+    sequences with an initial state; a variant backward whose state gradient is zeroed fails."""
     from rwkv_backends.backends import triton as triton_backend
     simulate("nvidia:sm90")
     if variant:
         monkeypatch.setenv("RWKV_BACKENDS_BACKEND", variant)
     if fault:
-        real = triton_backend._TrainedVariant.backward
-        monkeypatch.setattr(triton_backend._TrainedVariant, "backward",
+        real = triton_backend._TrainedVariant.train_backward
+        monkeypatch.setattr(triton_backend._TrainedVariant, "train_backward",
                             lambda self, *a, **kw: _zero_state_gradient(real(self, *a, **kw)))
     torch._dynamo.reset()
     x = _varlen_x(7)

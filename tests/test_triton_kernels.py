@@ -48,17 +48,17 @@ def test_chunk_prepare_matches_the_in_loop_build(regime, varlen, block_k, per_se
     sequence included."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import chunk, twopass
     x = make_inputs(Case("forward", "float32", regime, 1 if varlen else 2, 50, 2, 24, 32), 4, "cpu")
     cu = torch.tensor([0, 17, 17, 50]) if varlen else None
     state = torch.randn(3, 2, 24, 32) if varlen else x["state"]
     args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     cfg = KernelConfig(chunk_size=16, block_v=32, block_k=block_k)
     kw = dict(scale=0.7, cu_seqlens=cu, w_form="log", cfg=cfg)
-    o_one, s_one, _ = launch.chunk_forward(*args, state, **kw)
-    mats = launch.chunk_prepare(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=cu, w_form="log", cfg=cfg,
-                                programs_per_sequence=per_sequence)
-    o_two, s_two, _ = launch.chunk_forward(*args, state, mats=mats, mats_mode="load", **kw)
+    o_one, s_one, _ = chunk.chunk_forward(*args, state, **kw)
+    mats = twopass.chunk_prepare(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=cu, w_form="log", cfg=cfg,
+                                 programs_per_sequence=per_sequence)
+    o_two, s_two, _ = chunk.chunk_forward(*args, state, mats=mats, mats_mode="load", **kw)
     assert relative_error(o_two, o_one) < 1e-6 and relative_error(s_two, s_one) < 1e-6
 
 
@@ -69,7 +69,7 @@ def test_backward_split_by_v_blocks_matches_one_block(regime, varlen, V):
     r, w, k, a, b gradients; the shares add up to the one-block backward."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import backward
     x = make_inputs(Case("backward", "float32", regime, 1 if varlen else 2, 37, 2, 24, V), 6, "cpu")
     cu = torch.tensor([0, 20, 20, 37]) if varlen else None
     N = 3 if varlen else 2
@@ -78,8 +78,8 @@ def test_backward_split_by_v_blocks_matches_one_block(regime, varlen, V):
     args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     fwd = KernelConfig(chunk_size=16, block_v=64)
     kw = dict(scale=0.9, cu_seqlens=cu, w_form="log", cfg_fwd=fwd)
-    whole = launch.chunk_backward(*args, state, x["do"], dstate, cfg_bwd=KernelConfig(chunk_size=16, block_v=64), **kw)
-    split = launch.chunk_backward(*args, state, x["do"], dstate, cfg_bwd=KernelConfig(chunk_size=16, block_v=16), **kw)
+    whole = backward.chunk_backward(*args, state, x["do"], dstate, cfg_bwd=KernelConfig(chunk_size=16, block_v=64), **kw)
+    split = backward.chunk_backward(*args, state, x["do"], dstate, cfg_bwd=KernelConfig(chunk_size=16, block_v=16), **kw)
     for name, g1, g2 in zip(("r", "w", "k", "v", "a", "b", "state"), whole, split):
         assert g2.dtype == g1.dtype and g2.shape == g1.shape, name
         assert relative_error(g2, g1) < 1e-5, name          # the shares add in another order
@@ -113,7 +113,7 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
     the transition walk's must be the loaded forward's."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import backward, common, transition, twopass
     x = make_inputs(Case("backward", "float32", regime, 1 if varlen else 2, 70, 2, 16, V), 8, "cpu")
     cu = torch.tensor([0, 0, 21, 70]) if varlen else None
     N = 3 if varlen else 2
@@ -123,30 +123,30 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
     fwd = KernelConfig(chunk_size=fwd_chunk, block_v=16)
     bwd = KernelConfig(chunk_size=16, block_v=16)
     kw = dict(scale=0.8, cu_seqlens=cu, w_form="log")
-    seg = launch.empty_states(x["k"], x["v"], cu, seg_len)
-    o, s, mats = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd, programs_per_sequence=2,
-                                        seg_states=seg, seg_len=seg_len)
-    o_plain, s_plain, _ = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
-                                                 programs_per_sequence=2)
+    seg = common.empty_states(x["k"], x["v"], cu, seg_len)
+    o, s, mats = twopass.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd, programs_per_sequence=2,
+                                         seg_states=seg, seg_len=seg_len)
+    o_plain, s_plain, _ = twopass.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
+                                                  programs_per_sequence=2)
     assert torch.equal(o, o_plain) and torch.equal(s, s_plain)
     if transitions:
-        seg_t = launch.empty_states(x["k"], x["v"], cu, seg_len)
-        o_t, s_t, kept = launch.transition_twopass(*ins, state, **kw, cfg_trans=fwd, cfg_walk=fwd,
-                                                   programs_per_sequence=3, seg_states=seg_t, seg_len=seg_len)
+        seg_t = common.empty_states(x["k"], x["v"], cu, seg_len)
+        o_t, s_t, kept = transition.transition_twopass(*ins, state, **kw, cfg_trans=fwd, cfg_walk=fwd,
+                                                       programs_per_sequence=3, seg_states=seg_t, seg_len=seg_len)
         assert relative_error(o_t, o) < 1e-5 and relative_error(s_t, s) < 1e-5
         lens = (cu[1:] - cu[:-1]).tolist() if varlen else [70, 70]
         used = sum(-(-n // seg_len) for n in lens)          # packed buffers have spare slots at the end
         assert relative_error(seg_t[:used], seg[:used]) < 1e-5
-        g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, seg_states=seg_t,
-                                      seg_len=seg_len, transitions=kept)
+        g_seg = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, seg_states=seg_t,
+                                        seg_len=seg_len, transitions=kept)
         if fwd_chunk == 32:          # walked at another chunk size than they were built at: refused
             with pytest.raises(ValueError, match="transitions"):
-                launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd.with_(chunk_size=16), cfg_bwd=bwd,
-                                      seg_states=seg_t, seg_len=seg_len, transitions=kept)
+                backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd.with_(chunk_size=16), cfg_bwd=bwd,
+                                        seg_states=seg_t, seg_len=seg_len, transitions=kept)
     else:
-        g_seg = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
-                                      seg_states=seg, seg_len=seg_len)
-    g_one = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats)
+        g_seg = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
+                                        seg_states=seg, seg_len=seg_len)
+    g_one = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats)
     want = _reference_gradients(ins, state, x["do"], dstate, scale=0.8, cu_seqlens=cu)
     for name, got, same, ref in zip(("r", "w", "k", "v", "a", "b", "state"), g_seg, g_one, want):
         if ref is None:
@@ -156,8 +156,8 @@ def test_segmented_backward_matches_one_walk_and_the_reference(regime, varlen, s
         assert relative_error(got, same) < (1e-5 if transitions else 1e-6), name
         assert relative_error(got, ref) < 1e-4, name
     with pytest.raises(ValueError, match="seg_len"):
-        launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
-                              seg_states=seg, seg_len=seg_len + 8)
+        backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
+                                seg_states=seg, seg_len=seg_len + 8)
 
 
 @interpreter
@@ -168,7 +168,7 @@ def test_state_gradient_sweep_also_stores_dz_and_dv(varlen):
     and the state gradients it stores unchanged to the bit."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import backward, chunk, common, twopass
     x = make_inputs(Case("backward", "float32", "realistic", 1 if varlen else 2, 70, 2, 16, 32), 9, "cpu")
     cu = torch.tensor([0, 0, 21, 70]) if varlen else None
     N = 3 if varlen else 2
@@ -176,17 +176,17 @@ def test_state_gradient_sweep_also_stores_dz_and_dv(varlen):
     r, w, k, v, a, b = (x[n] for n in ("r", "w", "k", "v", "a", "b"))
     cfg = KernelConfig(chunk_size=16, block_v=16)
     kw = dict(scale=0.8, cu_seqlens=cu, w_form="log")
-    seg = launch.empty_states(k, v, cu, 32)
-    launch.twopass_forward(r, w, k, v, a, b, state, **kw, cfg_prep=cfg, cfg_fwd=cfg, programs_per_sequence=2,
-                           seg_states=seg, seg_len=32)
-    mats = launch.empty_mats(k, cu, 16)
-    launch.chunk_forward(r, w, k, v, a, b, state, **kw, cfg=cfg, mats=mats, mats_mode="store")
-    g_one = launch.chunk_backward(r, w, k, v, a, b, state, x["do"], dstate, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats)
+    seg = common.empty_states(k, v, cu, 32)
+    twopass.twopass_forward(r, w, k, v, a, b, state, **kw, cfg_prep=cfg, cfg_fwd=cfg, programs_per_sequence=2,
+                            seg_states=seg, seg_len=32)
+    mats = common.empty_mats(k, cu, 16)
+    chunk.chunk_forward(r, w, k, v, a, b, state, **kw, cfg=cfg, mats=mats, mats_mode="store")
+    g_one = backward.chunk_backward(r, w, k, v, a, b, state, x["do"], dstate, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats)
     sweeps = []
     for with_dz in (False, True):
         seg_ds, dh0 = torch.zeros_like(seg), torch.zeros(N, 2, 16, 32)
         dz, dv = (torch.full_like(v, float("nan")), torch.full_like(v, float("nan"))) if with_dz else (None, None)
-        launch.dstate_sweep(r, w, k, a, b, x["do"], dstate, mats, seg_ds, dh0, **kw, cfg=cfg, seg_len=32, dz=dz, dv=dv)
+        twopass.dstate_sweep(r, w, k, a, b, x["do"], dstate, mats, seg_ds, dh0, **kw, cfg=cfg, seg_len=32, dz=dz, dv=dv)
         sweeps.append((seg_ds, dh0, dz, dv))
     (seg_a, dh0_a, _, _), (seg_b, dh0_b, dz, dv) = sweeps
     assert torch.equal(seg_a, seg_b) and torch.equal(dh0_a, dh0_b)
@@ -194,7 +194,7 @@ def test_state_gradient_sweep_also_stores_dz_and_dv(varlen):
     assert relative_error(dv, g_one[3]) < 1e-6
     assert torch.isfinite(dz).all() and dz.abs().max() > 0
     with pytest.raises(ValueError, match="dz, dv"):
-        launch.dstate_sweep(r, w, k, a, b, x["do"], dstate, mats, seg_ds, dh0, **kw, cfg=cfg, seg_len=32, dz=dz)
+        twopass.dstate_sweep(r, w, k, a, b, x["do"], dstate, mats, seg_ds, dh0, **kw, cfg=cfg, seg_len=32, dz=dz)
 
 
 @interpreter
@@ -204,14 +204,14 @@ def test_chunk_forward_fills_a_given_states_buffer():
     states it would have allocated itself."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import chunk, common
     x = make_inputs(Case("forward", "float32", "realistic", 2, 40, 2, 16, 16), 4, "cpu")
     ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     kw = dict(scale=1.0, cu_seqlens=None, w_form="log", cfg=KernelConfig(chunk_size=16, block_v=16),
               store_o=False, store_final=False, store_states=True)
-    buf = launch.empty_states(x["k"], x["v"], None, 16).fill_(float("nan"))
-    _, _, given = launch.chunk_forward(*ins, x["state"], **kw, states=buf)
-    _, _, own = launch.chunk_forward(*ins, x["state"], **kw)
+    buf = common.empty_states(x["k"], x["v"], None, 16).fill_(float("nan"))
+    _, _, given = chunk.chunk_forward(*ins, x["state"], **kw, states=buf)
+    _, _, own = chunk.chunk_forward(*ins, x["state"], **kw)
     assert given is buf and torch.equal(given, own)
 
 
@@ -227,7 +227,7 @@ def test_backward_from_the_forwards_u_matches_the_rebuilt_one(regime, varlen, se
     (each stores its U columns), an empty sequence and strong decay included."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import backward, chunk, common, twopass
     x = make_inputs(Case("backward", "float32", regime, 1 if varlen else 2, 70, 2, 24, 32), 9, "cpu")
     cu = torch.tensor([0, 0, 21, 70]) if varlen else None
     N = 3 if varlen else 2
@@ -237,24 +237,24 @@ def test_backward_from_the_forwards_u_matches_the_rebuilt_one(regime, varlen, se
     fwd = KernelConfig(chunk_size=16, block_v=16)
     bwd = KernelConfig(chunk_size=16, block_v=32, keep_u=True)
     kw = dict(scale=0.8, cu_seqlens=cu, w_form="log")
-    u = launch.empty_u(x["v"], bwd.keep_u)
+    u = common.empty_u(x["v"], bwd.keep_u)
     if segmented:
-        seg = launch.empty_states(x["k"], x["v"], cu, 32)
-        o, s, mats = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd, programs_per_sequence=2,
-                                            seg_states=seg, seg_len=32, u=u)
-        o_plain, s_plain, _ = launch.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
-                                                     programs_per_sequence=2)
+        seg = common.empty_states(x["k"], x["v"], cu, 32)
+        o, s, mats = twopass.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd, programs_per_sequence=2,
+                                             seg_states=seg, seg_len=32, u=u)
+        o_plain, s_plain, _ = twopass.twopass_forward(*ins, state, **kw, cfg_prep=fwd, cfg_fwd=fwd,
+                                                      programs_per_sequence=2)
         segments = dict(seg_states=seg, seg_len=32)
     else:
-        mats = launch.empty_mats(x["k"], cu, 16)
-        o, s, _ = launch.chunk_forward(*ins, state, **kw, cfg=fwd, mats=mats, mats_mode="store", u=u)
-        o_plain, s_plain, _ = launch.chunk_forward(*ins, state, **kw, cfg=fwd)
+        mats = common.empty_mats(x["k"], cu, 16)
+        o, s, _ = chunk.chunk_forward(*ins, state, **kw, cfg=fwd, mats=mats, mats_mode="store", u=u)
+        o_plain, s_plain, _ = chunk.chunk_forward(*ins, state, **kw, cfg=fwd)
         segments = {}
     assert torch.equal(o, o_plain) and torch.equal(s, s_plain)
-    g_u = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats, u=u,
-                                cfg_states=KernelConfig(block_v=16, num_warps=2), **segments)
-    g_plain = launch.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
-                                    **segments)
+    g_u = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats, u=u,
+                                  cfg_states=KernelConfig(block_v=16, num_warps=2), **segments)
+    g_plain = backward.chunk_backward(*ins, state, x["do"], dstate, **kw, cfg_fwd=fwd, cfg_bwd=bwd, mats=mats,
+                                      **segments)
     want = _reference_gradients(ins, state, x["do"], dstate, scale=0.8, cu_seqlens=cu)
     for name, got, same, ref in zip(("r", "w", "k", "v", "a", "b", "state"), g_u, g_plain, want):
         if ref is None:
@@ -270,16 +270,16 @@ def test_chunk_states_rebuilds_the_forwards_chunk_states():
     forward itself walked through, into the buffer it is given."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs, relative_error
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import chunk, common
     x = make_inputs(Case("forward", "float32", "strong", 2, 45, 2, 24, 32), 3, "cpu")
     ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
-    u = launch.empty_u(x["v"], "float32")
+    u = common.empty_u(x["v"], "float32")
     cfg = KernelConfig(chunk_size=16, block_v=16)
-    _, _, walked = launch.chunk_forward(*ins, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg,
-                                        store_states=True, u=u)
-    buf = launch.empty_states(x["k"], x["v"], None, 16).fill_(float("nan"))
-    got = launch.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=None, w_form="log",
-                              cfg=cfg.with_(block_v=32), states=buf)
+    _, _, walked = chunk.chunk_forward(*ins, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg,
+                                       store_states=True, u=u)
+    buf = common.empty_states(x["k"], x["v"], None, 16).fill_(float("nan"))
+    got = chunk.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=None, w_form="log",
+                             cfg=cfg.with_(block_v=32), states=buf)
     assert got is buf and relative_error(got, walked) < 1e-6
 
 
@@ -296,15 +296,15 @@ def test_strong_decay_raw_w_gradient_keeps_its_margin(simulate):
 @interpreter
 def test_an_injected_wrong_kernel_fails_the_suite(simulate, monkeypatch):
     """The suite must be able to fail: perturb the chunked kernel's output and expect failures."""
-    from rwkv_backends.kernels import launch
-    real = launch.chunk_forward
+    from rwkv_backends.kernels import chunk
+    real = chunk.chunk_forward
 
     def wrong(*args, **kw):
         o, ht, st = real(*args, **kw)
         if o is not None:
             o = o * 1.001
         return o, ht, st
-    monkeypatch.setattr(launch, "chunk_forward", wrong)
+    monkeypatch.setattr(chunk, "chunk_forward", wrong)
     simulate("nvidia:sm90")
     case = next(c for c in quick_cases() if c.kind == "forward" and c.dtype == "float32" and c.T > 16)
     assert run_case(case, backend="triton.chunk", device="cpu", base_seed=1)["status"] == "failed"
@@ -384,7 +384,8 @@ def test_gpu_gluon_gradient_kernel_matches_the_triton_one(regime, w_form, seqlen
     the float64 reference as the Triton kernel's, in every regime and w form, varlen included."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance.cases import make_inputs, relative_error
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import backward, chunk
+    from rwkv_backends.kernels.common import empty_mats, empty_u
     _skip_unless_gluon_is_checked()
     T = sum(seqlens) or 700
     x = make_inputs(Case("backward", dtype, regime, 1 if seqlens else 2, T, 4, 64, 64, w_form=w_form, scale=0.125,
@@ -396,14 +397,14 @@ def test_gpu_gluon_gradient_kernel_matches_the_triton_one(regime, w_form, seqlen
     common = dict(scale=0.125, cu_seqlens=x["cu_seqlens"], w_form=w_form)
     leaves, _, _ = _float64_reference(args, x, common)
     fwd = KernelConfig(num_warps=4, dot_precision="tf32")
-    mats = launch.empty_mats(x["k"], x["cu_seqlens"], 16)
-    u = launch.empty_u(x["v"], True)
-    launch.chunk_forward(*args, x["state"], **common, cfg=fwd, mats=mats, mats_mode="store", u=u)
+    mats = empty_mats(x["k"], x["cu_seqlens"], 16)
+    u = empty_u(x["v"], True)
+    chunk.chunk_forward(*args, x["state"], **common, cfg=fwd, mats=mats, mats_mode="store", u=u)
     errors = {}
     for gluon in (False, True):
         bwd = KernelConfig(num_warps=8, num_stages=3, dot_precision="bf16", keep_u=True, gluon=gluon)
-        grads = launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=fwd, cfg_bwd=bwd,
-                                      mats=mats, u=u, cfg_states=KernelConfig(block_v=32))
+        grads = backward.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=fwd, cfg_bwd=bwd,
+                                        mats=mats, u=u, cfg_states=KernelConfig(block_v=32))
         assert all(torch.isfinite(g).all() for g in grads)
         errors[gluon] = [relative_error(g, t.grad) for g, t in zip(grads, leaves)]
     for name, ours, theirs in zip(names + ("state",), errors[True], errors[False]):
@@ -424,7 +425,8 @@ def test_gpu_gluon_ksplit_gradient_kernel_matches_the_triton_one(regime, w_form,
     one-step sequence included, and a misaligned do."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance.cases import make_inputs, relative_error
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import backward, twopass
+    from rwkv_backends.kernels.common import empty_u, keeps_u, segment_states
     _skip_unless_gluon_is_checked()
     T = sum(seqlens) or 500
     x = make_inputs(Case("backward", dtype, regime, 1 if seqlens else 2, T, 3, 128, 128, w_form=w_form, scale=0.125,
@@ -439,12 +441,12 @@ def test_gpu_gluon_ksplit_gradient_kernel_matches_the_triton_one(regime, w_form,
     for gluon in (False, True):
         cfg = KernelConfig(chunk_size=16, block_v=64, num_warps=4, dot_precision="tf32", gluon=gluon)
         bwd = KernelConfig(chunk_size=16, block_v=128, num_warps=8, dot_precision="bf16", gluon=gluon)
-        seg, seg_len = launch.segment_states(x["k"], x["v"], x["cu_seqlens"], 5, (16,))
-        u = launch.empty_u(x["v"], launch.keeps_u(bwd))
-        o, ht, mats = launch.twopass_forward(*args, x["state"], **common, cfg_prep=cfg, cfg_fwd=cfg,
-                                             programs_per_sequence=3, seg_states=seg, seg_len=seg_len, u=u)
-        grads = launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=cfg, cfg_bwd=bwd,
-                                      mats=mats, seg_states=seg, seg_len=seg_len, u=u, cfg_states=cfg)
+        seg, seg_len = segment_states(x["k"], x["v"], x["cu_seqlens"], 5, (16,))
+        u = empty_u(x["v"], keeps_u(bwd))
+        o, ht, mats = twopass.twopass_forward(*args, x["state"], **common, cfg_prep=cfg, cfg_fwd=cfg,
+                                              programs_per_sequence=3, seg_states=seg, seg_len=seg_len, u=u)
+        grads = backward.chunk_backward(*args, x["state"], x["do"], x["dstate"], **common, cfg_fwd=cfg, cfg_bwd=bwd,
+                                        mats=mats, seg_states=seg, seg_len=seg_len, u=u, cfg_states=cfg)
         assert all(torch.isfinite(g).all() for g in grads)
         errors[gluon] = [relative_error(o, o_ref), relative_error(ht, s_ref)] + [
             relative_error(g, t.grad) for g, t in zip(grads, leaves)]
@@ -465,7 +467,8 @@ def test_gpu_gluon_forward_and_state_rebuild_match_the_triton_ones(regime, w_for
     misaligned r, included)."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance.cases import make_inputs, relative_error
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import chunk
+    from rwkv_backends.kernels.common import empty_mats, empty_states, empty_u
     _skip_unless_gluon_is_checked()
     T = sum(seqlens) or 700
     x = make_inputs(Case("forward", dtype, regime, 1 if seqlens else 2, T, 4, 64, 64, w_form=w_form, scale=0.125,
@@ -479,13 +482,13 @@ def test_gpu_gluon_forward_and_state_rebuild_match_the_triton_ones(regime, w_for
     got = {}
     for gluon in (False, True):
         cfg = KernelConfig(num_warps=4, num_stages=3, dot_precision="tf32", gluon=gluon)
-        mats = launch.empty_mats(x["k"], x["cu_seqlens"], 16).zero_()     # (varlen leaves spare slots)
-        u = launch.empty_u(x["v"], True)
-        o, ht, _ = launch.chunk_forward(*args, x["state"], **common, cfg=cfg, mats=mats, mats_mode="store", u=u)
-        states = launch.empty_states(x["k"], x["v"], x["cu_seqlens"], 16).zero_()
-        launch.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=x["cu_seqlens"], w_form=w_form,
-                            cfg=KernelConfig(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32", gluon=gluon),
-                            states=states)
+        mats = empty_mats(x["k"], x["cu_seqlens"], 16).zero_()     # (varlen leaves spare slots)
+        u = empty_u(x["v"], True)
+        o, ht, _ = chunk.chunk_forward(*args, x["state"], **common, cfg=cfg, mats=mats, mats_mode="store", u=u)
+        states = empty_states(x["k"], x["v"], x["cu_seqlens"], 16).zero_()
+        chunk.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=x["cu_seqlens"], w_form=w_form,
+                           cfg=KernelConfig(block_v=32, num_warps=1, num_stages=3, dot_precision="tf32", gluon=gluon),
+                           states=states)
         got[gluon] = dict(o=o, ht=ht, mats=mats, u=u, states=states)
     for name, ref in (("o", o_ref), ("ht", s_ref)):
         ours, theirs = relative_error(got[True][name], ref), relative_error(got[False][name], ref)
@@ -578,7 +581,7 @@ def test_cached_launch_keys_and_argument_layout(monkeypatch):
     their metadata None); an installed launch hook sends it through Triton's runner instead."""
     from types import SimpleNamespace
 
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import recurrent
 
     jit_calls, direct, runner = [], [], []
 
@@ -604,10 +607,10 @@ def test_cached_launch_keys_and_argument_layout(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
     hooks = SimpleNamespace(launch_enter_hook=SimpleNamespace(calls=[]), launch_exit_hook=SimpleNamespace(calls=[]))
-    monkeypatch.setattr(launch, "_knobs", SimpleNamespace(runtime=hooks))
-    monkeypatch.setattr(launch, "_driver", SimpleNamespace(active=SimpleNamespace(get_current_stream=lambda d: 100 + d)))
-    monkeypatch.setattr(launch.triton, "__version__", "3.6.0")
-    run = launch.CachedLaunch(Kernel(), (4, 2), dict(BLOCK=16, FLAG=True), dict(num_warps=4), on_cuda=True)
+    monkeypatch.setattr(recurrent, "_knobs", SimpleNamespace(runtime=hooks))
+    monkeypatch.setattr(recurrent, "_driver", SimpleNamespace(active=SimpleNamespace(get_current_stream=lambda d: 100 + d)))
+    monkeypatch.setattr(recurrent.triton, "__version__", "3.6.0")
+    run = recurrent.CachedLaunch(Kernel(), (4, 2), dict(BLOCK=16, FLAG=True), dict(num_warps=4), on_cuda=True)
     x, y = torch.ones(64), torch.ones(64)
     run((x, y), (5,))
     run((x, y), (5,))
@@ -625,10 +628,10 @@ def test_cached_launch_keys_and_argument_layout(monkeypatch):
     hooks.launch_enter_hook.calls.append(print)    # a profiler listens
     run((x, y), (5,))
     assert len(direct) == 1 and runner == [((4, 2, 1), (x, y, 5, 16, True))]
-    monkeypatch.setattr(launch, "FAST_LAUNCH_TRITON", ())   # an unchecked Triton version: always the JIT
+    monkeypatch.setattr(recurrent, "FAST_LAUNCH_TRITON", ())   # an unchecked Triton version: always the JIT
     run((x, y), (5,))
     assert len(jit_calls) == 7
-    off = launch.CachedLaunch(Kernel(), (1,), dict(BLOCK=16, FLAG=True), {}, on_cuda=False)
+    off = recurrent.CachedLaunch(Kernel(), (1,), dict(BLOCK=16, FLAG=True), {}, on_cuda=False)
     off((x, y), (5,))
     off((x, y), (5,))
     assert len(jit_calls) == 9                      # not CUDA: never cached
@@ -642,7 +645,7 @@ def test_cached_decode_launch_matches_the_jit_launch(monkeypatch):
     their own: every call matches Triton's own launch bit for bit."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import recurrent
 
     def misaligned(t):                   # same values, contiguous, data pointer 1 element past 16 bytes
         buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
@@ -659,12 +662,12 @@ def test_cached_decode_launch_matches_the_jit_launch(monkeypatch):
                 args = [misaligned(t) for t in ins] if shift else ins
                 state = misaligned(x["state"]) if shift else x["state"]
                 assert shift == (args[0].data_ptr() % 16 != 0)
-                out.append(launch.recurrent_forward(*args, state, scale=0.5, cu_seqlens=None, w_form="log",
-                                                    cfg=KernelConfig(block_v=32)))
+                out.append(recurrent.recurrent_forward(*args, state, scale=0.5, cu_seqlens=None, w_form="log",
+                                                       cfg=KernelConfig(block_v=32)))
         return out
 
     cached = calls() + calls()           # the second round takes the cached kernels only
-    monkeypatch.setattr(launch, "FAST_LAUNCH_TRITON", ())
+    monkeypatch.setattr(recurrent, "FAST_LAUNCH_TRITON", ())
     jit = calls() + calls()
     assert len(cached) == len(jit) == 24
     for (o1, s1), (o2, s2) in zip(cached, jit):
@@ -714,21 +717,21 @@ def test_stored_chunk_matrices_give_the_same_gradients_as_rebuilt_ones(regime):
     the strong-decay (pairwise) path too, and a mode without its buffer is refused."""
     from rwkv_backends.config import KernelConfig
     from rwkv_backends.conformance import Case, make_inputs
-    from rwkv_backends.kernels import launch
+    from rwkv_backends.kernels import backward, chunk, common
     x = make_inputs(Case("backward", "float32", regime, 1, 40, 2, 16, 16), 3, "cpu")
     ins = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     cfg = KernelConfig()
     kw = dict(scale=1.0, cu_seqlens=None, w_form="log")
-    mats = launch.empty_mats(x["k"], None, cfg.chunk_size)
-    o_store, _, _ = launch.chunk_forward(*ins, x["state"], **kw, cfg=cfg, mats=mats, mats_mode="store")
-    o_build, _, _ = launch.chunk_forward(*ins, x["state"], **kw, cfg=cfg)
+    mats = common.empty_mats(x["k"], None, cfg.chunk_size)
+    o_store, _, _ = chunk.chunk_forward(*ins, x["state"], **kw, cfg=cfg, mats=mats, mats_mode="store")
+    o_build, _, _ = chunk.chunk_forward(*ins, x["state"], **kw, cfg=cfg)
     assert torch.equal(o_store, o_build)
     do, dht = torch.randn_like(x["v"]), torch.randn_like(x["state"])
-    g_loaded = launch.chunk_backward(*ins, x["state"], do, dht, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats)
-    g_rebuilt = launch.chunk_backward(*ins, x["state"], do, dht, **kw, cfg_fwd=cfg, cfg_bwd=cfg)
+    g_loaded = backward.chunk_backward(*ins, x["state"], do, dht, **kw, cfg_fwd=cfg, cfg_bwd=cfg, mats=mats)
+    g_rebuilt = backward.chunk_backward(*ins, x["state"], do, dht, **kw, cfg_fwd=cfg, cfg_bwd=cfg)
     assert all(torch.equal(p, q) for p, q in zip(g_loaded, g_rebuilt))
     with pytest.raises(ValueError, match="mats"):
-        launch.chunk_forward(*ins, x["state"], **kw, cfg=cfg, mats_mode="load")
+        chunk.chunk_forward(*ins, x["state"], **kw, cfg=cfg, mats_mode="load")
 
 
 @interpreter
@@ -749,7 +752,7 @@ def test_tune_checks_each_kernels_candidates_against_the_reference(simulate, mon
 def test_gluon_inputs_are_realigned_only_when_misaligned():
     """cp.async in the Gluon kernel needs 16-byte-aligned inputs: a view at an odd offset is copied,
     an aligned tensor is passed through untouched."""
-    from rwkv_backends.kernels.launch import _aligned16
+    from rwkv_backends.kernels.common import _aligned16
     base = torch.randn(4 * 64 + 1)
     aligned, odd = base[: 4 * 64], base[1:]
     got_aligned, got_odd, none = _aligned16(aligned, odd, None)

@@ -35,11 +35,12 @@ def test_pyproject_declares_the_supported_range():
 
 
 def test_gluon_calls_resolve_for_the_installed_release():
-    """kernels/gluon_api.py gives the kernels one name per call on whatever release is installed."""
+    """kernels/gluon/api.py gives the kernels one name per call on whatever release is installed."""
     pytest.importorskip("triton")
-    from rwkv_backends.kernels import gluon_api
-    if gluon_api.IMPORT_ERROR:
-        pytest.skip(gluon_api.IMPORT_ERROR)
+    from rwkv_backends.kernels import gluon
+    if not gluon.available():
+        pytest.skip(gluon.IMPORT_ERROR)
+    from rwkv_backends.kernels.gluon import api as gluon_api
     for fn in (gluon_api.barrier, gluon_api.async_load):
         assert getattr(fn, "__triton_builtin__", False), fn
     # Triton 3.9 keeps the old cp.async name as a stub that raises: the new one must win there

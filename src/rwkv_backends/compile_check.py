@@ -41,8 +41,9 @@ def planned_jobs(info, dtype: str = "bfloat16") -> list:
     from . import known_issues
     from .config import KERNELS
     from .device import triton_version
-    from .kernels import gluon_nvidia
-    from .kernels.launch import keeps_u
+    from .kernels import gluon
+    from .kernels.common import keeps_u
+    from .kernels.roles import ROLES
     from .tuning import lookup
     issues = [i for i in known_issues.active(info, triton_version()) if i.id != "gluon-experimental"]
     jobs = []
@@ -52,18 +53,18 @@ def planned_jobs(info, dtype: str = "bfloat16") -> list:
         if head <= 64:
             configs["chunk_fwd_transition"] = configs["chunk_fwd_transition"].with_(
                 chunk_size=configs["chunk_transition"].chunk_size)
-            configs["chunk_dstate_transition"] = configs["chunk_fwd_transition"]
         else:    # the transition kernels serve K, V <= 64 only
             del configs["chunk_transition"], configs["chunk_fwd_transition"]
         configs["chunk_fwd_loaded"] = configs["chunk_fwd_loaded"].with_(chunk_size=configs["chunk_prep"].chunk_size)
-        configs["chunk_dstate"] = configs["chunk_fwd_loaded"]
         configs["chunk_states"] = configs["chunk_states"].with_(chunk_size=configs["chunk_bwd"].chunk_size)
+        # the sweeps, at their walks' configs
+        configs |= {name: configs[role.config_from] for name, role in ROLES.items() if role.config_from in configs}
         for kernel, cfg in configs.items():
             cfg, _ = known_issues.constrain(kernel, cfg, issues)
-            if cfg.gluon and (info.triton_backend != "cuda" or gluon_nvidia.unsupported(
+            if cfg.gluon and (info.triton_backend != "cuda" or gluon.unsupported(
                     kernel, K=head, V=head, chunk_size=cfg.chunk_size, block_v=cfg.block_v, dtype=problem.dtype,
                     dot_precision=cfg.dot_precision, has_u=keeps_u(cfg),
-                    segmented=kernel in ("chunk_bwd_split", "chunk_dstate"))):
+                    segmented=ROLES[kernel].gluon is not None and ROLES[kernel].gluon.segmented_only)):
                 cfg = cfg.with_(gluon=False)
             if (kernel, cfg, head) not in jobs:
                 jobs.append((kernel, cfg, head))

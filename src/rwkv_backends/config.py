@@ -2,7 +2,7 @@
 constraints, the dispatcher and the tune tool.
 
 A `KernelConfig` is what a kernel launch needs beyond the problem itself. Vendor tables hold them
-per architecture (`rwkv_backends/<vendor>/tables.py`); known issues narrow them
+per architecture (`rwkv_backends/<vendor>/tables/<arch>.json`, read by tuning.py); known issues narrow them
 (`known_issues.py`); `explain()` and the doctor print them with `as_dict()`.
 """
 
@@ -43,7 +43,7 @@ KERNELS = {
                       "doc": "step-by-step forward for decode and short sequences"},
 }
 
-# "bf16": operands rounded to bfloat16, float32 accumulation (kernels/wkv7.py `_dot`).
+# "bf16": operands rounded to bfloat16, float32 accumulation (kernels/common.py `_dot`).
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 
 
@@ -61,11 +61,11 @@ class KernelConfig:
     dot_precision: str = "ieee"
     # Gradient kernels: the training forward keeps U (U_t = a_tᵀ h_{t-1}, float32) for them, and
     # the backward rebuilds the chunk states from it (chunk_states) instead of from the chunk
-    # matrices (kernels/launch.py `empty_u`).
+    # matrices (kernels/common.py `empty_u`).
     keep_u: bool = False
     # chunk_fwd, chunk_bwd and chunk_states: run the kernel's Gluon implementation
-    # (kernels/gluon_nvidia.py: NVIDIA sm80+, K = V = 64, 16-bit inputs; `unsupported()` there says
-    # what else each takes). It launches with its own warps, V block and pipeline (gluon_nvidia.LAUNCH),
+    # (kernels/gluon/: NVIDIA sm80+, K = V = 64, 16-bit inputs; `unsupported()` there says
+    # what else each takes). It launches with its own warps, V block and pipeline (kernels/roles.py GluonSpec),
     # so num_warps, num_stages, block_v and vendor_options apply only to the Triton kernel.
     gluon: bool = False
     # Vendor-specific launch keywords passed through to the Triton launcher, e.g. Intel's

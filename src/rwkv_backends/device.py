@@ -1,9 +1,10 @@
 """Run-time device detection: the one place that asks torch and Triton what hardware this is.
 
-`detect(device)` returns a `DeviceInfo`, cached per device. Vendor-specific facts (architecture
-names, shared memory, simulated profiles) live in the vendor folders; this module only decides
-which vendor is present, in the order SPEC §3 requires (MetaX and Hygon before the vendors whose
-probes they also satisfy).
+`detect(device)` returns a `DeviceInfo`, cached per device. Vendor-specific facts (how a torch
+build is recognised, architecture names, shared memory, simulated profiles) live in the vendor
+folders; this module asks their probes in vendors.PROBE_ORDER, the order SPEC §3 requires (MetaX
+and Hygon before the vendors whose probes they also satisfy), and hands the device to the
+vendor's `describe`.
 
 `RWKV_BACKENDS_SIMULATE=vendor:profile` replaces detection with a profile (SPEC §5).
 """
@@ -127,39 +128,16 @@ def detect(device=None) -> DeviceInfo:
 
 
 def default_device() -> torch.device:
-    vendor = _vendor_of_torch()
-    if vendor in ("nvidia", "amd", "hygon", "metax"):
-        return torch.device("cuda")
-    if vendor in ("intel", "kunlunxin"):
-        return torch.device("xpu")
-    if vendor == "musa":
-        return torch.device("musa")
-    return torch.device("cpu")
+    from .vendors import vendor_module
+    module = vendor_module(_vendor_of_torch())
+    return torch.device(module.DEVICE_TYPE if module is not None else "cpu")
 
 
 @functools.lru_cache(maxsize=None)
 def _vendor_of_torch() -> str:
-    """Which accelerator torch drives, by the probes of SPEC §3, most specific first."""
-    if getattr(torch.version, "maca", None) is not None and isinstance(torch.version.maca, str):
-        return "metax"                                       # MetaX reports device type "cuda"
-    try:
-        import torch_musa  # noqa: F401  (registers torch.musa)
-        if torch.musa.is_available():
-            return "musa"
-    except Exception:
-        pass
-    if torch.cuda.is_available():
-        if getattr(torch.version, "hip", None):
-            return "hygon" if hasattr(torch, "__hcu_version__") else "amd"
-        return "nvidia"
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        tgt = triton_target()
-        # Kunlunxin's Triton also calls its backend "xpu", but its arch is not Intel's dict.
-        if tgt is not None and tgt[0] == "xpu" and not isinstance(tgt[1], dict):
-            return "kunlunxin"
-        return "intel"
-    return "cpu"
+    """Which accelerator torch drives: the first vendor folder whose probe holds (vendors.PROBE_ORDER)."""
+    from .vendors import probe_torch
+    return probe_torch()
 
 
 @functools.lru_cache(maxsize=None)

@@ -161,6 +161,7 @@ def _collect(simulate, triton_version_as, probe, settings) -> dict:
             plans[cls] = {"variant": p.variant.name, "backend": p.variant.backend,
                           "config": {k: c.as_dict() for k, c in p.configs.items()},
                           "config_source": p.config_sources,
+                          "config_provenance": p.config_provenance,
                           "adjusted_by_known_issues": {k: v for k, v in p.adjusted_by.items() if v},
                           "rejected": p.rejected}
             chosen = chosen or p.variant.backend

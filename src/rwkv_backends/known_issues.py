@@ -57,10 +57,10 @@ def _no_bf16_dots(kernel: str, cfg: KernelConfig) -> KernelConfig:
 # The Triton releases the package supports: those torch 2.11 to 2.15 pin (3.6.0, 3.7.0, 3.7.1, 3.8.0,
 # 3.9.0) and their patch releases. pyproject.toml declares the same range.
 SUPPORTED_TRITON = ((3, 6), (3, 9))
-# The Triton releases the Gluon kernels (kernels/gluon_nvidia.py) passed the card's checks on
+# The Triton releases the Gluon kernels (kernels/gluon/) passed the card's checks on
 # (conformance and the Gluon GPU tests): triton.experimental.gluon is experimental, and its API
-# moves between releases (kernels/gluon_api.py resolves the renamed calls).
-GLUON_CHECKED_TRITON = ((3, 6), (3, 9))
+# moves between releases (kernels/gluon/api.py resolves the renamed calls).
+GLUON_CHECKED_TRITON = ((3, 6), (3, 8), (3, 9))
 
 
 def supported_triton(tv: tuple) -> bool:
@@ -192,7 +192,7 @@ CATALOG = (
         link="https://github.com/triton-lang/triton/tree/main/python/triton/experimental/gluon",
         summary="Gluon renames calls between releases: thread_barrier became barrier (3.7), and "
                 "async_copy_global_to_shared became async_load (3.8; a stub that raises in 3.9)",
-        scope="NVIDIA, Triton 3.7 and later. Response: kernels/gluon_api.py resolves each call once "
+        scope="NVIDIA, Triton 3.7 and later. Response: kernels/gluon/api.py resolves each call once "
               "for the installed release; the kernels use its names. Layouts, mma_v2, commit_group and "
               "wait_group are unchanged from 3.6 to 3.9 (compile_check compiles every Gluon kernel)",
         applies=lambda d, tv, pv: d.vendor == "nvidia" and bool(tv) and tv >= (3, 7),
@@ -204,7 +204,7 @@ CATALOG = (
                 "(mask=m & (i < n)) gives an int32 mask that tl.load rejects: 'mask has unsupported dtype'",
         scope="TRITON_INTERPRET=1, Triton 3.9.0 (seen here; 3.6 to 3.8 accept it; compiled kernels are "
               "unaffected). Response: the kernels fold scalar tests into tensor comparisons "
-              "(kernels/wkv7.py _walk_start); CI interprets every vendor's plan on 3.9",
+              "(kernels/common.py _walk_start); CI interprets every vendor's plan on 3.9",
         applies=lambda d, tv, pv: interpreter_enabled() and bool(tv) and tv >= (3, 9),
     ),
     KnownIssue(

@@ -1,6 +1,7 @@
 """`python -m rwkv_backends.tune`: sweep each kernel's configs on the present device and print the
-vendor/architecture table entry (paste it into rwkv_backends/<vendor>/tables.py). This is the only
-place a sweep runs; `wkv7` itself never tunes.
+vendor/architecture table entries, each with its provenance (card, torch, Triton, date, this run and
+its measured time); `--write-table` merges them into rwkv_backends/<vendor>/tables/<arch>.json (or
+the file it names). This is the only place a sweep runs; `wkv7` itself never tunes.
 
 Every candidate is first checked against the float64 reference on fresh random inputs; a config
 that is fast but wrong (or that fails to compile) is dropped, with the reason printed.
@@ -17,49 +18,13 @@ import torch
 
 from .config import KernelConfig, head_bucket, padded_head
 
-CANDIDATES = {
-    # num_stages lets the next chunk's loads start while this chunk's dots run: 3 stages took 9% off
-    # the one-pass forward on the H100, 2 almost nothing.
-    # (ieee dots for 16-bit inputs were 4.2x slower at the same accuracy bar: NOTES change 3.)
-    "chunk_fwd": dict(chunk_size=(16, 32), block_v=(32, 64), num_warps=(4, 8), num_stages=(1, 2, 3),
-                      dot_precision=("tf32",)),
-    # "bf16": the gradient kernels' products on bfloat16 operands (its in-chunk pair products stay
-    # tf32: kernels/wkv7.py `_pair_dot`). Half the tensor-core steps and operand registers: training
-    # B8 T4096 H32 8.85 -> 6.91 ms on the H100, gradient errors up to 3.7e-3 (NOTES change 43).
-    # keep_u: the training forward keeps U and the backward rebuilds the chunk states from it
-    # (chunk_states): training B8 T4096 H32 6.82 -> 6.36 ms on the H100 (NOTES change 45).
-    "chunk_bwd": dict(chunk_size=(16, 32), num_warps=(4, 8), num_stages=(1, 2, 3), dot_precision=("tf32", "bf16"),
-                      keep_u=(False, True)),
-    "chunk_prep": dict(chunk_size=(16, 32), block_k=(16, 32), num_warps=(2, 4), dot_precision=("tf32",)),
-    # Timed on the matrices of chunk_prep's table entry at the same chunk size.
-    "chunk_fwd_loaded": dict(chunk_size=(16, 32), block_v=(16, 32, 64), num_warps=(4,), num_stages=(1, 3),
-                             dot_precision=("tf32",)),
-    # Chunk transitions (K, V <= 64). The walk's entry serves its state-gradient sweep too, so both
-    # are timed together, on the transitions of chunk_transition's table entry.
-    "chunk_transition": dict(chunk_size=(16, 32, 64), block_k=(32,), num_warps=(2, 4), dot_precision=("tf32",)),
-    "chunk_fwd_transition": dict(block_v=(16, 32, 64), num_warps=(2, 4), num_stages=(1, 3, 4),
-                                 dot_precision=("tf32",)),
-    # The segmented backward of two-pass training: segments give the programs, so wide V blocks.
-    "chunk_bwd_split": dict(chunk_size=(16,), block_v=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3),
-                            dot_precision=("tf32", "bf16"), keep_u=(False, True)),
-    # Timed alone, on the U of the training forward that the table's chunk_bwd entry asks for.
-    "chunk_states": dict(block_v=(32, 64), num_warps=(1, 2, 4), num_stages=(2, 3, 4), dot_precision=("tf32",)),
-    "chunk_recompute": dict(chunk_size=(16,), block_v=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 3),
-                            dot_precision=("tf32",)),
-    "recurrent_fwd": dict(block_v=(16, 32, 64), num_warps=(1, 2, 4)),
-}
-# Launch options only one vendor's Triton takes, swept as well on that vendor's devices.
-VENDOR_CANDIDATES = {
-    # At 255 registers and 8 warps one backward program fills an SM, so a B8 x H32 grid (256
-    # programs, 132 SMs) runs in two waves; capped at 128 it spills more but fits two per SM.
-    # gluon: the kernels' Gluon implementations (NVIDIA only). They launch with their own warps, V
-    # block and pipeline, so their configs differ only where they read them (candidates() folds the rest).
-    "nvidia": {"chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128}), "gluon": (False, True)},
-               "chunk_fwd": {"gluon": (False, True)}, "chunk_states": {"gluon": (False, True)},
-               "chunk_bwd_split": {"gluon": (False, True)}, "chunk_prep": {"gluon": (False, True)},
-               "chunk_fwd_loaded": {"gluon": (False, True)}},
-}
-BACKWARD_KERNELS = ("chunk_bwd", "chunk_bwd_split", "chunk_recompute", "chunk_states")
+from .kernels.roles import ROLES
+
+# The roles the tune tool sweeps, each over its spec's candidates (kernels/roles.py TuneSpec).
+CANDIDATES = {name: role.tune.sweep for name, role in ROLES.items() if role.tune is not None}
+# Launch options only one vendor's Triton takes are swept as well on that vendor's devices: the
+# vendor folder's TUNE_CANDIDATES (vendors.tune_candidates).
+BACKWARD_KERNELS = tuple(name for name in CANDIDATES if ROLES[name].tune.backward)
 # Accuracy bar a config must meet (bf16 inputs): the peers' measured o error (ANCHORS.md).
 MAX_BF16_ERROR = 3.0e-3
 
@@ -111,24 +76,24 @@ def _segmented_training_backward(kernel, cfg, x):
     configs) keeps the chunk matrices and the segments' start states; the backward is timed."""
     from .backends.triton import segments_per_sequence
     from .device import detect
-    from .kernels import launch
+    from .kernels import backward, common, twopass
     args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     B, _, H, K = x["k"].shape
     cfgs = {name: _table_config(name, K) for name in ("chunk_prep", "chunk_fwd_loaded", "chunk_bwd_split",
                                                       "chunk_recompute")} | {kernel: cfg}
     segments = segments_per_sequence(B * H, x["v"].shape[-1], cfgs["chunk_bwd_split"].block_v,
                                      detect(DEVICE).multiprocessors)
-    seg_states, seg_len = launch.segment_states(x["k"], x["v"], None, segments,
+    seg_states, seg_len = common.segment_states(x["k"], x["v"], None, segments,
                                                 (cfgs["chunk_prep"].chunk_size, cfgs["chunk_bwd_split"].chunk_size))
-    u = launch.empty_u(x["v"], launch.keeps_u(cfgs["chunk_bwd_split"]))
-    _, _, mats = launch.twopass_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
-                                        cfg_prep=cfgs["chunk_prep"], cfg_fwd=cfgs["chunk_fwd_loaded"],
-                                        programs_per_sequence=4, seg_states=seg_states, seg_len=seg_len, u=u)
-    return lambda: launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
-                                         w_form="log", cfg_fwd=cfgs["chunk_fwd_loaded"],
-                                         cfg_bwd=cfgs["chunk_bwd_split"], mats=mats, seg_states=seg_states,
-                                         seg_len=seg_len, cfg_recompute=cfgs["chunk_recompute"], u=u,
-                                         cfg_states=_table_config("chunk_states", K))
+    u = common.empty_u(x["v"], common.keeps_u(cfgs["chunk_bwd_split"]))
+    _, _, mats = twopass.twopass_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
+                                         cfg_prep=cfgs["chunk_prep"], cfg_fwd=cfgs["chunk_fwd_loaded"],
+                                         programs_per_sequence=4, seg_states=seg_states, seg_len=seg_len, u=u)
+    return lambda: backward.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
+                                           w_form="log", cfg_fwd=cfgs["chunk_fwd_loaded"],
+                                           cfg_bwd=cfgs["chunk_bwd_split"], mats=mats, seg_states=seg_states,
+                                           seg_len=seg_len, cfg_recompute=cfgs["chunk_recompute"], u=u,
+                                           cfg_states=_table_config("chunk_states", K))
 
 
 def _transition_programs(x) -> int:
@@ -141,81 +106,103 @@ def _transition_programs(x) -> int:
 def _transition_runner(kernel, cfg, x, for_error_check):
     """chunk_transition alone (for the error check: with the walk), or the walk and the sweep on
     the transitions of chunk_transition's table entry."""
-    from .kernels import launch
+    from .kernels import common, transition
     args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     P = _transition_programs(x)
     if kernel == "chunk_transition":
         if for_error_check:
             walk = KernelConfig(block_v=64, dot_precision=cfg.dot_precision)
-            return lambda: launch.transition_twopass(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
-                                                     cfg_trans=cfg, cfg_walk=walk, programs_per_sequence=P)[:2]
-        return lambda: launch.chunk_transitions(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=None,
-                                                w_form="log", cfg=cfg, programs_per_sequence=P)
+            return lambda: transition.transition_twopass(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
+                                                         cfg_trans=cfg, cfg_walk=walk, programs_per_sequence=P)[:2]
+        return lambda: transition.chunk_transitions(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=None,
+                                                    w_form="log", cfg=cfg, programs_per_sequence=P)
     cfg_trans = _table_config("chunk_transition", x["k"].shape[-1])
-    trans, p_mat, q_mat, r_eff = launch.chunk_transitions(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=None,
-                                                          w_form="log", cfg=cfg_trans, programs_per_sequence=P)
-    walk = lambda: launch.transition_forward(x["v"], x["state"], trans, p_mat, q_mat, r_eff, scale=1.0,  # noqa: E731
-                                             cu_seqlens=None, cfg=cfg)
+    trans, p_mat, q_mat, r_eff = transition.chunk_transitions(*(x[n] for n in ("r", "w", "k", "a", "b")),
+                                                              cu_seqlens=None, w_form="log", cfg=cfg_trans,
+                                                              programs_per_sequence=P)
+    walk = lambda: transition.transition_forward(x["v"], x["state"], trans, p_mat, q_mat, r_eff, scale=1.0,  # noqa: E731
+                                                 cu_seqlens=None, cfg=cfg)
     if for_error_check:
         return walk
-    seg_states, seg_len = launch.segment_states(x["k"], x["v"], None, 4, (cfg_trans.chunk_size,))
+    seg_states, seg_len = common.segment_states(x["k"], x["v"], None, 4, (cfg_trans.chunk_size,))
     seg_ds, dh0 = torch.empty_like(seg_states), torch.empty_like(x["state"])
 
     def walk_and_sweep():
         walk()
-        launch.transition_dstate(x["do"], x["dstate"], trans, r_eff, seg_ds, dh0, scale=1.0, cu_seqlens=None,
-                                 cfg=cfg, chunk_size=cfg_trans.chunk_size, seg_len=seg_len)
+        transition.transition_dstate(x["do"], x["dstate"], trans, r_eff, seg_ds, dh0, scale=1.0, cu_seqlens=None,
+                                     cfg=cfg, chunk_size=cfg_trans.chunk_size, seg_len=seg_len)
     return walk_and_sweep
 
 
-def _runner(kernel, cfg, x, for_error_check=False):
-    from .kernels import launch
-    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+def _prep_runner(kernel, cfg, x, for_error_check):
+    from .kernels import twopass
     prep_args = [x[n] for n in ("r", "w", "k", "a", "b")]
-    if kernel in ("chunk_transition", "chunk_fwd_transition"):
-        return _transition_runner(kernel, cfg, x, for_error_check)
-    if kernel == "chunk_prep":
-        prep = lambda: launch.chunk_prepare(*prep_args, cu_seqlens=None, w_form="log", cfg=cfg,  # noqa: E731
-                                            programs_per_sequence=16)
-        if not for_error_check:
-            return prep
-        # For the error check: the loaded forward's output on these matrices.
-        fwd = KernelConfig(block_v=64, dot_precision=cfg.dot_precision)
-        return lambda: launch.twopass_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log",
-                                              cfg_prep=cfg, cfg_fwd=fwd, programs_per_sequence=16)[:2]
-    if kernel == "chunk_fwd_loaded":
-        prep_cfg = _prep_config(cfg.chunk_size, x["k"].shape[-1])
-        mats = launch.chunk_prepare(*prep_args, cu_seqlens=None, w_form="log", cfg=prep_cfg, programs_per_sequence=16)
-        return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg,
-                                            mats=mats, mats_mode="load")[:2]
-    if kernel == "recurrent_fwd":
-        return lambda: launch.recurrent_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)
-    if kernel == "chunk_fwd":
-        return lambda: launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=cfg)[:2]
-    if kernel in ("chunk_bwd_split", "chunk_recompute"):
-        return _segmented_training_backward(kernel, cfg, x)
-    # chunk_bwd (and chunk_states), as in training: the forward (its table entry, at this chunk
-    # size) has stored the chunk matrices and U if keep_u asks for it, the backward loads them.
+    if not for_error_check:
+        return lambda: twopass.chunk_prepare(*prep_args, cu_seqlens=None, w_form="log", cfg=cfg,
+                                             programs_per_sequence=16)
+    # For the error check: the loaded forward's output on these matrices.
+    fwd = KernelConfig(block_v=64, dot_precision=cfg.dot_precision)
+    return lambda: twopass.twopass_forward(*(x[n] for n in ("r", "w", "k", "v", "a", "b")), x["state"], scale=1.0,
+                                           cu_seqlens=None, w_form="log", cfg_prep=cfg, cfg_fwd=fwd,
+                                           programs_per_sequence=16)[:2]
+
+
+def _loaded_runner(kernel, cfg, x, for_error_check):
+    from .kernels import chunk, twopass
+    prep_cfg = _prep_config(cfg.chunk_size, x["k"].shape[-1])
+    mats = twopass.chunk_prepare(*(x[n] for n in ("r", "w", "k", "a", "b")), cu_seqlens=None, w_form="log",
+                                 cfg=prep_cfg, programs_per_sequence=16)
+    return lambda: chunk.chunk_forward(*(x[n] for n in ("r", "w", "k", "v", "a", "b")), x["state"], scale=1.0,
+                                       cu_seqlens=None, w_form="log", cfg=cfg, mats=mats, mats_mode="load")[:2]
+
+
+def _recurrent_runner(kernel, cfg, x, for_error_check):
+    from .kernels import recurrent
+    return lambda: recurrent.recurrent_forward(*(x[n] for n in ("r", "w", "k", "v", "a", "b")), x["state"], scale=1.0,
+                                               cu_seqlens=None, w_form="log", cfg=cfg)
+
+
+def _forward_runner(kernel, cfg, x, for_error_check):
+    from .kernels import chunk
+    return lambda: chunk.chunk_forward(*(x[n] for n in ("r", "w", "k", "v", "a", "b")), x["state"], scale=1.0,
+                                       cu_seqlens=None, w_form="log", cfg=cfg)[:2]
+
+
+def _backward_runner(kernel, cfg, x, for_error_check):
+    """chunk_bwd (and chunk_states), as in training: the forward (its table entry, at this chunk
+    size) has stored the chunk matrices and U if keep_u asks for it, the backward loads them."""
+    from .kernels import backward, chunk, common
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
     K = x["k"].shape[-1]
     bwd_cfg = _table_config("chunk_bwd", K) if kernel == "chunk_states" else cfg
     fwd_cfg = _fit_gluon("chunk_fwd", _table_config("chunk_fwd", K).with_(chunk_size=bwd_cfg.chunk_size), K)
     states_cfg = cfg if kernel == "chunk_states" else _fit_gluon(
         "chunk_states", _table_config("chunk_states", K).with_(chunk_size=bwd_cfg.chunk_size), K)
-    mats = launch.empty_mats(x["k"], None, bwd_cfg.chunk_size)
-    u = launch.empty_u(x["v"], launch.keeps_u(bwd_cfg))
-    launch.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd_cfg, mats=mats,
-                         mats_mode="store", u=u)
+    mats = common.empty_mats(x["k"], None, bwd_cfg.chunk_size)
+    u = common.empty_u(x["v"], common.keeps_u(bwd_cfg))
+    chunk.chunk_forward(*args, x["state"], scale=1.0, cu_seqlens=None, w_form="log", cfg=fwd_cfg, mats=mats,
+                        mats_mode="store", u=u)
     if kernel == "chunk_states" and not for_error_check:
         if u is None:
             raise ValueError("chunk_states: the table's chunk_bwd entry keeps no U (keep_u False), so training "
                              "never runs chunk_states here")
-        states = launch.empty_states(x["k"], x["v"], None, bwd_cfg.chunk_size)
-        return lambda: launch.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=None,
-                                           cfg=states_cfg.with_(chunk_size=bwd_cfg.chunk_size), w_form="log",
-                                           states=states)
-    return lambda: launch.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
-                                         w_form="log", cfg_fwd=fwd_cfg, cfg_bwd=bwd_cfg, mats=mats, u=u,
-                                         cfg_states=states_cfg)
+        states = common.empty_states(x["k"], x["v"], None, bwd_cfg.chunk_size)
+        return lambda: chunk.chunk_states(x["w"], x["k"], x["v"], x["b"], u, x["state"], cu_seqlens=None,
+                                          cfg=states_cfg.with_(chunk_size=bwd_cfg.chunk_size), w_form="log",
+                                          states=states)
+    return lambda: backward.chunk_backward(*args, x["state"], x["do"], x["dstate"], scale=1.0, cu_seqlens=None,
+                                           w_form="log", cfg_fwd=fwd_cfg, cfg_bwd=bwd_cfg, mats=mats, u=u,
+                                           cfg_states=states_cfg)
+
+
+# How each role runs under the sweep (kernels/roles.py TuneSpec.runner).
+_RUNNERS = {"transition": _transition_runner, "prep": _prep_runner, "loaded": _loaded_runner,
+            "recurrent": _recurrent_runner, "forward": _forward_runner, "backward": _backward_runner,
+            "segmented_backward": lambda kernel, cfg, x, for_error_check: _segmented_training_backward(kernel, cfg, x)}
+
+
+def _runner(kernel, cfg, x, for_error_check=False):
+    return _RUNNERS[ROLES[kernel].tune.runner](kernel, cfg, x, for_error_check)
 
 
 def _error(kernel, cfg, K):
@@ -240,7 +227,8 @@ def candidates(kernel, vendor, V=None, fixed=None):
     wider than V are left out: they launch exactly as the block of V itself (the H100's K = 64
     sweep timed block_v 128 beside 64 and picked it, a name for the same launch). `fixed`
     ({field: values}) narrows the fields the kernel sweeps to those values."""
-    grid = dict(CANDIDATES[kernel]) | VENDOR_CANDIDATES.get(vendor, {}).get(kernel, {})
+    from .vendors import tune_candidates
+    grid = dict(CANDIDATES[kernel]) | tune_candidates(vendor).get(kernel, {})
     for name, values in (fixed or {}).items():
         if name in grid:
             kept = tuple(v for v in grid[name] if v in values)
@@ -249,8 +237,8 @@ def candidates(kernel, vendor, V=None, fixed=None):
             grid[name] = kept
     configs = [KernelConfig.make(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     # A Gluon kernel ignores the launch fields: one candidate per combination of the fields it reads.
-    from .kernels.gluon_nvidia import LAUNCH
-    configs = list(dict.fromkeys(cfg.with_(**LAUNCH[kernel], num_stages=1, vendor_options=()) if cfg.gluon else cfg
+    configs = list(dict.fromkeys(cfg.with_(**ROLES[kernel].gluon.launch, num_stages=1, vendor_options=()) if cfg.gluon
+                                 else cfg
                                  for cfg in configs))
     if V is not None and "block_v" in grid:
         configs = [cfg for cfg in configs if cfg.block_v <= padded_head(V)]
@@ -334,11 +322,11 @@ def pick(ranked: dict) -> dict:
 def unsweepable(kernels, K) -> dict:
     """{kernel: why} for requested kernels that this device's tables never run, so that a sweep of
     them would time nothing real: chunk_states runs only where the chunk_bwd entry keeps U."""
-    from .kernels.launch import keeps_u
+    from .kernels.common import keeps_u
     why = {}
     if "chunk_states" in kernels and not keeps_u(_table_config("chunk_bwd", K)):
         why["chunk_states"] = (f"the table's chunk_bwd entry at K = {K} keeps no U (keep_u False), so training never "
-                               "runs chunk_states; paste a chunk_bwd entry with keep_u first")
+                               "runs chunk_states; write a chunk_bwd entry with keep_u first (--write-table)")
     return why
 
 
@@ -371,11 +359,12 @@ def _parse_only(items) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwkv_backends.tune", description=__doc__)
-    p.add_argument("--kernels", default="chunk_fwd,chunk_bwd,chunk_states,chunk_prep,chunk_fwd_loaded,"
-                                        "chunk_transition,chunk_fwd_transition,chunk_bwd_split,chunk_recompute,"
-                                        "recurrent_fwd")
+    p.add_argument("--kernels", default=",".join(CANDIDATES))
     p.add_argument("--K", type=int, default=64, help="head size to tune (table bucket 64 or 128)")
-    p.add_argument("--out", default="", help="write the table entry as JSON here")
+    p.add_argument("--out", default="", help="write the picked entries and every timed candidate as JSON here")
+    p.add_argument("--write-table", nargs="?", const="auto", default=None, metavar="FILE",
+                   help="merge the picked entries, with their provenance, into this device's table file "
+                        "(rwkv_backends/<vendor>/tables/<arch>.json), or into FILE")
     p.add_argument("--only", action="append", default=[], metavar="FIELD=V1,V2",
                    help="sweep only these values of a config field (repeatable), e.g. num_warps=8 or "
                         "dot_precision=tf32,bf16; fields a kernel does not sweep are ignored")
@@ -398,12 +387,7 @@ def main(argv=None) -> int:
             candidates(kernel, info.vendor, V=args.K, fixed=fixed)
     except ValueError as exc:
         p.error(str(exc))
-    shapes = {"chunk_fwd": (8, 4096, 32), "chunk_bwd": (8, 4096, 32), "chunk_states": (8, 4096, 32),
-              "recurrent_fwd": (256, 1, 32),
-              # the two-pass prefill serves few (sequence, head) pairs: one long sequence
-              "chunk_prep": (1, 16384, 32), "chunk_fwd_loaded": (1, 16384, 32), "chunk_bwd_split": (1, 16384, 32),
-              "chunk_recompute": (1, 16384, 32), "chunk_transition": (1, 16384, 32),
-              "chunk_fwd_transition": (1, 16384, 32)}
+    shapes = {kernel: ROLES[kernel].tune.shape for kernel in CANDIDATES}
     if args.K > 64:
         shapes = {k: (max(1, b // 2), t, max(1, h // 2)) for k, (b, t, h) in shapes.items()}
         # The issue's head-128 shape has 64 (sequence, head) pairs, fewer than the multiprocessors,
@@ -418,17 +402,55 @@ def main(argv=None) -> int:
             continue
         print(f"{kernel} on {info.name} ({info.arch}), B,T,H = {shapes[kernel]}, K = V = {args.K}", flush=True)
         ranked[kernel] = sweep(kernel, shapes[kernel], args.K, info.vendor, fixed)
+    run = "python -m rwkv_backends.tune " + " ".join(sys.argv[1:] if argv is None else argv)
     report = tune_report(ranked, args.K) | {"vendor": info.vendor, "arch": info.arch, "device": info.name,
                                             "versions": versions()}
-    print(json.dumps({k: v for k, v in report.items() if k != "ranked"}, indent=1))
+    report["table_entries"] = table_entries(ranked, args.K, info, versions(), shapes, run)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("ranked", "entry")}, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    write_table(report["table_entries"], info, args.write_table)
     return 0
 
 
 def _row(ms, err, cfg, peak) -> dict:
     return cfg.as_dict() | {"_ms": round(ms, 4), "_err": err, "_peak_mib": round(peak, 1)}
+
+
+def table_entries(ranked: dict, K: int, info, versions: dict, shapes: dict, run: str) -> dict:
+    """The entries `pick` chooses as the table files hold them: {kernel: {bucket: {"config": fields,
+    "provenance": record}}}, the record naming this card, torch, Triton, today, the command line
+    and the measured time, error and peak of the picked config at the swept shape."""
+    from .tuning import config_fields, today
+    bucket = head_bucket(K, K)
+    out = {}
+    for kernel, (ms, err, cfg, peak) in pick(ranked).items():
+        B, T, H = shapes[kernel]
+        measured = (f"{ms:.3f} ms at B{B} T{T} H{H} K = V = {K} (median, triton.testing.do_bench), error "
+                    f"{err:.1e}, peak {peak:.1f} MiB; the fastest of {len(ranked[kernel])} configs that passed")
+        out[kernel] = {bucket: {"config": config_fields(kernel, cfg),
+                                "provenance": {"card": info.name, "torch": versions.get("torch"),
+                                               "triton": versions.get("triton"), "date": today(), "run": run,
+                                               "measured": measured}}}
+    return out
+
+
+def write_table(entries: dict, info, destination) -> str | None:
+    """Merge `entries` into the table file `destination` names ("auto": this device's own file in its
+    vendor folder); without a destination, say where --write-table would put them. Returns the path."""
+    from . import tuning
+    package = tuning.tables_package(info.vendor) or info.vendor
+    own = tuning.table_path(package, info.arch)
+    if not entries:
+        return None
+    if destination is None:
+        print(f"entries not written: --write-table merges them into {own}")
+        return None
+    path = own if destination == "auto" else destination
+    tuning.write_entries(path, package, info.arch, entries)
+    print(f"wrote {sum(len(b) for b in entries.values())} entries into {path}")
+    return path
 
 
 def tune_report(ranked: dict, K: int) -> dict:

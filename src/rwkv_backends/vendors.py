@@ -1,11 +1,16 @@
-"""The index of vendor folders. Each `rwkv_backends/<vendor>/` package provides:
+"""The index of vendor folders. Each `rwkv_backends/<vendor>/` package declares:
 
-- `VENDOR`, `DEVICE_TYPE`, `TRITON_BACKEND`: names;
+- `VENDOR`, `DEVICE_TYPE`, `TRITON_BACKEND`: names; `DESCRIPTION`: one line on what it covers;
+- `probe() -> bool`: whether the installed torch drives this vendor's accelerator (device.py asks
+  the folders in PROBE_ORDER and takes the first that holds);
 - `describe(index, triton_target) -> DeviceInfo`: detection hooks for a real device;
 - `PROFILES`: simulated devices (`"vendor:profile" -> DeviceInfo`), facts cited in comments;
-- `TABLES` (in `tables.py`): `{arch: {kernel: {head_bucket: KernelConfig}}}`, with a "default" arch;
+- its tuning tables, `tables/<arch>.json` and `tables/default.json` (read by tuning.py), or
+  `TABLES_FROM`, the folder whose tables serve it; a folder with neither plans no Triton variant;
 - optionally `preferences(info) -> {problem_class: [variant, ...]}` where the order in which
-  variants are tried differs from DEFAULT_PREFERENCES.
+  variants are tried differs from DEFAULT_PREFERENCES; `GLUON = True` where the Gluon kernels
+  (kernels/gluon/) run; `TUNE_CANDIDATES`, launch options only this vendor's Triton takes,
+  which the tune tool sweeps as well.
 
 Nothing else differs by vendor.
 """
@@ -15,30 +20,48 @@ from __future__ import annotations
 import functools
 import importlib
 
-VENDOR_PACKAGES = {
-    "nvidia": "nvidia",
-    "amd": "amd",
-    "hygon": "amd",        # Hygon DCUs run ROCm's HIP stack: AMD's hooks and tables serve them
-    "intel": "intel",
-    "kunlunxin": "intel",  # placeholder: Kunlunxin shares the "xpu" name; no tables of its own yet
-    "musa": "musa",
-    "metax": "metax",
-}
+# The vendor folders, in the order their probes are asked: a probe that another vendor's torch
+# also satisfies comes after that vendor's (MetaX's torch reports CUDA; Hygon's sets
+# torch.version.hip as AMD's does; Kunlunxin's Triton also calls its backend "xpu").
+PROBE_ORDER = ("metax", "musa", "hygon", "amd", "nvidia", "kunlunxin", "intel")
 
 
 def vendor_module(vendor: str):
-    pkg = VENDOR_PACKAGES.get(vendor)
-    if pkg is None:
+    """The vendor folder's package, or None for a vendor without one (the CPU)."""
+    if vendor not in PROBE_ORDER:
         return None
-    return importlib.import_module(f"rwkv_backends.{pkg}")
+    return importlib.import_module(f"rwkv_backends.{vendor}")
+
+
+def probe_torch() -> str:
+    """The vendor whose probe holds first in PROBE_ORDER, or "cpu"."""
+    for vendor in PROBE_ORDER:
+        try:
+            if vendor_module(vendor).probe():
+                return vendor
+        except Exception:        # a vendor's torch extension that is absent or broken: not this vendor
+            continue
+    return "cpu"
 
 
 @functools.lru_cache(maxsize=None)
 def all_profiles() -> dict:
     out = {}
-    for pkg in sorted(set(VENDOR_PACKAGES.values())):
-        out.update(importlib.import_module(f"rwkv_backends.{pkg}").PROFILES)
+    for vendor in sorted(PROBE_ORDER):
+        out.update(vendor_module(vendor).PROFILES)
     return out
+
+
+def runs_gluon(info) -> bool:
+    """Whether the Gluon kernels (kernels/gluon/) can run on this device's vendor."""
+    module = vendor_module(info.vendor)
+    return bool(getattr(module, "GLUON", False)) if module is not None else False
+
+
+def tune_candidates(vendor: str) -> dict:
+    """{kernel: {field: values}}: launch options the tune tool sweeps on this vendor only."""
+    module = vendor_module(vendor)
+    return dict(getattr(module, "TUNE_CANDIDATES", {})) if module is not None else {}
 
 
 # Which variants to try first, per problem class; vendors override through `preferences(info)`.

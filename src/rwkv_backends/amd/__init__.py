@@ -1,13 +1,19 @@
-"""AMD ROCm (and Hygon DCU, which runs the same HIP stack): detection hooks, profiles, preferences."""
+"""AMD ROCm: probe, detection hooks, profiles (tables in tables/; Hygon DCUs use them too, see hygon/)."""
 
 from __future__ import annotations
 
 from ..device import DeviceInfo
-from .tables import TABLES  # noqa: F401
 
 VENDOR = "amd"
 DEVICE_TYPE = "cuda"          # ROCm builds of torch use the "cuda" device type
 TRITON_BACKEND = "hip"
+DESCRIPTION = "AMD Instinct and Radeon GPUs through ROCm builds of torch"
+
+
+def probe() -> bool:
+    """A ROCm build of torch (torch.version.hip) with a visible device."""
+    import torch
+    return torch.cuda.is_available() and bool(getattr(torch.version, "hip", None))
 
 # LDS per workgroup: 64 KiB on CDNA3 (MI300X) and RDNA3, per AMD's CDNA3 ISA guide and RDNA3
 # ISA guide; 160 KiB on CDNA4 (gfx950, MI355X) per AMD's CDNA4 white paper.
@@ -36,11 +42,11 @@ PROFILES = {
 }
 
 
-def describe(index: int, triton_target) -> DeviceInfo:
+def describe(index: int, triton_target, vendor: str = VENDOR) -> DeviceInfo:
+    """The device at `index`; `vendor` names who made it (hygon/ describes its DCUs through here)."""
     import torch
     props = torch.cuda.get_device_properties(index)
     arch = str(getattr(props, "gcnArchName", "") or (triton_target[1] if triton_target else "gfx")).split(":")[0]
-    vendor = "hygon" if hasattr(torch, "__hcu_version__") else VENDOR
     warp = getattr(props, "warp_size", 0) or warp_size_for(arch)
     return DeviceInfo(vendor=vendor, device_type=DEVICE_TYPE, name=props.name, arch=arch, warp_size=warp,
                       multiprocessors=props.multi_processor_count,

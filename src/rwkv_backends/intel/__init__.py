@@ -1,14 +1,21 @@
-"""Intel XPU (Arc, Data Center GPU Max): detection hooks, profiles, preferences."""
+"""Intel XPU (Arc, Data Center GPU Max): probe, detection hooks, profiles, preferences (tables in tables/)."""
 
 from __future__ import annotations
 
 from ..device import DeviceInfo
 from ..vendors import DEFAULT_PREFERENCES
-from .tables import TABLES  # noqa: F401
 
 VENDOR = "intel"
 DEVICE_TYPE = "xpu"
 TRITON_BACKEND = "xpu"
+DESCRIPTION = "Intel Arc and Data Center GPU Max through torch's XPU device"
+
+
+def probe() -> bool:
+    """torch.xpu with a visible device (Kunlunxin's also answers: its probe is asked first)."""
+    import torch
+    xpu = getattr(torch, "xpu", None)
+    return xpu is not None and xpu.is_available()
 
 # Shared local memory per work-group: 64 KiB on Xe-HPG (Arc A-series, "Alchemist") and 128 KiB
 # on Xe-HPC (Data Center GPU Max, "Ponte Vecchio"), per Intel's oneAPI GPU optimization guide.

@@ -1,13 +1,19 @@
-"""MetaX MACA: detection hooks, profiles, preferences. MetaX's torch reports device type "cuda"."""
+"""MetaX MACA: probe, detection hooks, profiles (tables in tables/). MetaX's torch reports device type "cuda"."""
 
 from __future__ import annotations
 
 from ..device import DeviceInfo
-from .tables import TABLES  # noqa: F401
 
 VENDOR = "metax"
 DEVICE_TYPE = "cuda"
 TRITON_BACKEND = "maca"
+DESCRIPTION = "MetaX GPUs through MACA builds of torch (device type cuda)"
+
+
+def probe() -> bool:
+    """A MACA build of torch: torch.version.maca is a version string."""
+    import torch
+    return isinstance(getattr(torch.version, "maca", None), str)
 
 
 def arch_from_name(name: str) -> str:

@@ -1,13 +1,20 @@
-"""Moore Threads MUSA: detection hooks, profiles, preferences."""
+"""Moore Threads MUSA: probe, detection hooks, profiles (tables in tables/)."""
 
 from __future__ import annotations
 
 from ..device import DeviceInfo
-from .tables import TABLES  # noqa: F401
 
 VENDOR = "musa"
 DEVICE_TYPE = "musa"
 TRITON_BACKEND = "musa"
+DESCRIPTION = "Moore Threads GPUs through torch_musa"
+
+
+def probe() -> bool:
+    """torch_musa importable (it registers torch.musa) with a visible device."""
+    import torch
+    import torch_musa  # noqa: F401
+    return bool(torch.musa.is_available())
 
 
 def warp_size_for(major: int) -> int:

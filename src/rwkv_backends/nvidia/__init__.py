@@ -1,13 +1,33 @@
-"""NVIDIA: detection hooks, simulated profiles and variant preferences (tables in tables.py)."""
+"""NVIDIA: probe, detection hooks, simulated profiles, Gluon and tune options (tables in tables/)."""
 
 from __future__ import annotations
 
 from ..device import DeviceInfo
-from .tables import TABLES  # noqa: F401  (the vendor-folder contract, see vendors.py)
 
 VENDOR = "nvidia"
 DEVICE_TYPE = "cuda"
 TRITON_BACKEND = "cuda"
+DESCRIPTION = "NVIDIA GPUs through CUDA builds of torch"
+# The Gluon kernels (kernels/gluon/) are written for NVIDIA: mma.sync and cp.async, sm80+.
+GLUON = True
+
+# Launch options the tune tool sweeps on NVIDIA only. maxnreg: at 255 registers and 8 warps one
+# backward program fills an SM, so a B8 x H32 grid (256 programs, 132 SMs) runs in two waves; capped
+# at 128 it spills more but fits two per SM. gluon: the kernels' Gluon implementations; they launch
+# with their own warps, V block and pipeline, so their configs differ only where they read them
+# (tune.candidates folds the rest).
+TUNE_CANDIDATES = {
+    "chunk_bwd": {"vendor_options": ({}, {"maxnreg": 128}), "gluon": (False, True)},
+    "chunk_fwd": {"gluon": (False, True)}, "chunk_states": {"gluon": (False, True)},
+    "chunk_bwd_split": {"gluon": (False, True)}, "chunk_prep": {"gluon": (False, True)},
+    "chunk_fwd_loaded": {"gluon": (False, True)},
+}
+
+
+def probe() -> bool:
+    """A CUDA build of torch with a visible device (ROCm builds set torch.version.hip: AMD's)."""
+    import torch
+    return torch.cuda.is_available() and not getattr(torch.version, "hip", None)
 
 # Opt-in shared memory per block by compute capability (SPEC §3; CUDA C Programming Guide,
 # "Technical Specifications per Compute Capability": 227 KB on 9.0, 163 KB on 8.0, 99 KB on

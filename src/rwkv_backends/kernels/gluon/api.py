@@ -9,20 +9,19 @@ never test a release themselves. What moved, per supported release (3.6.0 ... 3.
 | `async_load(smem, ptr, mask=)` | `cp.async_copy_global_to_shared` | same | `cp.async_load` | `cp.async_load` (the old name raises) |
 
 Layouts, shared-memory descriptors, `mma_v2`, `commit_group` and `wait_group` keep their names on
-every supported release. `IMPORT_ERROR` says why Gluon is unusable here (None: it is usable).
+every supported release. Importing this module raises ImportError where Triton has no Gluon; the
+package (`kernels/gluon/__init__.py`) catches it. `MISSING` says which calls this release's Gluon
+lacks under every known name (None: none).
 """
 
 from __future__ import annotations
 
-IMPORT_ERROR: str | None = None
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-except ImportError as exc:   # pragma: no cover - Triton before Gluon
-    gluon = gl = cp = mma_v2 = None
-    IMPORT_ERROR = f"triton.experimental.gluon is not importable ({exc})"
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+__all__ = ["async_load", "barrier", "cp", "gl", "gluon", "mma_v2"]
 
 
 def _first(module, *names):
@@ -35,11 +34,10 @@ def _first(module, *names):
 
 
 # The block-wide barrier: `thread_barrier` until 3.6, `barrier` from 3.7.
-barrier = _first(gl, "barrier", "thread_barrier") if gl is not None else None
+barrier = _first(gl, "barrier", "thread_barrier")
 # cp.async of a global tile into shared memory: `async_load` from 3.8; in 3.9 the old name is a stub
 # that raises, so the new name is looked up first.
-async_load = _first(cp, "async_load", "async_copy_global_to_shared") if cp is not None else None
+async_load = _first(cp, "async_load", "async_copy_global_to_shared")
 
-if IMPORT_ERROR is None and (barrier is None or async_load is None):
-    missing = [n for n, f in (("barrier", barrier), ("async_load", async_load)) if f is None]
-    IMPORT_ERROR = f"this Triton release's Gluon has no {' or '.join(missing)} under any known name"
+_missing = [n for n, f in (("barrier", barrier), ("async_load", async_load)) if f is None]
+MISSING = f"this Triton release's Gluon has no {' or '.join(_missing)} under any known name" if _missing else None
