@@ -29,6 +29,9 @@ class KnownIssue:
     # Narrows a config for one kernel; returns it unchanged where the issue does not bite.
     constrain: Callable[[str, KernelConfig], KernelConfig] = lambda kernel, cfg: cfg
     refuses: bool = False                        # True: the Triton backend cannot be used at all
+    # Why one kernel's config (after the constraints) cannot run, or None: a variant whose plan holds
+    # such a config is refused with that reason (registry.plan), as for a config no constraint can fix.
+    refuses_config: Callable[[str, KernelConfig], str | None] = lambda kernel, cfg: None
 
 
 def _numpy_version() -> tuple:
@@ -48,6 +51,19 @@ def _cap_warps_chained(kernel: str, cfg: KernelConfig, limit: int = 4) -> Kernel
 
 def _avoid_eight_warps(kernel: str, cfg: KernelConfig) -> KernelConfig:
     return cfg.with_(num_warps=4) if cfg.num_warps >= 8 else cfg
+
+
+# The gradient kernel (kernels/backward.py chunk_bwd_kernel) under both roles that launch it.
+_GRADIENT_KERNELS = ("chunk_bwd", "chunk_bwd_split")
+
+
+def _gradient_kernel_at_chunk64(kernel: str, cfg: KernelConfig) -> str | None:
+    if kernel in _GRADIENT_KERNELS and cfg.chunk_size >= 64:
+        return (f"{kernel}: chunk_size {cfg.chunk_size}: at 64 rows every product of the Triton gradient kernel "
+                "becomes a Hopper wgmma (44 at 4 warps against 4 at chunk 32, compiled for sm90), the lowering "
+                "that faulted with an illegal memory access on the H200 (Triton 3.6, tests/test_chunk64_gpu.py) "
+                "and in NOTES change 39; the tables plan chunks of 16 and 32")
+    return None
 
 
 def _no_bf16_dots(kernel: str, cfg: KernelConfig) -> KernelConfig:
@@ -216,8 +232,27 @@ CATALOG = (
         scope="NVIDIA Hopper, Triton 3.4 up to 3.7.1 as fla reports it. The tables here run chunks of "
               "16 and 32, where fla sees no fault; tests/test_chunk64_gpu.py holds every chunked variant's "
               "training at chunk 64, 4 and 8 warps, to the float64 reference on a card (it passes under the "
-              "interpreter; docs/verification.md says where it ran on hardware)",
+              "interpreter; docs/verification.md says where it ran on hardware). On Hopper its first case faulted "
+              "(Triton 3.6, H200): the gradient kernel at chunk 64 is refused there (hopper-wgmma-gradient-chunk64)",
         applies=lambda d, tv, pv: _hopper(d) and bool(tv) and (3, 4) <= tv < (3, 7, 1),
+    ),
+    KnownIssue(
+        id="hopper-wgmma-gradient-chunk64",
+        link="benchmarks/NOTES.md (change 39: a Triton 3.6 wgmma miscompile, unreduced)",
+        summary="the Triton gradient kernel at chunk 64 on Hopper: its 64-row products all lower to wgmma, "
+                "which faulted (an illegal memory access) on the card; such configs are refused",
+        scope="NVIDIA Hopper (sm90), every Triton release until a card passes tests/test_chunk64_gpu.py on it. "
+              "Seen on an H200 with Triton 3.6 (chunk_bwd at chunk 64, 4 warps, bf16 products: an illegal memory "
+              "access in the backward, with CUDA_LAUNCH_BLOCKING=1 too) and in benchmarks/NOTES.md change 39 "
+              "(the same kernel moved onto wgmma: wrong bf16 gradients, a float32 fault; right with "
+              "DISABLE_MMA_V3=1). Compiled for sm90 (Triton 3.9, no GPU), the kernel at chunk 64 and 4 warps has "
+              "44 wgmma products and no mma.sync, at chunk 32 4 wgmma and 24 mma.sync. The kernel's indexing is "
+              "in bounds at chunk 64: the interpreter, with every load and store checked against the launch's "
+              "tensors, finds no out-of-bounds lane in that test's cases (tests/test_chunk64_refusal.py). "
+              "Response: a "
+              "chunk_bwd or chunk_bwd_split config at chunk 64 refuses its variant, naming this entry",
+        applies=lambda d, tv, pv: _hopper(d),
+        refuses_config=_gradient_kernel_at_chunk64,
     ),
     KnownIssue(
         id="interpreter",

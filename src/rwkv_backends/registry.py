@@ -226,6 +226,11 @@ def _choose(problem: Problem, device: DeviceInfo, forced: str | None, tv: str | 
         for kernel, (cfg, why) in variant.fit_configs(problem, device, configs).items():
             configs[kernel] = cfg
             sources[kernel] += f"; {why}"
+        refused = [f"{i.id}: {why}" for kernel, cfg in configs.items() for i in issues
+                   if (why := i.refuses_config(kernel, cfg))]
+        if refused:
+            rejected[name] = refused
+            continue
         for other in order[order.index(name) + 1:]:
             if other in _VARIANTS and other not in rejected:
                 rejected[other] = [f"lower in {device.vendor}'s order of preference for {problem.problem_class} than {name}"]
