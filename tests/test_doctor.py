@@ -119,13 +119,13 @@ def test_self_test_runs_the_backward():
 
 def test_self_test_fails_on_a_wrong_gradient():
     """A backward that returns a wrong gradient of w fails the doctor; the forward still reads ok."""
-    broken = ("import rwkv_backends.pytorch_chunked as p\n"
-              "good = p.ChunkedWKV7.backward\n"
-              "def bad(ctx, *args):\n"
-              "    g = list(good(ctx, *args))\n"
+    broken = ("from rwkv_backends.backends.pytorch_training import PyTorchTraining as p\n"
+              "good = p.train_backward\n"
+              "def bad(self, *args, **kwargs):\n"
+              "    g = list(good(self, *args, **kwargs))\n"
               "    g[1] = g[1] * 1.01\n"
               "    return tuple(g)\n"
-              "p.ChunkedWKV7.backward = staticmethod(bad)\n")
+              "p.train_backward = bad\n")
     rc, report = run_doctor(code=broken)
     assert rc == 1 and not report["ok"]
     c = checks(report)
