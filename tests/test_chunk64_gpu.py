@@ -9,12 +9,10 @@ its products all lower to wgmma there, and the H200 faulted with an illegal memo
 test's first case on Triton 3.6): there the test checks that the plan refuses it and says why. To
 check a new release on a card, drop that entry's `refuses_config` and run this file."""
 
-import copy
-
 import pytest
 import torch
 
-from _support import requires_gpu
+from _support import patch_nvidia_tables_at_chunk, requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -24,33 +22,16 @@ _ROLES = {"triton.chunk": ("chunk_fwd", "chunk_bwd"),
           "triton.chunk_transition": ("chunk_transition",)}
 
 
-def _tables_at_chunk64(num_warps: int) -> dict:
-    from rwkv_backends import tuning
-    patched = copy.deepcopy(tuning.tables("nvidia"))
-    for arch in patched.values():
-        for role, buckets in arch.items():
-            if role != "recurrent_fwd":
-                # one stage and V blocks of 32: the gradient kernels at chunk 64 need 115 KB of
-                # shared memory so (the tables' 3 stages and V block 64 ask 336-369 KB)
-                for bucket, entry in buckets.items():
-                    cfg = entry.config.with_(chunk_size=64, num_warps=num_warps, gluon=False, block_k=32,
-                                             block_v=32, num_stages=1)
-                    buckets[bucket] = tuning.Entry(cfg, entry.provenance)
-    return patched
-
-
 @pytest.mark.parametrize("num_warps", [4, 8])
 @pytest.mark.parametrize("variant", sorted(_ROLES))
 @pytest.mark.parametrize("regime", ["realistic", "strong", "unit"])
 def test_gpu_chunk64_training_matches_the_reference(monkeypatch, num_warps, variant, regime):
     import triton
 
-    from rwkv_backends import explain, registry, tuning
+    from rwkv_backends import explain, registry
     from rwkv_backends.conformance import Case, make_inputs
     from rwkv_backends.conformance.runner import run_case
-    patched, original = _tables_at_chunk64(num_warps), tuning.tables
-    monkeypatch.setattr(tuning, "tables", lambda package: patched if package == "nvidia" else original(package))
-    registry._plan_cached.cache_clear()
+    patch_nvidia_tables_at_chunk(monkeypatch, 64, num_warps)
     case = Case("backward", "bfloat16", regime, 2, 300, 4, 64, 64)
     x = make_inputs(case, 0, "cuda")
     leaves = [x[n].requires_grad_() for n in ("r", "w", "k", "v", "a", "b")]

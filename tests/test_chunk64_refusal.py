@@ -4,7 +4,6 @@ in the backward of tests/test_chunk64_gpu.py's first case, Triton 3.6). The refu
 the last runs chunk-64 training under the interpreter with every load and store bounds-checked, the
 evidence that the fault is not the kernels' indexing (a partial last chunk included)."""
 
-import copy
 import dataclasses
 
 import pytest
@@ -12,7 +11,7 @@ import triton
 import triton.language as tl
 
 import _bounds
-from _support import HAS_GPU
+from _support import HAS_GPU, patch_nvidia_tables_at_chunk
 from rwkv_backends import known_issues
 
 from rwkv_backends import explain, registry, tuning
@@ -22,28 +21,9 @@ from rwkv_backends.registry import NoBackendError
 VARIANTS = ("triton.chunk", "triton.chunk_twopass", "triton.chunk_transition")
 
 
-def _tables_at_chunk(chunk_size: int) -> dict:
-    """The NVIDIA tables with every chunked role at `chunk_size`, as tests/test_chunk64_gpu.py patches them."""
-    patched = copy.deepcopy(tuning.tables("nvidia"))
-    for arch in patched.values():
-        for role, buckets in arch.items():
-            if role != "recurrent_fwd":
-                for bucket, entry in buckets.items():
-                    cfg = entry.config.with_(chunk_size=chunk_size, num_warps=4, gluon=False, block_k=32,
-                                             block_v=32, num_stages=1)
-                    buckets[bucket] = tuning.Entry(cfg, entry.provenance)
-    return patched
-
-
 @pytest.fixture
 def tables_at(monkeypatch):
-    original = tuning.tables
-
-    def use(chunk_size):
-        patched = _tables_at_chunk(chunk_size)
-        monkeypatch.setattr(tuning, "tables", lambda package: patched if package == "nvidia" else original(package))
-        registry._plan_cached.cache_clear()
-    yield use
+    yield lambda chunk_size: patch_nvidia_tables_at_chunk(monkeypatch, chunk_size)
     registry._plan_cached.cache_clear()
 
 
