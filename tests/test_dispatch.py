@@ -313,7 +313,7 @@ def test_head_128_plans_the_ksplit_gluon_kernel_or_says_why_not(monkeypatch):
     fp32 = dataclasses.replace(problem, dtype=torch.float32, w_dtype=torch.float32)
     p = plan(fp32, info, triton_version_as="3.6.0", runtime=False)
     assert not p.configs["chunk_bwd_split"].gluon and "float32 inputs" in p.config_sources["chunk_bwd_split"]
-    # the Triton kernel it falls back to trains without U, its faster form at head 128 (NOTES change 45)
+    # the Triton kernel it falls back to trains without U, its faster form at head 128
     assert not keeps_u(p.configs["chunk_bwd_split"])
 
 

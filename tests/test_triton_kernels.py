@@ -502,7 +502,7 @@ def test_gpu_gluon_forward_and_state_rebuild_match_the_triton_ones(regime, w_for
 @pytest.mark.parametrize("T", [1, 2, 17])
 def test_gpu_training_at_a_few_steps(T):
     """Training through the planned kernels at T = 1 (Triton compiles it as a constant; the Gluon
-    kernels do not lower then, so the plan keeps them off: NOTES change 57) and just past it."""
+    kernels do not lower then, so the plan keeps them off) and just past it."""
     import rwkv_backends as rb
     from rwkv_backends.conformance.cases import make_inputs, relative_error
     from rwkv_backends.reference import wkv7_reference

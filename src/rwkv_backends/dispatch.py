@@ -34,7 +34,7 @@ WARN_ABOVE_ZERO = (
 # A call's problem and plan follow from its metadata (call_key), the backend asked for, the
 # settings snapshot (settings.Settings: simulation, backend, Gluon, the interpreter), and the
 # registered variants. A decode loop repeats the same call every token, and at B=1 the host's time
-# is the step's time (NOTES changes 22 and 27): a repeated call skips validation and planning.
+# is the step's time: a repeated call skips validation and planning.
 # Only successes are kept.
 _PLANNED: dict = {}
 _PLANNED_MAX = 256

@@ -62,7 +62,7 @@ def _gradient_kernel_at_chunk64(kernel: str, cfg: KernelConfig) -> str | None:
         return (f"{kernel}: chunk_size {cfg.chunk_size}: at 64 rows every product of the Triton gradient kernel "
                 "becomes a Hopper wgmma (44 at 4 warps against 4 at chunk 32, compiled for sm90), the lowering "
                 "that faulted with an illegal memory access on the H200 (Triton 3.6, tests/test_chunk64_gpu.py) "
-                "and in NOTES change 39; the tables plan chunks of 16 and 32")
+                "and, in a transposed form whose products also ran as wgmma, on the H100; the tables plan chunks of 16 and 32")
     return None
 
 

@@ -243,7 +243,7 @@ class TritonChunkTransition(_TrainedVariant):
         reasons = common_reasons(problem, device, runtime) + few_pairs_reasons(problem, device)
         if max(problem.K, problem.V) > TRANSITION_MAX_HEAD:
             reasons.append(f"head size K={problem.K}, V={problem.V}: above {TRANSITION_MAX_HEAD} the K x K "
-                           "transitions cost more than they save (NOTES change 36); triton.chunk_twopass serves it")
+                           "transitions cost more than they save; triton.chunk_twopass serves it")
         return reasons
 
     @staticmethod

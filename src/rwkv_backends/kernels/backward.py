@@ -223,7 +223,7 @@ def chunk_backward(r, w, k, v, a, b, h0, do, dht, *, scale, cu_seqlens, w_form,
         mats = empty_mats(k, cu_seqlens, cfg_bwd.chunk_size)
     # With segments, the recompute (all segments at once) and the sweep (one program per pair and V
     # block, a latency-bound walk that leaves most of the device idle) need nothing from each other:
-    # on CUDA the recompute runs on a side stream beside the sweep (NOTES change 35). What it writes
+    # on CUDA the recompute runs on a side stream beside the sweep. What it writes
     # is allocated here, on this stream, which waits for it before the gradients read it. Not while
     # a CUDA graph is captured: graph trees cannot replay side-stream allocations.
     side = (_side_stream(k.device) if segmented and k.is_cuda and not torch.cuda.is_current_stream_capturing()

@@ -47,7 +47,7 @@ def _pair_dot(x, y, DOT_PRECISION: tl.constexpr):
     """The gradient kernel's in-chunk pair products (dA_* against the decayed rows): tf32 where the
     rest of the kernel takes bf16. dw sums their terms, which cancel pairwise (e^{G_t} against
     e^{-G_s}); bf16 operands here tripled dw's error on the H100 (2.0e-3 -> 6.1e-3, bf16 inputs),
-    tf32 here kept it at 2.2e-3, for 0.24 ms more at B8 T4096 H32 (NOTES change 43)."""
+    tf32 here kept it at 2.2e-3, for 0.24 ms more at B8 T4096 H32."""
     if DOT_PRECISION == "bf16":
         out = tl.dot(x, y, input_precision="tf32")
     else:
@@ -417,8 +417,8 @@ def empty_u(v, keep_u: bool):
     """A float32 buffer for the forward's U (U_t = a_tᵀ h_{t-1}, per token, head and V column), or
     None: what a gradient kernel's `keep_u` asks training to keep. With it, the backward's state
     recompute needs no chunk matrices and has one multiply-add per chunk on its chain
-    (chunk_states), and the gradient kernel loads U instead of rebuilding it from S (NOTES change
-    45). Float32, because the recompute feeds U's rounding into every later state: a bfloat16 U
+    (chunk_states), and the gradient kernel loads U instead of rebuilding it from S.
+    Float32, because the recompute feeds U's rounding into every later state: a bfloat16 U
     doubled r's gradient error at T = 4096 with no decay on some channels (2.5e-3 -> 4.8e-3, bf16
     inputs on the H100), for no time saved."""
     return torch.empty(v.shape, dtype=torch.float32, device=v.device) if keep_u else None

@@ -171,16 +171,16 @@ _ROLES = (
          GluonSpec("forward", "chunk_fwd_gluon_kernel", "forward", "tf32", 4, 64, aot_constexprs=_gluon_fwd),
          # num_stages lets the next chunk's loads start while this chunk's dots run: 3 stages took 9% off
          # the one-pass forward on the H100, 2 almost nothing.
-         # (ieee dots for 16-bit inputs were 4.2x slower at the same accuracy bar: NOTES change 3.)
+         # (ieee dots for 16-bit inputs are 4.2x slower at the same accuracy bar.)
          TuneSpec(dict(chunk_size=(16, 32), block_v=(32, 64), num_warps=(4, 8), num_stages=(1, 2, 3),
                        dot_precision=("tf32",)), (8, 4096, 32), "forward")),
     Role("chunk_bwd", "backward", "chunk_bwd_kernel", _chunk_bwd(0),
          GluonSpec("backward", "chunk_bwd_gluon_kernel", "gradient kernel", "bf16", 8, 64, aot_constexprs=_gluon_bwd),
          # "bf16": the gradient kernels' products on bfloat16 operands (its in-chunk pair products stay
          # tf32: kernels/common.py `_pair_dot`). Half the tensor-core steps and operand registers: training
-         # B8 T4096 H32 8.85 -> 6.91 ms on the H100, gradient errors up to 3.7e-3 (NOTES change 43).
+         # B8 T4096 H32 8.85 -> 6.91 ms on the H100, gradient errors up to 3.7e-3.
          # keep_u: the training forward keeps U and the backward rebuilds the chunk states from it
-         # (chunk_states): training B8 T4096 H32 6.82 -> 6.36 ms on the H100 (NOTES change 45).
+         # (chunk_states): training B8 T4096 H32 6.82 -> 6.36 ms on the H100.
          TuneSpec(dict(chunk_size=(16, 32), num_warps=(4, 8), num_stages=(1, 2, 3), dot_precision=("tf32", "bf16"),
                        keep_u=(False, True)), (8, 4096, 32), "backward", backward=True)),
     Role("chunk_states", "chunk", "chunk_states_kernel",

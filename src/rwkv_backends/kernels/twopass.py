@@ -151,7 +151,7 @@ def twopass_forward(r, w, k, v, a, b, h0, *, scale, cu_seqlens, w_form, cfg_prep
         return o, ht, mats
     # The first chunks' matrices, then the walk over them while the rest are built beside it (on a
     # side stream: the walk is a dependent chain over few programs and leaves the device room); the
-    # walk goes on from the state where it stopped (NOTES change 64).
+    # walk goes on from the state where it stopped.
     r, w, k, v, a, b = _contiguous(r, w, k, v, a, b)
     mats = empty_mats(k, cu_seqlens, cfg_prep.chunk_size)
     chunk_prepare(r, w, k, a, b, **prep, mats=mats, chunks=(0, split))

@@ -75,7 +75,7 @@ def unsupported(kernel: str, *, K: int, V: int, chunk_size: int, block_v: int, d
         return IMPORT_ERROR
     if T == 1:
         # Triton compiles an integer argument equal to 1 as a constant; with T = 1 the kernels' masked
-        # cp.async fails to lower (Triton 3.6, found by the H100 conformance run; NOTES change 57).
+        # cp.async fails to lower (Triton 3.6, seen on an H100).
         return f"T = 1: {name} is not compiled for one-step sequences"
     if K != V or K not in spec.heads:
         return f"K = {K}, V = {V}: {name} is laid out for K = V = {' or '.join(map(str, spec.heads))}"
